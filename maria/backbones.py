@@ -1,0 +1,264 @@
+"""The two frozen backbones: loading, vocabulary alignment, and their output projections.
+
+METHOD.md contracts implemented here:
+- the target vocabulary is the AR's; MLM ids map to AR ids by token string, and two tokenizers
+  that tokenize probe text differently are refused, naming the first differing token;
+- each model's feature is the *input* of its output projection (get_output_embeddings()),
+  captured with a forward pre-hook, so that W h + b reproduces the model's logits exactly;
+  a model that changes logits after the projection fails the parity check with a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. It was 1984, and 3.14159 is pi!",
+    "Infilling: fill in the blanks between a past and a future context.\nNew line, tabs\tand 'quotes'.",
+)
+
+
+class BackboneError(ValueError):
+    """A backbone or pair of backbones MARIA cannot use; the message names the fix."""
+
+
+@dataclass
+class Backbones:
+    """A masked LM and a causal LM that share one vocabulary, with everything the features need."""
+
+    mlm: torch.nn.Module
+    ar: torch.nn.Module
+    mlm_tokenizer: object
+    ar_tokenizer: object
+    mlm_to_ar: torch.Tensor  # (V_mlm,) AR id of each MLM id, -1 where the AR lacks the token
+    ar_to_mlm: torch.Tensor  # (V_ar,) MLM id of each AR id (the MLM's unk/mask id where it lacks it)
+    mlm_prefix: list[int]  # special tokens the MLM's tokenizer puts before a text ([CLS])
+    mlm_suffix: list[int]  # ... and after it ([SEP])
+    mlm_mask_id: int
+    mlm_pad_id: int
+    start_id: int | None  # AR start token: BOS, else EOS, else None (position 0 is then never masked)
+    identity: dict = field(default_factory=dict)  # ids, revisions and fingerprints, stored with features
+
+    @property
+    def d_mlm(self) -> int:
+        return self.mlm.get_output_embeddings().weight.shape[1]
+
+    @property
+    def d_ar(self) -> int:
+        return self.ar.get_output_embeddings().weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.ar.get_output_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.ar.parameters()).device
+
+    def expert_weights(self) -> dict[str, torch.Tensor]:
+        """W1/b1 (MLM, rows mapped into AR ids, zero where the MLM lacks a token) and W2/b2 (AR), fp32 on CPU."""
+        w1, b1 = output_projection(self.mlm)
+        w2, b2 = output_projection(self.ar)
+        valid = self.mlm_to_ar >= 0
+        w1_ar = torch.zeros(self.vocab_size, w1.shape[1])
+        b1_ar = torch.zeros(self.vocab_size)
+        w1_ar[self.mlm_to_ar[valid]] = w1[valid]
+        b1_ar[self.mlm_to_ar[valid]] = b1[valid]
+        return {"W1": w1_ar, "b1": b1_ar, "W2": w2, "b2": b2}
+
+
+def output_projection(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) of the model's output embedding, fp32 on CPU; b is zeros when the layer has no bias."""
+    emb = model.get_output_embeddings()
+    w = emb.weight.detach().float().cpu()
+    b = emb.bias.detach().float().cpu() if getattr(emb, "bias", None) is not None else torch.zeros(w.shape[0])
+    return w, b
+
+
+class _StopForward(Exception):
+    pass
+
+
+def projection_input(model: torch.nn.Module, stop: bool = True, **inputs) -> torch.Tensor:
+    """Run `model(**inputs)` and return the input of its output projection (the MARIA feature).
+
+    With stop=True the forward is cut right there, so the (V x d) projection is never computed:
+    feature extraction pays only for the backbone. KV caches are already updated by then."""
+    captured = {}
+
+    def hook(module, args):
+        captured["h"] = args[0]
+        if stop:
+            raise _StopForward
+
+    handle = model.get_output_embeddings().register_forward_pre_hook(hook)
+    try:
+        model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise BackboneError(f"{type(model).__name__} never calls its output embedding module; MARIA needs an architecture whose logits come from get_output_embeddings()")
+    return captured["h"]
+
+
+def check_logit_parity(model: torch.nn.Module, input_ids: torch.Tensor, name: str) -> float:
+    """Refuse a model whose logits are not exactly W h + b at its output projection."""
+    with torch.no_grad():
+        captured = {}
+        handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.__setitem__("h", a[0]))
+        try:
+            logits = model(input_ids=input_ids).logits.float()
+        finally:
+            handle.remove()
+        w, b = output_projection(model)
+        rebuilt = captured["h"].float().cpu() @ w.T + b
+        diff = (rebuilt - logits.cpu()).abs().max().item()
+    scale = logits.abs().max().item() + 1.0
+    tol = 1e-4 if w.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+    if diff > tol * scale:
+        raise BackboneError(
+            f"{name} ({type(model).__name__}) changes its logits after the output projection (max |W h + b - logits| = {diff:.3g}): "
+            "soft-capping or logit scaling cannot be reproduced by MARIA's linear head; use a model without it"
+        )
+    return diff
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A cheap, stable fingerprint: names, shapes and a strided sample of every tensor."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    plain = tokenizer("hello world", add_special_tokens=False).input_ids
+    wrapped = tokenizer("hello world", add_special_tokens=True).input_ids
+    for k in range(len(wrapped) - len(plain) + 1):
+        if wrapped[k : k + len(plain)] == plain:
+            return wrapped[:k], wrapped[k + len(plain) :]
+    return [], []
+
+
+def align_vocabularies(mlm_tokenizer, ar_tokenizer, v_mlm: int, v_ar: int, fallback_mlm_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Map MLM ids to AR ids by token string, then prove on probe text that both tokenize alike."""
+    ar_vocab = ar_tokenizer.get_vocab()
+    mlm_to_ar = torch.full((v_mlm,), -1, dtype=torch.long)
+    for token, i in mlm_tokenizer.get_vocab().items():
+        j = ar_vocab.get(token)
+        if j is not None and i < v_mlm and j < v_ar:
+            mlm_to_ar[i] = j
+    ar_to_mlm = torch.full((v_ar,), fallback_mlm_id, dtype=torch.long)
+    valid = (mlm_to_ar >= 0).nonzero().squeeze(1)
+    ar_to_mlm[mlm_to_ar[valid]] = valid
+    for text in PROBE_TEXTS:
+        a = ar_tokenizer(text, add_special_tokens=False).input_ids
+        m = mlm_tokenizer(text, add_special_tokens=False).input_ids
+        mapped = [int(mlm_to_ar[i]) if i < v_mlm else -1 for i in m]
+        if mapped != a:
+            k = next((k for k, (x, y) in enumerate(zip(mapped, a)) if x != y), min(len(mapped), len(a)))
+            mt = mlm_tokenizer.convert_ids_to_tokens(m[k]) if k < len(m) else "<end>"
+            at = ar_tokenizer.convert_ids_to_tokens(a[k]) if k < len(a) else "<end>"
+            raise BackboneError(
+                f"the MLM and AR tokenizers disagree at token {k} of probe text {text[:30]!r}...: MLM {mt!r} vs AR {at!r}; "
+                "MARIA needs two models that share one vocabulary (e.g. ModernBERT with OLMo)"
+            )
+    return mlm_to_ar, ar_to_mlm
+
+
+def _resolve(name_or_path: str, kind: str) -> str:
+    """A local folder must hold a config.json; anything else is treated as a hub id."""
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise BackboneError(f"{kind} folder {p} has no config.json; pass a folder written by save_pretrained or a hub id")
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")):
+        raise BackboneError(f"{kind} {name_or_path!r} does not exist; check the path")
+    return name_or_path
+
+
+def _load(auto_cls, name: str, kind: str, **kw):
+    try:
+        return auto_cls.from_pretrained(name, **kw)
+    except (OSError, EnvironmentError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a local folder" if offline else "pass a local folder or a valid hub id"
+        raise BackboneError(f"cannot load {kind} {name!r}: {hint} ({type(e).__name__})") from None
+
+
+def _check_kind(config, kind: str, name: str) -> None:
+    mt = config.model_type
+    if kind == "MLM" and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise BackboneError(f"{name!r} ({mt}) is not a masked LM; did you swap --mlm and --ar?")
+    if kind == "AR":
+        is_encoder = mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+        if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_encoder:
+            raise BackboneError(f"{name!r} ({mt}) is not a causal LM; did you swap --mlm and --ar?")
+
+
+def load_backbones(
+    mlm: str,
+    ar: str,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    mlm_revision: str | None = None,
+    ar_revision: str | None = None,
+    check_parity: bool = True,
+) -> Backbones:
+    """Load both backbones (hub id or local folder), frozen and in eval mode, and align them."""
+    from transformers import AutoConfig
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} was asked for but no CUDA GPU is visible; pass --device cpu")
+    models, toks = {}, {}
+    for kind, name, rev, auto_cls in (("MLM", mlm, mlm_revision, AutoModelForMaskedLM), ("AR", ar, ar_revision, AutoModelForCausalLM)):
+        path = _resolve(name, kind)
+        kw = dict(revision=rev, trust_remote_code=trust_remote_code)
+        config = _load(AutoConfig, path, kind, **kw)
+        _check_kind(config, kind, name)
+        extra = {"attn_implementation": "sdpa"} if config.model_type in ("modernbert",) else {}
+        model = _load(auto_cls, path, kind, dtype=dtype, use_safetensors=True if Path(path).exists() else None, **extra, **kw)
+        models[kind] = model.to(device).eval().requires_grad_(False)
+        toks[kind] = _load(AutoTokenizer, path, kind, **kw)
+    mlm_model, ar_model, mlm_tok, ar_tok = models["MLM"], models["AR"], toks["MLM"], toks["AR"]
+    if mlm_tok.mask_token_id is None:
+        raise BackboneError(f"the MLM tokenizer of {mlm!r} has no mask token; a masked LM needs one")
+    v_mlm = mlm_model.get_output_embeddings().weight.shape[0]
+    v_ar = ar_model.get_output_embeddings().weight.shape[0]
+    fallback = mlm_tok.unk_token_id if mlm_tok.unk_token_id is not None else mlm_tok.mask_token_id
+    mlm_to_ar, ar_to_mlm = align_vocabularies(mlm_tok, ar_tok, v_mlm, v_ar, fallback)
+    prefix, suffix = _special_wrap(mlm_tok)
+    start = ar_tok.bos_token_id if ar_tok.bos_token_id is not None else ar_tok.eos_token_id
+    if check_parity:
+        probe = torch.tensor([ar_tok(PROBE_TEXTS[0], add_special_tokens=False).input_ids[:16]], device=device)
+        check_logit_parity(ar_model, probe, f"AR {ar!r}")
+        check_logit_parity(mlm_model, ar_to_mlm.to(device)[probe], f"MLM {mlm!r}")
+    identity = {
+        "mlm": {"id": mlm, "revision": mlm_revision, "fingerprint": weights_fingerprint(mlm_model)},
+        "ar": {"id": ar, "revision": ar_revision, "fingerprint": weights_fingerprint(ar_model)},
+        "tokenizer_fingerprint": tokenizer_fingerprint(ar_tok),
+    }
+    pad = mlm_tok.pad_token_id if mlm_tok.pad_token_id is not None else mlm_tok.mask_token_id
+    return Backbones(mlm_model, ar_model, mlm_tok, ar_tok, mlm_to_ar, ar_to_mlm, prefix, suffix,
+                     mlm_tok.mask_token_id, pad, start, identity)

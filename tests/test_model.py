@@ -1,0 +1,192 @@
+"""The model module: parity with the reference Hugging Face models, alignment, decoding, export."""
+import json
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from maria.backbones import BackboneError, check_logit_parity, load_backbones, output_projection
+from maria.decode import Sampling, infill
+from maria.features import aligned_features, ar_states, mlm_states
+from maria.head import FusionHead
+from maria.model import CheckpointError, MariaModel, export, parse_masked_text
+
+KINDS = ["modernbert-olmo", "bert-gpt2"]
+
+
+@pytest.fixture(scope="module")
+def backbones(pairs):
+    return {k: load_backbones(*pairs[k]) for k in KINDS}
+
+
+def batch(bb, seed=0, B=3, T=20):
+    """Windows of real text, different lengths and different masks (position 0 masked too)."""
+    g = torch.Generator().manual_seed(seed)
+    text = "Paris is the capital of France. Berlin is the capital of Germany. A cat sat on the mat by the door."
+    full = bb.ar_tokenizer(text, add_special_tokens=False).input_ids
+    ids = torch.tensor([full[r : r + T] for r in range(B)])
+    lengths = torch.tensor([T, T - 4, T - 7])[:B]
+    mask = torch.rand(B, T, generator=g) < 0.5
+    mask[0, 0] = True
+    return ids, mask, lengths
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logit_parity_both_backbones(backbones, kind):
+    bb = backbones[kind]
+    ids, _, _ = batch(bb)
+    assert check_logit_parity(bb.ar, ids, "AR") < 1e-4
+    assert check_logit_parity(bb.mlm, bb.ar_to_mlm[ids], "MLM") < 1e-4
+
+
+def test_logit_softcapping_is_refused():
+    cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.1)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with pytest.raises(BackboneError, match="changes its logits after the output projection"):
+        check_logit_parity(model, torch.arange(10)[None], "AR")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_features_match_hand_computation(backbones, kind):
+    bb = backbones[kind]
+    ids, mask, lengths = batch(bb)
+    f = aligned_features(bb, ids, mask, lengths)
+    assert f.features.shape[1] == bb.d_mlm + bb.d_ar
+    assert torch.equal(f.targets, ids[f.rows, f.positions])
+    for r in range(ids.shape[0]):
+        n = int(lengths[r])
+        x, m = ids[r, :n], mask[r, :n]
+        mlm_in = torch.where(m, bb.mlm_mask_id, bb.ar_to_mlm[x])
+        mlm_in = torch.tensor(bb.mlm_prefix + mlm_in.tolist() + bb.mlm_suffix)[None]
+        if kind == "modernbert-olmo":
+            h_mlm = bb.mlm.head(bb.mlm.model(mlm_in).last_hidden_state)
+            h_ar = bb.ar.model(torch.tensor([[bb.start_id] + x[:-1].tolist()])).last_hidden_state
+        else:
+            h_mlm = bb.mlm.cls.predictions.transform(bb.mlm.bert(mlm_in).last_hidden_state)
+            h_ar = bb.ar.transformer(torch.tensor([[bb.start_id] + x[:-1].tolist()])).last_hidden_state
+        h_mlm = h_mlm[0, len(bb.mlm_prefix) : len(bb.mlm_prefix) + n]
+        want = torch.cat([h_mlm, h_ar[0]], 1)[m]
+        got = f.features[f.rows == r]
+        assert torch.equal(f.positions[f.rows == r], m.nonzero().squeeze(1))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_poe_init_is_mean_of_expert_logits(backbones, kind):
+    bb = backbones[kind]
+    ids, mask, lengths = batch(bb)
+    e = bb.expert_weights()
+    head = FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"])
+    f = aligned_features(bb, ids, mask, lengths)
+    logits = head(f.features)
+    # reference logits from the models' own forward passes, for window 0 (full length)
+    x_mlm = torch.where(mask[0], bb.mlm_mask_id, bb.ar_to_mlm[ids[0]])
+    mlm_in = torch.tensor(bb.mlm_prefix + x_mlm.tolist() + bb.mlm_suffix)[None]
+    P = len(bb.mlm_prefix)
+    mlm_logits = bb.mlm(input_ids=mlm_in).logits[0, P:]
+    ar_logits = bb.ar(input_ids=torch.cat([torch.tensor([[bb.start_id]]), ids[:1, :-1]], 1)).logits[0]
+    valid = (bb.mlm_to_ar >= 0).nonzero().squeeze(1)
+    for k in (f.rows == 0).nonzero().squeeze(1).tolist():
+        p = int(f.positions[k])
+        mapped = torch.zeros(bb.vocab_size)
+        mapped[bb.mlm_to_ar[valid]] = mlm_logits[p, valid]
+        torch.testing.assert_close(logits[k], (mapped + ar_logits[p]) / 2, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_forced_decoding_sees_extracted_features(backbones, kind):
+    bb = backbones[kind]
+    ids, mask, lengths = batch(bb, seed=1)
+    head = FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size)
+    extracted = aligned_features(bb, ids, mask, lengths)
+    out, seen = infill(bb, head, ids, mask, lengths, teacher_force=True, return_features=True)
+    assert torch.equal(out, ids)
+    torch.testing.assert_close(seen, extracted.features, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_equals_uncached_and_known_tokens_kept(backbones, kind):
+    bb = backbones[kind]
+    ids, mask, lengths = batch(bb, seed=2)
+    e = bb.expert_weights()
+    head = FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"])
+    cached, f1 = infill(bb, head, ids, mask, lengths, return_features=True)
+    uncached, f2 = infill(bb, head, ids, mask, lengths, use_cache=False, return_features=True)
+    assert torch.equal(cached, uncached)
+    torch.testing.assert_close(f1, f2, atol=1e-5, rtol=1e-5)
+    keep = ~mask
+    assert torch.equal(cached[keep], ids[keep])
+    assert (cached[mask] != ids[mask]).any()  # random backbones do not guess the text
+
+
+def test_sampling_is_seeded_and_topk1_is_greedy(backbones):
+    bb = backbones["modernbert-olmo"]
+    ids, mask, lengths = batch(bb, seed=3)
+    head = FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size)
+    greedy = infill(bb, head, ids, mask, lengths)
+    s = dict(temperature=1.0, top_p=0.9, seed=7)
+    a = infill(bb, head, ids, mask, lengths, sampling=Sampling(**s))
+    b = infill(bb, head, ids, mask, lengths, sampling=Sampling(**s))
+    c = infill(bb, head, ids, mask, lengths, sampling=Sampling(temperature=1.0, seed=8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(infill(bb, head, ids, mask, lengths, sampling=Sampling(temperature=1.0, top_k=1, seed=1)), greedy)
+
+
+def test_masked_text_syntax(backbones):
+    tok = backbones["modernbert-olmo"].ar_tokenizer
+    ids, mask = parse_masked_text("Paris is the {{2}} of France{{}}", tok)
+    assert sum(mask) == 3 and len(ids) == len(mask)
+    with pytest.raises(ValueError, match="bad mask syntax"):
+        parse_masked_text("Paris is the {{two}} of France", tok)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_load_infill_identical(pairs, tmp_path, kind):
+    model = MariaModel.from_backbones(*pairs[kind], init="poe")
+    model.head.proj.bias.data += torch.randn_like(model.head.proj.bias) * 0.1  # a head that is not the init
+    head_dir = tmp_path / "head"
+    head_dir.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"weight": model.head.proj.weight.detach().contiguous(), "bias": model.head.proj.bias.detach().contiguous()}, str(head_dir / "head.safetensors"))
+    (head_dir / "head.json").write_text(json.dumps({"d_mlm": model.bb.d_mlm, "d_ar": model.bb.d_ar, "vocab_size": model.bb.vocab_size,
+                                                    "mlm": model.bb.identity["mlm"], "ar": model.bb.identity["ar"]}))
+    out = export(*pairs[kind], str(head_dir), str(tmp_path / "ckpt"))
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
+    loaded = MariaModel.from_pretrained(out)
+    texts = ["Paris is the {{3}} of France.", "A {{2}} sat on the {{}} by the door."]
+    for s in (dict(), dict(temperature=0.8, top_k=20, seed=3)):
+        assert model.infill_text(texts, **s) == loaded.infill_text(texts, **s)
+    ref = MariaModel.from_pretrained(export(*pairs[kind], str(head_dir), str(tmp_path / "ref"), reference=True))
+    assert ref.infill_text(texts) == model.infill_text(texts)
+    assert not (tmp_path / "ref" / "mlm").exists()
+    (out / "head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing head.safetensors"):
+        MariaModel.from_pretrained(out)
+
+
+def test_clear_errors(pairs, tmp_path):
+    from tiny import build_pair
+
+    bad_mlm, ar = build_pair(tmp_path, "modernbert-olmo", mismatched=True)
+    with pytest.raises(BackboneError, match="tokenizers disagree at token 0"):
+        load_backbones(bad_mlm, ar)
+    mlm, ar = pairs["modernbert-olmo"]
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbones(str(tmp_path / "nope"), ar)
+    with pytest.raises(BackboneError, match="cannot load MLM 'no-such-org/no-such-model'"):
+        load_backbones("no-such-org/no-such-model", ar)
+    with pytest.raises(BackboneError, match="swap --mlm and --ar"):
+        load_backbones(ar, mlm)
+    other_mlm, other_ar = pairs["bert-gpt2"]
+    model = MariaModel.from_backbones(other_mlm, other_ar)
+    head_dir = tmp_path / "head"
+    head_dir.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"weight": model.head.proj.weight.detach().contiguous(), "bias": model.head.proj.bias.detach().contiguous()}, str(head_dir / "head.safetensors"))
+    (head_dir / "head.json").write_text(json.dumps({"d_mlm": 32, "d_ar": 32, "vocab_size": model.bb.vocab_size, "mlm": model.bb.identity["mlm"], "ar": model.bb.identity["ar"]}))
+    with pytest.raises(CheckpointError, match="made for other backbones"):
+        export(mlm, ar, str(head_dir), str(tmp_path / "ckpt"))
+    assert not (tmp_path / "ckpt").exists()
