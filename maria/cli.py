@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {verb:<13} {desc}")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     verb = argv.pop(0)
+    if verb == "bench" and argv and not argv[0].startswith("-"):
+        argv = ["--what", argv[0]] + argv[1:]  # `maria bench decode ...`
     module_name, config_name, func_name, desc = VERBS[verb]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from maria.config import add_dataclass_args, build_config

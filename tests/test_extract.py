@@ -1,0 +1,169 @@
+"""The extraction job on embedded Ray (2 CPUs) into a Zarr store, over tiny backbones."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from extract.corpus import CorpusError, MaskingConfig, cut_windows, load_corpus, sample_mask
+from extract.job import ExtractConfig, init_ray, run_extract
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
+ARRAYS = ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    init_ray(None, str(tmp_path_factory.mktemp("ray")), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from tiny import CORPUS
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    docs = [" ".join(CORPUS[i : i + 1 + i % 3]) for i in range(12)] + ["   "]  # one whitespace doc, dropped
+    path.write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)))
+    return str(path)
+
+
+def config(pairs, corpus, out, kind="modernbert-olmo", **kw):
+    return ExtractConfig(mlm=pairs[kind][0], ar=pairs[kind][1], corpus=corpus, out=str(out), window_length=24,
+                         docs_per_block=3, batch_size=4, masks_per_window=2, **kw)
+
+
+def read_all(url):
+    from storage import open_store
+
+    store = open_store(url)
+    return {b: store.read_block(b) for b in store.committed_blocks()}
+
+
+@pytest.fixture(scope="module")
+def store_a(ray_local, pairs, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stores") / "a"
+    summary = run_extract(config(pairs, corpus, out))
+    assert summary["blocks"] == 4 and summary["rows"] > 0
+    return out
+
+
+def test_stored_features_equal_the_aligned_feature_function(store_a, pairs, corpus):
+    from maria.backbones import load_backbones
+    from maria.features import aligned_features
+    from storage import open_store
+
+    store = open_store(str(store_a))
+    bb = load_backbones(*pairs["modernbert-olmo"])
+    assert store.manifest["mlm"]["fingerprint"] == bb.identity["mlm"]["fingerprint"]
+    np.testing.assert_array_equal(store.init_weights()["W2"], bb.expert_weights()["W2"].numpy())
+    docs = load_corpus(corpus)
+    masking = MaskingConfig(masks_per_window=2)
+    block = store.read_block("b000001")  # documents 3, 4, 5
+    feats, targets = [], []
+    for d in (3, 4, 5):
+        for w, ids in enumerate(cut_windows(bb.ar_tokenizer(docs[d], add_special_tokens=False).input_ids, 24)):
+            for k in range(2):
+                m, _ = sample_mask(np.array(ids), masking, 0, d, w, k)
+                af = aligned_features(bb, torch.tensor([ids]), torch.tensor(m)[None], torch.tensor([len(ids)]))
+                feats.append(af.features.numpy()), targets.append(af.targets.numpy())
+    # block rows are sorted by (window, k, position), the order built here
+    np.testing.assert_array_equal(block["targets"], np.concatenate(targets))
+    np.testing.assert_allclose(block["features"].astype(np.float32), np.concatenate(feats), atol=2e-3, rtol=2e-3)
+    assert set(np.unique(block["doc_ids"])) == {3, 4, 5}
+
+
+def test_two_runs_identical_and_resume_after_partial(store_a, pairs, corpus, tmp_path):
+    first = read_all(str(store_a))
+    b = tmp_path / "b"
+    run_extract(config(pairs, corpus, b))
+    second = read_all(str(b))
+    assert first.keys() == second.keys()
+    for blk in first:
+        for name in ARRAYS:
+            np.testing.assert_array_equal(first[blk][name], second[blk][name])
+    # resume: one block never started, one half-written (its data present, no commit marker)
+    c = tmp_path / "c"
+    shutil.copytree(b, c)
+    (c / "commits" / "b000002.json").unlink()
+    for attempt in (c / "blocks" / "b000003").iterdir():
+        shutil.rmtree(attempt)
+    (c / "commits" / "b000003.json").unlink()
+    summary = run_extract(config(pairs, corpus, c))
+    assert summary["blocks"] == 4
+    resumed = read_all(str(c))
+    for blk in first:
+        for name in ARRAYS:
+            np.testing.assert_array_equal(first[blk][name], resumed[blk][name])
+    owner = {}  # every window exactly once: in one block only
+    for blk, v in resumed.items():
+        for dw in {(int(d), int(w)) for d, w in zip(v["doc_ids"], v["window_ids"])}:
+            assert owner.setdefault(dw, blk) == blk
+
+
+def test_verify_cli_good_and_corrupt(store_a, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(store_a, bad)
+    ok = subprocess.run([sys.executable, "-m", "maria.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    chunk = sorted(p for p in (bad / "blocks" / "b000002").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    res = subprocess.run([sys.executable, "-m", "maria.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    assert res.returncode != 0 and "b000002" in res.stdout + res.stderr
+
+
+def test_clear_errors(ray_local, store_a, pairs, corpus, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": "  "}) + "\n")
+    with pytest.raises(CorpusError, match="no non-empty documents"):
+        run_extract(config(pairs, str(empty), tmp_path / "s1"))
+    with pytest.raises(CorpusError, match="no column 'body'"):
+        run_extract(config(pairs, corpus, tmp_path / "s2", text_column="body"))
+    with pytest.raises(CorpusError, match="not text"):
+        run_extract(config(pairs, corpus, tmp_path / "s3", text_column="n"))
+    from storage import StoreMismatchError
+
+    with pytest.raises(StoreMismatchError):
+        run_extract(config(pairs, corpus, store_a, kind="bert-gpt2"))
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        config(pairs, corpus, tmp_path / "s4", mask_rate=1.5)
+
+
+def test_masking_modes_are_deterministic():
+    ids = np.arange(40) % 7
+    starts = np.zeros(7, dtype=bool)
+    starts[0] = True  # a word starts at every token id 0
+    for mode in ("token", "word", "span"):
+        cfg = MaskingConfig(mode=mode, rate=0.5)
+        a, _ = sample_mask(ids, cfg, 0, 3, 1, 0, starts)
+        b, _ = sample_mask(ids, cfg, 0, 3, 1, 0, starts)
+        c, _ = sample_mask(ids, cfg, 1, 3, 1, 0, starts)
+        assert np.array_equal(a, b) and not np.array_equal(a, c)
+        if mode == "word":  # all tokens of a word share their fate
+            words = np.cumsum(starts[ids]) - 1
+            assert all(len(set(a[words == w])) == 1 for w in np.unique(words))
+        if mode == "span":
+            assert a.sum() == 20
+
+
+def test_ray_cluster_yaml_matches_rays_schema():
+    import os
+
+    import jsonschema
+    import ray
+
+    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "ray_cluster.yaml")))
+    schema = json.load(open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")))
+    jsonschema.validate(cfg, schema)
+    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
+    assert "0.0.0.0" not in open(os.path.join(os.path.dirname(__file__), "..", "ray_cluster.yaml")).read()
