@@ -244,6 +244,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     todo = [b for b in plan_blocks(len(docs), cfg.docs_per_block) if b[0] not in done]
     print(f"maria extract: {len(docs)} documents, {len(done)} blocks already committed, {len(todo)} to do -> {cfg.out}")
     rows = tokens = 0
+    steady = {}
     if todo:
         n_actors = cfg.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
         items = [{"block_id": b, "doc_start": s, "texts": docs[s:e]} for b, s, e in todo]
@@ -256,17 +257,21 @@ def run_extract(cfg: ExtractConfig) -> dict:
                             compute=ray.data.TaskPoolStrategy(size=2))
         t0 = time.perf_counter()
         bar = tqdm(total=len(todo), desc="extract", unit="block")
+        t_first = None  # steady state: after the first block (actor start-up and model loading excluded)
         for row in ds.iter_rows():
             rows += int(row["rows"])
             tokens += int(row["tokens"])
+            if t_first is None:
+                t_first, tokens_first = time.perf_counter(), tokens
             bar.update(1)
             bar.set_postfix(rows=rows, tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         bar.close()
+        steady = {"steady_seconds": time.perf_counter() - t_first, "steady_tokens": tokens - tokens_first} if len(todo) > 1 else {}
     missing = [b for b, _, _ in plan_blocks(len(docs), cfg.docs_per_block) if b not in set(store.committed_blocks())]
     if missing:
         raise RuntimeError(f"blocks {missing[:5]} were not committed; re-run the same command to finish them")
     store.gc_uncommitted()
     store.finalize()
-    summary = {"store": cfg.out, "blocks": len(store.committed_blocks()), "rows": store.num_rows(), "new_rows": rows, "new_tokens": tokens}
+    summary = {"store": cfg.out, "blocks": len(store.committed_blocks()), "rows": store.num_rows(), "new_rows": rows, "new_tokens": tokens, **steady}
     print(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks")
     return summary

@@ -1,0 +1,138 @@
+"""`maria demo` (`make demo`): the whole mission on one machine, offline, with the defaults.
+
+defaults -> extract (train + validation stores, embedded Ray) -> train head -> eval table ->
+export -> infilling examples -> one annealed sample. Every stage is cached or resumable, so a
+re-run reuses what is done. The sizes are fields of one config: the same command scales up
+on a GPU (bigger --train-docs, --mlm-minutes, --train-steps; --device cuda).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class DemoConfig:
+    workdir: str = "runs/demo"  # stores, head, checkpoint, tables and plots go here
+    cache: str | None = None  # built defaults (AR, MLM, corpus); default $MARIA_CACHE or ~/.cache/maria
+    mlm: str | None = None  # use this MLM folder instead of pre-training the default one
+    ar: str | None = None  # use this AR folder instead of the converted SmolLM2-135M
+    mlm_minutes: float = 8.0  # wall-clock budget of the default MLM's pre-training (cached after the first run)
+    window_length: int = 128  # tokens per window
+    train_docs: int | None = None  # cap on training articles (None: all)
+    masks_per_window: int = 2  # K masks per training window (one AR pass serves all K)
+    val_rate: float = 0.5  # validation masking rate (fixed, token mode)
+    train_steps: int = 300  # head training steps
+    batch_size: int = 1024  # masked tokens per head step
+    lr: float = 3e-4  # head learning rate
+    init: str = "poe"  # head init: poe (the paper's) | mix (fitted expert scales) | random
+    examples: int = 3  # infilling examples printed
+    anneal_steps: int = 8  # simulated-annealing steps of the generated sample
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # masks, training order, sampling
+
+
+def _stage(name: str):
+    print(f"\n=== {name} ===", flush=True)
+    return time.perf_counter()
+
+
+def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
+    """(mlm, ar, train corpus, val corpus), building and caching what is missing."""
+    from maria.corpus_wiki import prepare_wiki_corpus
+    from maria.defaults import convert_gguf_ar, default_cache_dir
+    from maria.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
+
+    cache = Path(cfg.cache) if cfg.cache else default_cache_dir()
+    train, val = prepare_wiki_corpus(cache / "wiki")
+    ar = cfg.ar or str(convert_gguf_ar(cache))
+    mlm = cfg.mlm
+    if mlm is None:
+        out = cache / "mlm-smollm2-init"
+        metrics = pretrain_mlm(PretrainMLMConfig(tokenizer_from=ar, corpus=str(train), val_corpus=str(val), out=str(out),
+                                                 max_minutes=cfg.mlm_minutes, seed=cfg.seed))
+        print(f"default MLM: held-out masked-token accuracy at 50% masking = {metrics.get('val_accuracy', metrics)}")
+        mlm = str(out)
+    return mlm, ar, Path(train), Path(val)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from extract.job import ExtractConfig, run_extract
+    from maria.anneal import AnnealConfig, anneal
+    from maria.commands import ExportConfig, run_export
+    from maria.model import MariaModel
+    from train_head.evaluate import EvalConfig, run_eval
+    from train_head.train import TrainConfig, run_train
+
+    work = Path(cfg.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    timings = {}
+    t = _stage("1/7 defaults: corpus, AR, MLM")
+    mlm, ar, train_corpus, val_corpus = prepare_defaults(cfg)
+    timings["defaults"] = time.perf_counter() - t
+
+    t = _stage("2/7 extract: train and validation feature stores (embedded Ray)")
+    common = dict(mlm=mlm, ar=ar, window_length=cfg.window_length, seed=cfg.seed, device=device, docs_per_block=4,
+                  ray_temp_dir=str(work / "ray"))
+    run_extract(ExtractConfig(corpus=str(train_corpus), out=str(work / "stores" / "train"), max_docs=cfg.train_docs,
+                              masks_per_window=cfg.masks_per_window, **common))
+    run_extract(ExtractConfig(corpus=str(val_corpus), out=str(work / "stores" / "val"), mask_rate=cfg.val_rate, **common))
+    timings["extract"] = time.perf_counter() - t
+
+    t = _stage("3/7 train the fusion head (no backbone loaded)")
+    head_dir = work / "head"
+    run_train(TrainConfig(store=str(work / "stores" / "train"), val_store=str(work / "stores" / "val"), out=str(head_dir),
+                          init=cfg.init, max_steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                          device=device, resume=True))
+    timings["train"] = time.perf_counter() - t
+
+    t = _stage("4/7 evaluate on the validation articles")
+    table = run_eval(EvalConfig(store=str(work / "stores" / "val"), head=str(head_dir), json=str(work / "eval.json"),
+                                markdown=str(work / "eval.md"), device=device))
+    timings["eval"] = time.perf_counter() - t
+
+    t = _stage("5/7 export one combined checkpoint")
+    ckpt = run_export(ExportConfig(mlm=mlm, ar=ar, head=str(head_dir), out=str(work / "checkpoint")))
+    timings["export"] = time.perf_counter() - t
+
+    t = _stage("6/7 infill validation text: original / masked / MARIA / AR-only")
+    model = MariaModel.from_pretrained(ckpt, device=device)
+    ar_only = MariaModel.from_backbones(mlm, ar, init="ar-only", device=device)
+    examples = infill_examples(model, ar_only, val_corpus, cfg)
+    timings["infill"] = time.perf_counter() - t
+
+    t = _stage("7/7 one sample by simulated annealing")
+    x, traj = anneal(model, AnnealConfig(steps=cfg.anneal_steps, chains=1, length=48, seed=cfg.seed))
+    sample = model.bb.ar_tokenizer.decode(x[0].tolist())
+    print(f"[{cfg.anneal_steps} steps, AR NLL {traj[0]['energy'][0]:.2f} -> {traj[-1]['energy'][0]:.2f}] {sample}")
+    timings["generate"] = time.perf_counter() - t
+
+    summary = {"eval": table, "examples": examples, "annealed_sample": sample, "seconds": timings}
+    (work / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\ndemo done in {sum(timings.values()):.0f} s; results in {work}/ (eval.md, demo.json, checkpoint/)")
+    return summary
+
+
+def infill_examples(model, ar_only, val_corpus: Path, cfg: DemoConfig) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    tok = model.bb.ar_tokenizer
+    texts = pq.read_table(val_corpus).column("text").to_pylist()
+    g = torch.Generator().manual_seed(cfg.seed)
+    out = []
+    for text in texts[: cfg.examples]:
+        ids = torch.tensor(tok(text, add_special_tokens=False).input_ids[:40])
+        mask = torch.rand(len(ids), generator=g) < cfg.val_rate
+        masked_view = "".join("__" if m else tok.decode([i]) for i, m in zip(ids.tolist(), mask.tolist()))
+        ex = {"original": tok.decode(ids), "masked": masked_view, "maria": tok.decode(model.infill(ids, mask)),
+              "ar_only": tok.decode(ar_only.infill(ids, mask))}
+        for k, v in ex.items():
+            print(f"{k:>9}: {v!r}")
+        print()
+        out.append(ex)
+    return out
