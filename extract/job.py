@@ -12,6 +12,8 @@ same command skips committed blocks and finishes the rest.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,11 +46,13 @@ class ExtractConfig:
     num_actors: int | None = None  # backbone actors (default: one per GPU, else 1)
     actor_cpus: float = 0.5  # CPUs per backbone actor (fractional: on 2 cores whole CPUs can starve the pipeline)
     address: str | None = None  # Ray address: unset = embedded local Ray; "auto" = an existing cluster
-    ray_temp_dir: str | None = None  # Ray's temp/log folder for the embedded cluster
+    ray_temp_dir: str | None = None  # Ray's temp/log folder for the embedded cluster (keep it short: Ray's socket paths must fit 107 bytes)
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
     mlm_revision: str | None = None  # hub revision of the MLM
     ar_revision: str | None = None  # hub revision of the AR
     fault_kill_block: str | None = None  # TEST ONLY: SIGKILL the actor once when it starts this block
+    fault_enospc_block: str | None = None  # TEST ONLY: fail this block's write with "no space left on device"
+    fault_sleep_s: float = 0.0  # TEST ONLY: sleep this long per block in the backbone stage (to interrupt a job mid-way)
 
     def __post_init__(self):
         self.masking = MaskingConfig(self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, masks_per_window=self.masks_per_window)
@@ -137,6 +141,7 @@ class FeatureActor:
         for i, block_id in enumerate(batch["block_id"]):
             if self.cfg.fault_kill_block == str(block_id):
                 _kill_once(self.cfg.out, str(block_id))
+            time.sleep(self.cfg.fault_sleep_s)
             rows = self.block_features(batch["ids"][i], batch["lengths"][i], batch["masks"][i])
             f, t, r, p, k = rows
             out["block_id"].append(block_id)
@@ -181,13 +186,16 @@ def _kill_once(out: str, block_id: str) -> None:
     beside the store records that it happened, so the retry on a new actor goes through)."""
     import signal
 
-    marker = os.path.join(os.environ.get("MARIA_FAULT_DIR", "/tmp"), f"maria-killed-{abs(hash(out))}-{block_id}")
+    import hashlib
+
+    tag = hashlib.sha256(out.encode()).hexdigest()[:12]  # hash() is salted per process; this is not
+    marker = os.path.join(os.environ.get("MARIA_FAULT_DIR", "/tmp"), f"maria-killed-{tag}-{block_id}")
     if not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_blocks(batch: dict, url: str) -> dict:
+def write_blocks(batch: dict, url: str, fault_enospc_block: str | None = None) -> dict:
     """Writer stage: each block is written by one task into its own group; idempotent."""
     from storage import open_store
 
@@ -197,9 +205,25 @@ def write_blocks(batch: dict, url: str) -> dict:
         arrays = {k: np.asarray(batch[k][i]) for k in ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")}
         if arrays["features"].ndim != 2:
             arrays["features"] = arrays["features"].reshape(0, store.feature_dim)
+        if fault_enospc_block == str(block_id):  # test-only: a full disk mid-write
+            _write_partial_then_fail(store, str(block_id), arrays)
         store.write_block(str(block_id), arrays, stats={"tokens": int(batch["tokens"][i])})
         written.append(len(arrays["targets"]))
     return {"block_id": batch["block_id"], "rows": np.array(written), "tokens": batch["tokens"]}
+
+
+def _write_partial_then_fail(store, block_id: str, arrays: dict) -> None:
+    """Simulate a disk that fills up after the data but before the commit marker."""
+    original = store._write_marker
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{store.url}/commits/{block_id}.json")
+
+    store._write_marker = full_disk
+    try:
+        store.write_block(block_id, arrays)
+    finally:
+        store._write_marker = original
 
 
 def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = None) -> None:
@@ -215,7 +239,7 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our tqdm bar shows progress; Ray's text log floods CI
-    ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, dashboard_host="127.0.0.1",
              _temp_dir=os.path.abspath(temp_dir) if temp_dir else None, log_to_driver=False, configure_logging=False)
 
 
@@ -226,7 +250,6 @@ def plan_blocks(n_docs: int, docs_per_block: int) -> list[tuple[str, int, int]]:
 def run_extract(cfg: ExtractConfig) -> dict:
     """Plan, run the pipeline over the blocks not yet committed, finalize. Re-runnable."""
     import ray
-    from tqdm import tqdm
 
     from storage import create_store
 
@@ -235,7 +258,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
     device = _device(cfg)
     gpus = 1 if device.startswith("cuda") else 0
     # backbone identity and PoE weights come from a Ray task, so a CPU-only head node never loads them
-    info, init_weights = ray.get(ray.remote(describe_backbones).options(num_gpus=gpus, num_cpus=cfg.actor_cpus).remote(cfg))
+    with _user_errors():
+        info, init_weights = ray.get(ray.remote(describe_backbones).options(num_gpus=gpus, num_cpus=cfg.actor_cpus).remote(cfg))
     manifest = {**info, "feature_dtype": cfg.feature_dtype, "masking": asdict(cfg.masking), "seed": cfg.seed,
                 "corpus_fingerprint": corpus_fingerprint(docs), "window_length": cfg.window_length,
                 "text_column": cfg.text_column, "docs_per_block": cfg.docs_per_block, "documents": len(docs)}
@@ -246,6 +270,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     rows = tokens = 0
     steady = {}
     if todo:
+        ray.data.DataContext.get_current().raise_original_map_exception = True  # our one-line errors, not a wrapper
         n_actors = cfg.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
         items = [{"block_id": b, "doc_start": s, "texts": docs[s:e]} for b, s, e in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -253,20 +278,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
                             compute=ray.data.TaskPoolStrategy(size=2))  # bounded, so the backbone actors always get CPU
         ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cfg.actor_cpus)
-        ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.out}, batch_size=1, num_cpus=0.25, batch_format="numpy",
+        ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.out, "fault_enospc_block": cfg.fault_enospc_block}, batch_size=1, num_cpus=0.25, batch_format="numpy",
                             compute=ray.data.TaskPoolStrategy(size=2))
-        t0 = time.perf_counter()
-        bar = tqdm(total=len(todo), desc="extract", unit="block")
-        t_first = None  # steady state: after the first block (actor start-up and model loading excluded)
-        for row in ds.iter_rows():
-            rows += int(row["rows"])
-            tokens += int(row["tokens"])
-            if t_first is None:
-                t_first, tokens_first = time.perf_counter(), tokens
-            bar.update(1)
-            bar.set_postfix(rows=rows, tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        steady = {"steady_seconds": time.perf_counter() - t_first, "steady_tokens": tokens - tokens_first} if len(todo) > 1 else {}
+        with _user_errors():
+            rows, tokens, steady = _drain(ds, len(todo))
     missing = [b for b, _, _ in plan_blocks(len(docs), cfg.docs_per_block) if b not in set(store.committed_blocks())]
     if missing:
         raise RuntimeError(f"blocks {missing[:5]} were not committed; re-run the same command to finish them")
@@ -275,3 +290,38 @@ def run_extract(cfg: ExtractConfig) -> dict:
     summary = {"store": cfg.out, "blocks": len(store.committed_blocks()), "rows": store.num_rows(), "new_rows": rows, "new_tokens": tokens, **steady}
     print(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks")
     return summary
+
+
+def _drain(ds, n_blocks: int) -> tuple[int, int, dict]:
+    """Consume the pipeline with a progress bar; (rows, tokens, steady-state timing)."""
+    from tqdm import tqdm
+
+    rows = tokens = 0
+    t0, t_first, tokens_first = time.perf_counter(), None, 0
+    bar = tqdm(total=n_blocks, desc="extract", unit="block")
+    for row in ds.iter_rows():
+        rows += int(row["rows"])
+        tokens += int(row["tokens"])
+        if t_first is None:  # steady state: after the first block (actor start-up and model loading excluded)
+            t_first, tokens_first = time.perf_counter(), tokens
+        bar.update(1)
+        bar.set_postfix(rows=rows, tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    steady = {"steady_seconds": time.perf_counter() - t_first, "steady_tokens": tokens - tokens_first} if n_blocks > 1 else {}
+    return rows, tokens, steady
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Ray wraps errors raised in tasks and actors; surface ours (ValueError, OSError) as themselves
+    so the CLI prints one line naming the fix instead of a remote traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        seen, cur = set(), e
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            if isinstance(cur, (ValueError, OSError)) and not type(cur).__module__.startswith("ray"):
+                raise cur from None
+            cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+        raise

@@ -32,3 +32,57 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A local S3-compatible server (moto) for the session; its endpoint and test credentials go
+    into the environment before Ray starts, so Ray's workers reach the same server."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "MARIA_S3_ENDPOINT_URL": url})
+    import s3fs
+
+    s3fs.S3FileSystem(endpoint_url=url).mkdir("maria-test")
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory, s3_endpoint):
+    """One embedded Ray (2 CPUs, no dashboard, logs in the test's temp folder) for the session."""
+    import ray
+
+    from extract.job import init_ray
+
+    init_ray(None, str(tmp_path_factory.mktemp("ray")), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    import json
+
+    from tiny import CORPUS
+
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    docs = [" ".join(CORPUS[i : i + 1 + i % 3]) for i in range(12)] + ["   "]  # one whitespace doc, dropped
+    path.write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def store_a(ray_local, pairs, corpus, tmp_path_factory):
+    """An uninterrupted extraction: the reference the fault tests compare against."""
+    from extract.job import run_extract
+    from extract_fixtures import config
+
+    out = tmp_path_factory.mktemp("stores") / "a"
+    summary = run_extract(config(pairs, corpus, out))
+    assert summary["blocks"] == 4 and summary["rows"] > 0
+    return out

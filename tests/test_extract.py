@@ -10,49 +10,10 @@ import torch
 import yaml
 
 from extract.corpus import CorpusError, MaskingConfig, cut_windows, load_corpus, sample_mask
-from extract.job import ExtractConfig, init_ray, run_extract
+from extract.job import run_extract
+from extract_fixtures import ARRAYS, config, read_all  # fixtures ray_local, corpus, store_a: conftest.py
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
-ARRAYS = ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    init_ray(None, str(tmp_path_factory.mktemp("ray")), num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from tiny import CORPUS
-
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    docs = [" ".join(CORPUS[i : i + 1 + i % 3]) for i in range(12)] + ["   "]  # one whitespace doc, dropped
-    path.write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)))
-    return str(path)
-
-
-def config(pairs, corpus, out, kind="modernbert-olmo", **kw):
-    return ExtractConfig(mlm=pairs[kind][0], ar=pairs[kind][1], corpus=corpus, out=str(out), window_length=24,
-                         docs_per_block=3, batch_size=4, masks_per_window=2, **kw)
-
-
-def read_all(url):
-    from storage import open_store
-
-    store = open_store(url)
-    return {b: store.read_block(b) for b in store.committed_blocks()}
-
-
-@pytest.fixture(scope="module")
-def store_a(ray_local, pairs, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stores") / "a"
-    summary = run_extract(config(pairs, corpus, out))
-    assert summary["blocks"] == 4 and summary["rows"] > 0
-    return out
 
 
 def test_stored_features_equal_the_aligned_feature_function(store_a, pairs, corpus):

@@ -1,0 +1,86 @@
+"""Faults: a killed actor, a killed driver, a full disk, object storage; nothing lost or doubled."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extract.job import run_extract
+from extract_fixtures import ARRAYS, config, read_all
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+
+def assert_same_store(a, b, **kw):
+    first, second = read_all(str(a)), read_all(str(b), **kw)
+    assert first.keys() == second.keys()
+    for blk in first:
+        for name in ARRAYS:
+            np.testing.assert_array_equal(first[blk][name], second[blk][name], err_msg=f"{blk}/{name}")
+
+
+def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, tmp_path):
+    out = tmp_path / "killed"
+    run_extract(config(pairs, corpus, out, fault_kill_block="b000001"))
+    import hashlib
+
+    tag = hashlib.sha256(str(out).encode()).hexdigest()[:12]
+    assert Path("/tmp", f"maria-killed-{tag}-b000001").exists(), "the actor was never killed"
+    assert_same_store(store_a, out)
+
+
+def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_path):
+    out = tmp_path / "driver"
+    mlm, ar = pairs["modernbert-olmo"]
+    cmd = [sys.executable, "-m", "maria.cli", "extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--out", str(out),
+           "--window-length", "24", "--docs-per-block", "3", "--batch-size", "4", "--masks-per-window", "2",
+           "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]  # Ray's socket paths must stay under 107 bytes
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd + ["--fault-sleep-s", "3"], start_new_session=True, stdout=log, stderr=log)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("commits/*.json")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the driver exited before it could be killed: " + (tmp_path / "driver.log").read_text()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    committed = len(list((out / "commits").glob("*.json")))
+    assert 1 <= committed < 4, f"{committed} blocks committed when the driver died"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{committed} blocks already committed" in rerun.stdout
+    assert_same_store(store_a, out)
+
+
+def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, corpus, tmp_path):
+    out = tmp_path / "full"
+    with pytest.raises(OSError) as err:
+        run_extract(config(pairs, corpus, out, fault_enospc_block="b000002"))
+    assert err.value.errno == errno.ENOSPC
+    assert not (out / "commits" / "b000002.json").exists()
+    from maria.cli import _friendly
+
+    assert "no space left on device" in _friendly(err.value)
+    run_extract(config(pairs, corpus, out))
+    assert_same_store(store_a, out)
+
+
+def test_extract_to_s3_then_resume_and_verify(store_a, pairs, corpus, s3_endpoint):
+    import s3fs
+
+    from storage import verify_store
+
+    url = "s3://maria-test/store"
+    run_extract(config(pairs, corpus, url))
+    assert_same_store(store_a, url)
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    fs.rm("maria-test/store/commits/b000003.json")  # as if the job had died before this block's commit
+    summary = run_extract(config(pairs, corpus, url))
+    assert summary["new_rows"] > 0
+    assert_same_store(store_a, url)
+    assert verify_store(url) == []
