@@ -67,6 +67,7 @@ def load_corpus(path: str, text_column: str = "text", max_docs: int | None = Non
             return _clean(texts, path, max_docs)
         import datasets
 
+        datasets.disable_progress_bars()  # a corpus loads in seconds; its bars would bury our one-line errors
         kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}[files[0].suffix]
         try:
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")

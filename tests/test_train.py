@@ -1,0 +1,194 @@
+"""Head training and evaluation from tiny feature stores (tiny random backbones, no Ray)."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from store_fixtures import make_store, make_windows
+from train_head.data import DataError
+from train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
+from train_head.train import TrainConfig, run_train
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def bb(pairs):
+    from maria.backbones import load_backbones
+
+    return load_backbones(*pairs["modernbert-olmo"])
+
+
+@pytest.fixture(scope="module")
+def stores(bb, pairs, tmp_path_factory):
+    """~4k training and ~1.2k validation masked tokens from different windows of the tiny corpus,
+    and a store of the other pair (bert-gpt2: equal hidden sizes, other fingerprints)."""
+    from maria.backbones import load_backbones
+
+    root = tmp_path_factory.mktemp("stores")
+    make_store(root / "train", bb, 320, seed=1, windows_per_block=32)
+    make_store(root / "val", bb, 96, seed=2, windows_per_block=32)
+    make_store(root / "other", load_backbones(*pairs["bert-gpt2"]), 32, seed=3, windows_per_block=16)
+    return {k: str(root / k) for k in ("train", "val", "other")}
+
+
+def config(stores, out, **kw):
+    base = dict(store=stores["train"], val_store=stores["val"], out=str(out), device="cpu", batch_size=128, lr=3e-3,
+                warmup_steps=5, eval_every=20)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(stores, tmp_path_factory):
+    out = tmp_path_factory.mktemp("heads") / "poe"
+    return out, run_train(config(stores, out, max_steps=100))
+
+
+def test_training_lowers_validation_loss_below_poe_init(trained, stores, bb, tmp_path):
+    from maria.model import check_head_matches, read_head
+
+    out, summary = trained
+    assert summary["init_val_loss"] - summary["best_val_loss"] > 1.0, summary  # ~6.0 -> ~3: the unigram and more
+    res = run_eval(EvalConfig(store=stores["val"], head=str(out), device="cpu"))
+    assert res["models"]["trained"]["nll"] == pytest.approx(summary["best_val_loss"], abs=1e-5)
+    assert res["models"]["trained"]["nll"] < res["models"]["poe_init"]["nll"] - 1.0
+    assert summary["init_val_loss"] == pytest.approx(res["models"]["poe_init"]["nll"], abs=1e-5)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 20, 40, 60, 80, 100]
+    assert set(rows[-1]) == {"step", "train_loss", "val_loss", "val_ppl", "lr", "rows_per_s"}
+    assert (out / "loss.png").stat().st_size > 0
+    head, meta = read_head(out)  # the folder format maria.model reads, matching the backbones
+    check_head_matches(meta, bb, "head")
+    assert meta["store"] == stores["train"] and meta["init"] == "poe" and meta["best_step"] == summary["best_step"]
+    assert head.proj.weight.shape == (bb.vocab_size, bb.d_mlm + bb.d_ar)
+
+
+def test_best_head_is_kept_and_never_worse_than_init(stores, tmp_path):
+    """A learning rate far too high makes every step worse: the written head is the init."""
+    s = run_train(config(stores, tmp_path, max_steps=20, lr=30.0, eval_every=5, early_stopping_patience=2))
+    assert s["best_step"] == 0 and s["best_val_loss"] == s["init_val_loss"] and s["stopped_early"] and s["steps"] == 10
+    res = run_eval(EvalConfig(store=stores["val"], head=str(tmp_path), device="cpu"))
+    assert res["models"]["trained"]["nll"] == pytest.approx(res["models"]["poe_init"]["nll"], abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 2e-2)])
+def test_poe_init_eval_equals_averaged_backbone_logits(pairs, tmp_path, dtype, tol):
+    """run_eval's PoE / AR-only / MLM-only rows equal NLLs of the models' own forward passes
+    ((mapped MLM logits + AR logits) / 2) on the same windows, up to the float16 feature cache."""
+    from maria.backbones import load_backbones
+    from maria.features import ar_inputs, mlm_inputs, valid_positions
+
+    bb = load_backbones(*pairs["modernbert-olmo"])
+    with torch.no_grad():  # sharpen the random experts so the three rows differ by ~1 nat, not 1e-3
+        for m in (bb.mlm, bb.ar):
+            m.get_output_embeddings().weight.mul_(20)
+    make_store(tmp_path / "s", bb, 24, seed=5, feature_dtype=dtype)
+    res = run_eval(EvalConfig(store=str(tmp_path / "s"), device="cpu", json=str(tmp_path / "e.json"), markdown=str(tmp_path / "e.md")))
+    ids, mask, lengths, _ = make_windows(bb, 24, seed=5)
+    mask = mask & valid_positions(ids, lengths)
+    with torch.no_grad():
+        x, attn = mlm_inputs(bb, ids, mask, lengths)
+        P, T = len(bb.mlm_prefix), ids.shape[1]
+        l_mlm = bb.mlm(input_ids=x, attention_mask=attn).logits[:, P : P + T].float()
+        mapped = torch.zeros(*ids.shape, bb.vocab_size)  # MLM logits in AR ids; 0 where the MLM lacks a token (as W1)
+        ok = bb.mlm_to_ar >= 0
+        mapped[..., bb.mlm_to_ar[ok]] = l_mlm[..., ok]
+        l_ar = bb.ar(input_ids=ar_inputs(bb, ids), attention_mask=valid_positions(ids, lengths).long()).logits.float()
+    for name, logits in (("poe_init", (mapped + l_ar) / 2), ("ar_only", l_ar), ("mlm_only", mapped)):
+        assert res["models"][name]["nll"] == pytest.approx(F.cross_entropy(logits[mask], ids[mask]).item(), abs=tol)
+    assert res["models"]["poe_init"]["nll"] < min(res["models"]["ar_only"]["nll"], res["models"]["mlm_only"]["nll"]) - 0.5
+    assert res["rows"] == int(mask.sum())
+    assert json.loads((tmp_path / "e.json").read_text())["models"].keys() == {"poe_init", "ar_only", "mlm_only"}
+
+
+def test_eval_reports_four_rows_per_bucket(trained, stores, tmp_path):
+    out, _ = trained
+    res = run_eval(EvalConfig(store=stores["val"], head=str(out), device="cpu", json=str(tmp_path / "e.json"), markdown=str(tmp_path / "e.md")))
+    assert list(res["models"]) == ["trained", "poe_init", "ar_only", "mlm_only"]
+    for row in res["models"].values():
+        assert len(row["by_mask_rate"]) == 4 and math.isclose(row["ppl"], math.exp(row["nll"]))
+        assert sum(b["rows"] for b in row["by_mask_rate"]) == res["rows"]
+    md = (tmp_path / "e.md").read_text()
+    assert all(label in md for label in ("| trained head |", "| PoE at init", "| AR only |", "| MLM only |"))
+    assert json.loads((tmp_path / "e.json").read_text())["rows"] == res["rows"]
+
+
+@pytest.mark.parametrize("mode", ["ram", "stream"])
+def test_resume_is_exact(stores, tmp_path, mode):
+    """12 steps straight vs 5 steps, stop, then a fresh run_train(resume=True): identical bits.
+    512-row batches cross an epoch boundary of the ~4k-row store on the way."""
+    kw = dict(max_steps=12, batch_size=512, eval_every=4, save_every=5, data_mode=mode)
+    run_train(config(stores, tmp_path / "a", **kw))
+    first = run_train(config(stores, tmp_path / "b", stop_after=5, **kw))
+    assert first["interrupted"] and first["steps"] == 5
+    run_train(config(stores, tmp_path / "b", resume=True, **kw))
+    a, b = (load_file(str(tmp_path / d / "ckpt" / "state.safetensors")) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    ha, hb = (load_file(str(tmp_path / d / "head.safetensors")) for d in ("a", "b"))
+    assert torch.equal(ha["weight"], hb["weight"]) and torch.equal(ha["bias"], hb["bias"])
+    assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_val_store_of_other_backbones_is_refused(stores, tmp_path):
+    with pytest.raises(DataError, match=r"val store .*other backbones than store .*mlm fingerprint.*same --mlm and --ar"):
+        run_train(config(stores, tmp_path, val_store=stores["other"], max_steps=2))
+
+
+def test_resume_from_another_store_is_refused(trained, stores, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(trained[0], out)
+    with pytest.raises(DataError, match=r"store .*other was made by other backbones than the checkpoint .*mlm fingerprint"):
+        run_train(config(stores, out, store=stores["other"], val_store=None, resume=True, max_steps=2))
+    with pytest.raises(DataError, match=r"batch_size=128, now 64"):
+        run_train(config(stores, out, resume=True, batch_size=64, max_steps=200))
+
+
+def test_eval_refuses_head_of_other_backbones(trained, stores):
+    with pytest.raises(DataError, match=r"head .* other backbones than store .*other"):
+        run_eval(EvalConfig(store=stores["other"], head=str(trained[0]), device="cpu"))
+
+
+def test_random_and_mix_inits(trained, stores, tmp_path):
+    rnd = run_train(config(stores, tmp_path / "random", init="random", max_steps=60))
+    assert math.isfinite(rnd["best_val_loss"]) and rnd["best_val_loss"] < rnd["init_val_loss"] - 1.0
+    base = run_eval(EvalConfig(store=stores["val"], device="cpu"))["models"]
+    mix = run_train(config(stores, tmp_path / "mix", init="mix", max_steps=1, mix_rows=2048))
+    a, b = mix["init_scales"]
+    assert mix["init_val_loss"] <= min(base["poe_init"]["nll"], base["ar_only"]["nll"]) + 1e-3, (a, b, base)
+    assert json.loads((tmp_path / "mix" / "head.json").read_text())["init_scales"] == [a, b]
+    compare_inits_plot({"PoE init": str(trained[0] / "metrics.jsonl"), "random init": str(tmp_path / "random" / "metrics.jsonl")},
+                       str(tmp_path / "fig2.png"))
+    assert (tmp_path / "fig2.png").stat().st_size > 0
+
+
+def test_block_split_without_val_store(stores, tmp_path):
+    s = run_train(config(stores, tmp_path, val_store=None, val_fraction=0.3, max_steps=3))
+    meta = json.loads((tmp_path / "head.json").read_text())
+    assert len(meta["val_blocks"]) == 3 and math.isfinite(s["best_val_loss"])  # 30% of 10 blocks
+    from storage import open_store
+
+    with pytest.raises(DataError, match="too few to hold out"):
+        run_train(config(stores, tmp_path / "x", store=stores["other"], val_store=None, val_fraction=0.9, max_steps=1))
+    assert len(open_store(stores["other"]).committed_blocks()) == 2
+
+
+def test_config_errors_name_the_fix(stores, tmp_path):
+    with pytest.raises(ValueError, match="use one of poe, mix, random, ar-only"):
+        config(stores, tmp_path, init="product")
+    with pytest.raises(ValueError, match="--val-store or a --val-fraction"):
+        config(stores, tmp_path, val_store=None, val_fraction=0.0)
+    with pytest.raises(ValueError, match="increasing edges"):
+        EvalConfig(store=stores["val"], buckets=[0.5, 0.25])
+
+
+def test_bench_train_reports_bounds(stores):
+    from train_head.bench import bench_train
+
+    r = bench_train(stores["train"], batch_size=256, steps=4, device="cpu")
+    for k in ("train_rows_per_s", "read_rows_per_s", "step_rows_per_s"):
+        assert r[k] > 0
+    assert r["train_over_bound"] == pytest.approx(r["train_rows_per_s"] / min(r["read_rows_per_s"], r["step_rows_per_s"]))

@@ -1,0 +1,204 @@
+"""Batches of cached features for the head: in RAM (shuffled indices per epoch) or streamed.
+
+Both sources give the same kind of batch (features float32 (B, D), targets int64 (B,) on the
+training device), are a pure function of (store, blocks, batch size, seed), and resume exactly
+from their `state_dict()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import threading
+import warnings
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Feature data the trainer cannot use; the message names the fix."""
+
+
+def backbone_identity(manifest: dict) -> dict:
+    """What must agree between two stores (or a store and a head) for features to be interchangeable."""
+    return {"mlm fingerprint": (manifest.get("mlm") or {}).get("fingerprint"),
+            "ar fingerprint": (manifest.get("ar") or {}).get("fingerprint"),
+            "tokenizer_fingerprint": manifest.get("tokenizer_fingerprint"),
+            "d_mlm": manifest.get("d_mlm"), "d_ar": manifest.get("d_ar"), "vocab_size": manifest.get("vocab_size")}
+
+
+def check_same_backbones(ref: dict, other: dict, ref_name: str, other_name: str, fix: str) -> None:
+    a, b = backbone_identity(ref), backbone_identity(other)
+    for key in a:
+        if a[key] != b[key]:
+            raise DataError(f"{other_name} was made by other backbones than {ref_name} ({key}: {b[key]} vs {a[key]}); {fix}")
+
+
+def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out whole blocks (whole documents, so no window leaks across the split). The choice
+    hashes block ids: it is the same for every seed and barely moves when blocks are added."""
+    blocks = sorted(blocks)
+    if val_fraction <= 0:
+        return blocks, []
+    n_val = max(1, round(len(blocks) * val_fraction))
+    if n_val >= len(blocks):
+        raise DataError(f"the store has only {len(blocks)} block(s), too few to hold out {val_fraction:.0%} for validation; "
+                        "pass --val-store, or extract with a smaller --docs-per-block")
+    ranked = sorted(blocks, key=lambda b: hashlib.sha256(b.encode()).hexdigest())
+    val = set(ranked[:n_val])
+    return [b for b in blocks if b not in val], sorted(val)
+
+
+def half_dtype(manifest: dict) -> torch.dtype:
+    return torch.bfloat16 if manifest.get("feature_dtype") == "bfloat16" else torch.float16
+
+
+def rows_bytes(store, blocks: list[str]) -> int:
+    """Bytes the blocks take in RAM as stored (16-bit features) plus targets and mask rates."""
+    rows = sum(store.commit_info(b)["rows"] for b in blocks)
+    return rows * (2 * store.feature_dim + 8 + 4)
+
+
+def available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def read_rows(store, blocks: list[str], skip_corrupt: bool = False) -> dict[str, torch.Tensor]:
+    """Every row of the blocks, features kept in their stored 16-bit dtype (half the RAM of float32)."""
+    from storage import CorruptBlockError
+
+    feats, targets, rates = [], [], []
+    for b in blocks:
+        try:
+            a = store.read_block(b, verify=True)
+        except CorruptBlockError as e:
+            if not skip_corrupt:
+                raise DataError(f"{e} (or pass --skip-corrupt to train without it)") from None
+            warnings.warn(f"skipping corrupt block {b}: {e}")
+            continue
+        f = torch.from_numpy(np.ascontiguousarray(a["features"]))
+        feats.append(f.view(torch.bfloat16) if f.dtype == torch.uint16 else f)  # bf16 is stored as its bits
+        targets.append(torch.from_numpy(a["targets"].astype(np.int64)))
+        rates.append(torch.from_numpy(a["mask_rates"].astype(np.float32)))
+    if not feats:
+        raise DataError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify {store.url}` and re-extract")
+    return {"features": torch.cat(feats), "targets": torch.cat(targets), "mask_rates": torch.cat(rates)}
+
+
+def eval_batches(rows: dict[str, torch.Tensor], batch_size: int, device: str):
+    """In-order batches of (features float32, targets, mask_rates) on the device."""
+    n = len(rows["targets"])
+    for s in range(0, n, batch_size):
+        yield tuple(rows[k][s : s + batch_size].to(device, non_blocking=True) for k in ("features", "targets", "mask_rates"))
+
+
+class MemoryBatches:
+    """The whole split in RAM (or GPU memory); a fresh permutation of the row indices per epoch."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, device: str, on_device: bool):
+        where = device if on_device else "cpu"
+        self.features, self.targets = rows["features"].to(where), rows["targets"].to(where)
+        self.n, self.batch_size, self.seed, self.device = len(self.targets), batch_size, seed, device
+        self.epoch, self.pos, self._perm = 0, 0, None
+
+    def __len__(self) -> int:  # batches per epoch
+        return math.ceil(self.n / self.batch_size)
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != self.epoch:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)  # same on every device
+            self._perm = (self.epoch, torch.from_numpy(perm).to(self.features.device))
+        return self._perm[1]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos == len(self):
+            self.epoch, self.pos = self.epoch + 1, 0
+        idx = self._permutation()[self.pos * self.batch_size : (self.pos + 1) * self.batch_size]
+        self.pos += 1
+        f, t = self.features[idx], self.targets[idx]
+        if f.device.type == "cpu" and self.device.startswith("cuda"):
+            f, t = f.pin_memory(), t.pin_memory()
+        return f.to(self.device, non_blocking=True).float(), t.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"mode": "ram", "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+    def close(self) -> None:
+        pass
+
+
+class StreamBatches:
+    """ShuffledReader in a background thread that keeps a few batches ready (pinned on CUDA).
+
+    Each queued batch carries the reader's state *after* it, so the state of the last batch the
+    trainer consumed is exactly where a resumed run must continue, however far the thread ran ahead."""
+
+    def __init__(self, store, blocks: list[str], batch_size: int, seed: int, device: str, skip_corrupt: bool, prefetch: int = 4):
+        from storage.reader import ShuffledReader
+
+        self.reader = ShuffledReader(store, batch_size, seed=seed, blocks=blocks, skip_corrupt=skip_corrupt)
+        self.device, self.prefetch = device, prefetch
+        self.state, self._thread, self._queue, self._stop = self.reader.state_dict(), None, None, threading.Event()
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _produce(self) -> None:
+        pin = self.device.startswith("cuda")
+        try:
+            while not self._stop.is_set():
+                empty = True
+                for batch in self.reader:  # one epoch
+                    empty = False
+                    f, t = torch.from_numpy(batch["features"]), torch.from_numpy(batch["targets"])
+                    if pin:
+                        f, t = f.pin_memory(), t.pin_memory()
+                    item = (f, t, self.reader.state_dict())
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+                if empty and len(self.reader) == 0:
+                    raise DataError("the training split has no rows; extract more documents")
+        except BaseException as e:  # noqa: BLE001 -- hand it to the trainer's thread
+            self._queue.put(e)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=self.prefetch)
+            self._thread = threading.Thread(target=self._produce, daemon=True, name="maria-prefetch")
+            self._thread.start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        f, t, self.state = item
+        return f.to(self.device, non_blocking=True).float(), t.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"mode": "stream", "reader": self.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("load_state_dict must come before the first batch")
+        self.reader.load_state_dict(state["reader"])
+        self.state = state["reader"]
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self._thread = None

@@ -1,0 +1,163 @@
+"""`maria eval`: per-masked-token NLL and perplexity on a feature store, for four models:
+
+    trained    the trained head (if --head is given; it must match the store's backbones)
+    poe_init   the paper's product-of-experts init, no training: [W1/2, W2/2]
+    ar_only    W2 h_ar + b2: the AR alone (past context only)
+    mlm_only   W1 h_mlm + b1: one-shot MLM guesses (a pseudo-likelihood)
+
+overall and per mask-rate bucket, as a Markdown table (printed, and written with --markdown)
+and JSON. All in fp32, so numbers do not depend on the device.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from maria.head import FusionHead, expert_logits
+from train_head.data import DataError, eval_batches, read_rows
+
+LABELS = {"trained": "trained head", "poe_init": "PoE at init (no training)", "ar_only": "AR only", "mlm_only": "MLM only"}
+
+
+@dataclass
+class EvalConfig:
+    store: str  # feature store to evaluate on (usually the validation store)
+    head: str | None = None  # trained head folder (the --out of `maria train`); omit for the three baselines only
+    json: str | None = None  # write the results as JSON here
+    markdown: str | None = None  # write the Markdown table here
+    batch_size: int = 1024  # rows per forward
+    device: str = "auto"  # auto | cpu | cuda
+    buckets: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # mask-rate bucket edges
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
+        b = [float(x) for x in self.buckets]
+        if len(b) < 2 or any(x >= y for x, y in zip(b, b[1:])):
+            raise ValueError(f"--buckets must be at least two increasing edges, e.g. 0 0.25 0.5 0.75 1; got {self.buckets}")
+        self.buckets = b
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for but no CUDA GPU is visible; pass --device cpu")
+    return device
+
+
+def row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@torch.no_grad()
+def mean_nll(head: FusionHead, batches) -> float:
+    """Mean NLL per masked token of a head over (features, targets, ...) batches, in fp32."""
+    total, n = 0.0, 0
+    for f, t, *_ in batches:
+        total += float(row_nll(head(f.float()), t).double().sum())
+        n += len(t)
+    if n == 0:
+        raise DataError("the validation split has no rows; extract more documents or pass --val-store")
+    return total / n
+
+
+def check_head_matches_store(meta: dict, manifest: dict, head_dir: str, store_url: str) -> None:
+    from train_head.data import backbone_identity
+
+    have, want = backbone_identity(meta), backbone_identity(manifest)
+    for key in want:
+        if have[key] != want[key]:
+            raise DataError(f"head {head_dir} was trained on features of other backbones than store {store_url} "
+                            f"({key}: {have[key]} vs {want[key]}); evaluate it on a store extracted with its backbones, "
+                            "or train a head on this store")
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    from storage import open_store
+
+    from maria.model import read_head
+
+    device = resolve_device(cfg.device)
+    store = open_store(cfg.store)
+    e = {k: torch.from_numpy(v).float().to(device) for k, v in store.init_weights().items() if k != "vocab_map"}
+    heads = {"poe_init": FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"]).to(device)}
+    if cfg.head:
+        trained, meta = read_head(cfg.head)
+        check_head_matches_store(meta, store.manifest, cfg.head, cfg.store)
+        heads = {"trained": trained.to(device), **heads}
+    nll = {k: [] for k in (*heads, "ar_only", "mlm_only")}
+    rates = []
+    with torch.no_grad():
+        for block in store.committed_blocks():  # block by block: memory stays bounded for any store size
+            for f, t, r in eval_batches(read_rows(store, [block]), cfg.batch_size, device):
+                f = f.float()
+                for k, h in heads.items():
+                    nll[k].append(row_nll(h(f), t).cpu())
+                l_mlm, l_ar = expert_logits(f, store.d_mlm, e["W1"], e["b1"], e["W2"], e["b2"])
+                nll["mlm_only"].append(row_nll(l_mlm, t).cpu()), nll["ar_only"].append(row_nll(l_ar, t).cpu())
+                rates.append(r.cpu())
+    if not rates:
+        raise DataError(f"store {cfg.store} has no committed rows; run `maria extract` first")
+    rates = torch.cat(rates)
+    edges = cfg.buckets
+    result = {"store": cfg.store, "head": cfg.head, "rows": len(rates), "buckets": edges, "models": {}}
+    for k, parts in nll.items():
+        x = torch.cat(parts).double()
+        row = {"label": LABELS[k], "nll": float(x.mean()), "ppl": math.exp(float(x.mean())), "by_mask_rate": []}
+        for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
+            sel = (rates >= lo) & ((rates <= hi) if i == len(edges) - 2 else (rates < hi))  # last bucket includes its top edge
+            m = float(x[sel].mean()) if sel.any() else None
+            row["by_mask_rate"].append({"lo": lo, "hi": hi, "rows": int(sel.sum()), "nll": m, "ppl": None if m is None else math.exp(m)})
+        result["models"][k] = row
+    table = markdown_table(result)
+    print(table)
+    if cfg.json:
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(result, indent=2))
+    if cfg.markdown:
+        Path(cfg.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.markdown).write_text(table + "\n")
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    buckets = result["models"]["poe_init"]["by_mask_rate"]
+    head = ["model", "NLL", "ppl"] + [f"ppl @ rate {b['lo']:g}-{b['hi']:g} (n={b['rows']})" for b in buckets]
+    lines = [f"Per-masked-token perplexity on {result['store']} ({result['rows']} masked tokens)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["models"].values():
+        cells = [row["label"], f"{row['nll']:.4f}", f"{row['ppl']:.2f}"]
+        cells += ["-" if b["ppl"] is None else f"{b['ppl']:.2f}" for b in row["by_mask_rate"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare_inits_plot(metrics_files: dict[str, str], out_png: str) -> None:
+    """Validation loss against step for several runs (e.g. PoE vs random init: the paper's Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train_head.checkpoint import read_metrics
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, path in metrics_files.items():
+        rows = read_metrics(path)
+        ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=3, label=label)
+    ax.set(xlabel="step", ylabel="validation NLL per masked token (nats)", title="Head initialisation: validation loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,261 @@
+"""`maria train`: fit the fusion head on cached features (no backbone is loaded).
+
+AdamW with linear warmup then cosine decay, gradient clipping, an L2 pull toward the initial
+weights, fp32 master weights (bf16 autocast on CUDA). Validation at step 0 and every
+--eval-every steps; the best head by validation loss is what gets written, so a trained head
+never ends worse than its start (METHOD.md: a big head on few tokens overfits from epoch one).
+--resume continues exactly: on CPU, interrupted-then-resumed equals uninterrupted bitwise.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train_head import checkpoint as ck
+from train_head.data import (DataError, MemoryBatches, StreamBatches, available_memory,
+                             check_same_backbones, eval_batches, read_rows, rows_bytes, split_blocks)
+from train_head.evaluate import mean_nll, resolve_device
+from train_head.init import INITS, fit_mix_scales, init_head
+
+IDENTITY = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size")  # manifest keys a checkpoint records
+RESUME_KEYS = ("store", "val_store", "val_fraction", "init", "batch_size", "seed", "data_mode_resolved")  # must not change on resume
+
+
+@dataclass
+class TrainConfig:
+    store: str  # training feature store (path or fsspec URL) written by `maria extract`
+    out: str  # output folder: head.safetensors, head.json, metrics.jsonl, loss.png, ckpt/
+    val_store: str | None = None  # validation store made by the same backbones (default: hold out --val-fraction of --store's blocks)
+    val_fraction: float = 0.1  # share of --store's blocks held out for validation when there is no --val-store (chosen by block-id hash)
+    init: str = "poe"  # poe (the paper's [W1/2, W2/2]) | mix (per-expert scales fitted on the training rows) | random (ablation) | ar-only
+    lr: float = 3e-4  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr x this
+    weight_decay: float = 0.0  # AdamW decay toward ZERO (undoes a pretrained init; prefer --reg-to-init)
+    reg_to_init: float = 1e-3  # L2 pull toward the initial weights: adds reg/2 * ||W - W_init||^2 to the (mean per-token) loss
+    batch_size: int = 1024  # masked tokens (feature rows) per step
+    max_steps: int | None = None  # optimizer steps (default: --epochs passes over the training rows)
+    epochs: float = 1.0  # passes over the training rows when --max-steps is not given
+    warmup_steps: int = 50  # linear warmup from 0 to --lr
+    grad_clip: float = 1.0  # max global gradient norm of the data loss (0 = off)
+    eval_every: int = 100  # validate every N steps (also at step 0 and at the end)
+    save_every: int = 500  # checkpoint into out/ckpt every N steps (also at the end)
+    early_stopping_patience: int = 5  # stop after N validations without a new best (0 = never)
+    seed: int = 0  # data order, random init, and the rows the mix init is fitted on
+    resume: bool = False  # continue from out/ckpt exactly where it stopped (starts fresh when there is none)
+    device: str = "auto"  # auto | cpu | cuda
+    skip_corrupt: bool = False  # train without blocks that fail their checksum (default: stop and name them)
+    data_mode: str = "auto"  # auto (ram when the rows take under a quarter of available memory, else stream) | ram | stream
+    mix_rows: int = 8192  # mix init: training rows the two scales are fitted on
+    stop_after: int | None = None  # stop as if interrupted after this step (checkpoint written); continue with --resume
+
+    def __post_init__(self):
+        for name in ("val_fraction", "lr", "min_lr_ratio", "weight_decay", "reg_to_init", "epochs", "grad_clip"):
+            setattr(self, name, float(getattr(self, name)))  # YAML reads 3e-4 as a string
+        if self.init not in INITS:
+            raise ValueError(f"unknown --init {self.init!r}; use one of {', '.join(INITS)}")
+        if self.data_mode not in ("auto", "ram", "stream"):
+            raise ValueError(f"unknown --data-mode {self.data_mode!r}; use auto, ram or stream")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_store is None and self.val_fraction == 0:
+            raise ValueError("no validation data: pass --val-store or a --val-fraction > 0 (the best head is chosen on validation)")
+        for name in ("batch_size", "eval_every", "save_every", "mix_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "reg_to_init", "grad_clip", "warmup_steps", "early_stopping_patience", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
+    """(store, train batches, validation batch factory, train/val block lists, resolved data mode)."""
+    from storage import open_store
+
+    store = open_store(cfg.store)
+    train_blocks = store.committed_blocks()
+    if cfg.val_store:
+        vstore = open_store(cfg.val_store)
+        check_same_backbones(store.manifest, vstore.manifest, f"store {cfg.store}", f"val store {cfg.val_store}",
+                             "extract the validation store with the same --mlm and --ar as the training store")
+        val_blocks = vstore.committed_blocks()
+    else:
+        vstore = store
+        train_blocks, val_blocks = split_blocks(train_blocks, cfg.val_fraction)
+    if not train_blocks:
+        raise DataError(f"store {cfg.store} has no committed blocks; run `maria extract` first")
+    budget = 0.25 * available_memory()
+    train_bytes, val_bytes = rows_bytes(store, train_blocks), rows_bytes(vstore, val_blocks)
+    mode = mode or (cfg.data_mode if cfg.data_mode != "auto" else ("ram" if train_bytes + val_bytes < budget else "stream"))
+    gpu_budget = 0.0
+    if device.startswith("cuda"):  # keep room for the head, its gradient, AdamW moments, best and init copies
+        gpu_budget = 0.5 * torch.cuda.mem_get_info()[0] - 6 * 4 * store.vocab_size * (store.feature_dim + 1)
+    if mode == "ram":
+        train = MemoryBatches(read_rows(store, train_blocks, cfg.skip_corrupt), cfg.batch_size, cfg.seed, device,
+                              on_device=train_bytes + val_bytes < gpu_budget)
+    else:
+        train = StreamBatches(store, train_blocks, cfg.batch_size, cfg.seed, device, cfg.skip_corrupt)
+    if val_bytes < budget:
+        val_rows = read_rows(vstore, val_blocks, cfg.skip_corrupt)
+        if val_bytes < gpu_budget - (train_bytes if mode == "ram" else 0):
+            val_rows = {k: v.to(device) for k, v in val_rows.items()}
+        val = lambda: eval_batches(val_rows, cfg.batch_size, device)  # noqa: E731
+    else:  # too big for RAM: read it block by block at each validation
+        val = lambda: (b for blk in val_blocks for b in eval_batches(read_rows(vstore, [blk], cfg.skip_corrupt), cfg.batch_size, device))  # noqa: E731
+    return store, train, val, train_blocks, val_blocks, mode
+
+
+def mix_sample(cfg: TrainConfig, store, train, train_blocks) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(train, MemoryBatches):
+        return train.features, train.targets
+    rows, n, order = [], 0, torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    for i in order:  # stream mode: whole blocks in a seeded order until there are enough rows
+        rows.append(read_rows(store, [train_blocks[i]], cfg.skip_corrupt))
+        n += len(rows[-1]["targets"])
+        if n >= cfg.mix_rows:
+            break
+    return torch.cat([r["features"] for r in rows]), torch.cat([r["targets"] for r in rows])
+
+
+def head_meta(cfg: TrainConfig, store, state: dict) -> dict:
+    m = store.manifest
+    return {"d_mlm": m["d_mlm"], "d_ar": m["d_ar"], "vocab_size": m["vocab_size"], "mlm": m.get("mlm"), "ar": m.get("ar"),
+            "tokenizer_fingerprint": m.get("tokenizer_fingerprint"), "start_token_id": m.get("start_token_id"),
+            "store": cfg.store, "val_store": cfg.val_store, "val_blocks": state["val_blocks"] if not cfg.val_store else None,
+            "init": cfg.init, "init_scales": state["init_scales"], "best_step": state["best_step"],
+            "best_val_loss": state["best_val_loss"], "best_val_ppl": math.exp(state["best_val_loss"]),
+            "init_val_loss": state["init_val_loss"], "steps": state["step"], "stopped_early": state["stopped_early"],
+            "masking": m.get("masking"), "window_length": m.get("window_length"), "config": asdict(cfg)}
+
+
+def check_resume(saved: dict, cfg: TrainConfig, store, out: Path) -> None:
+    check_same_backbones(saved["identity"], store.manifest, f"the checkpoint in {out}/ckpt", f"store {cfg.store}",
+                         "pass the --store it was trained on, or a new --out (or drop --resume to start over)")
+    for key in RESUME_KEYS:
+        if saved["config"].get(key) != saved["now"].get(key):
+            raise DataError(f"the checkpoint in {out}/ckpt was made with {key}={saved['config'].get(key)!r}, now {saved['now'].get(key)!r}; "
+                            f"resume with the same {key}, or pass a new --out (or drop --resume to start over)")
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = ck.load_checkpoint(out) if cfg.resume else None
+    # an "auto" run resumes in the mode it started in (RAM and stream orders differ), whatever memory is free now
+    keep_mode = saved[1]["config"].get("data_mode_resolved") if saved and cfg.data_mode == "auto" else None
+    store, train, val, train_blocks, val_blocks, mode = prepare_data(cfg, device, keep_mode)
+    now = {**asdict(cfg), "data_mode_resolved": mode}
+    if saved:
+        check_resume({**saved[1], "now": now}, cfg, store, out)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train)))
+    if saved:
+        state = saved[1]
+    else:
+        scales = None
+        if cfg.init == "mix":
+            scales = fit_mix_scales(store, *mix_sample(cfg, store, train, train_blocks), device, cfg.seed, cfg.mix_rows)
+            print(f"mix init: fitted scales mlm {scales[0]:.4f}, ar {scales[1]:.4f}")
+        state = {"step": 0, "data": None, "init_scales": scales, "best_step": 0, "best_val_loss": None, "init_val_loss": None,
+                 "bad_evals": 0, "stopped_early": False, "loss_sum": 0.0, "last_eval": 0, "val_blocks": val_blocks,
+                 "identity": {k: store.manifest.get(k) for k in IDENTITY}, "config": now}
+    head = init_head(cfg.init, store, state["init_scales"], cfg.seed).to(device)
+    init_params = [p.detach().clone() for p in head.parameters()] if cfg.reg_to_init > 0 else []
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if saved:
+        best = ck.restore(saved[0], head, opt)
+        train.load_state_dict(state["data"])
+        ck.truncate_metrics(out, state["step"])
+        print(f"resuming {out} at step {state['step']} (best val {state['best_val_loss']:.4f} @ {state['best_step']})")
+    else:
+        torch.manual_seed(cfg.seed)
+        ck.clear_run(out)  # a fresh start: no stale checkpoint a later --resume could pick up
+        v = mean_nll(head, val())
+        best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
+        state.update(best_val_loss=v, init_val_loss=v)
+        ck.append_metrics(out, {"step": 0, "train_loss": None, "val_loss": v, "val_ppl": math.exp(v), "lr": 0.0, "rows_per_s": None})
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+    def save():
+        state["data"] = train.state_dict()
+        ck.save_checkpoint(out, head, best, opt, state)
+        ck.write_head(out, best["weight"], best["bias"], head_meta(cfg, store, state))
+        ck.plot_loss(out)
+
+    step, rows, t_train, loss_acc = state["step"], 0, 0.0, torch.zeros((), device=device)
+    bar = tqdm(total=total, initial=step, desc=f"train ({mode}, {device})", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        while step < total and not state["stopped_early"] and step != cfg.stop_after:
+            lr = lr_at(step, cfg, total)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            f, t = train.next()
+            with autocast:
+                logits = head(f)
+            loss = F.cross_entropy(logits.float(), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+            for p, p0 in zip(head.parameters(), init_params):  # after clipping: the prior never shrinks with a data spike
+                p.grad.add_(p.detach() - p0, alpha=cfg.reg_to_init)
+            opt.step()
+            step, rows, loss_acc = step + 1, rows + len(t), loss_acc + loss.detach()
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == total:
+                state["loss_sum"] += float(loss_acc)  # one device sync per validation, not per step
+                t_train += time.perf_counter() - t0
+                v = mean_nll(head, val())
+                rec = {"step": step, "train_loss": state["loss_sum"] / (step - state["last_eval"]), "val_loss": v, "val_ppl": math.exp(v),
+                       "lr": lr, "rows_per_s": rows / max(t_train, 1e-9)}
+                ck.append_metrics(out, rec)
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{v:.3f}", rows_s=f"{rec['rows_per_s']:.0f}")
+                if v < state["best_val_loss"]:
+                    best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
+                    state.update(best_val_loss=v, best_step=step, bad_evals=0)
+                else:
+                    state["bad_evals"] += 1
+                    state["stopped_early"] = 0 < cfg.early_stopping_patience <= state["bad_evals"]
+                state.update(loss_sum=0.0, last_eval=step)
+                loss_acc, rows, t_train = torch.zeros((), device=device), 0, 0.0
+                t0 = time.perf_counter()
+            state["step"] = step
+            if step % cfg.save_every == 0 or step == total or state["stopped_early"] or step == cfg.stop_after:
+                state["loss_sum"] += float(loss_acc)  # carry the partial train-loss mean across a resume
+                loss_acc = torch.zeros((), device=device)
+                t_train += time.perf_counter() - t0
+                save()
+                t0 = time.perf_counter()
+    finally:
+        bar.close()
+        train.close()
+    state["step"] = step
+    if not (out / "ckpt").exists() or saved and step == saved[1]["step"]:
+        save()  # nothing trained in this call (e.g. a finished run resumed): still leave the outputs
+    summary = {"out": str(out), "steps": step, "total_steps": total, "data_mode": mode, "device": device, "init": cfg.init,
+               "init_scales": state["init_scales"], "init_val_loss": state["init_val_loss"], "best_step": state["best_step"],
+               "best_val_loss": state["best_val_loss"], "best_val_ppl": math.exp(state["best_val_loss"]),
+               "stopped_early": state["stopped_early"], "interrupted": step < total and not state["stopped_early"]}
+    print(f"best val loss {summary['best_val_loss']:.4f} (ppl {summary['best_val_ppl']:.2f}) at step {summary['best_step']}; "
+          f"init {summary['init_val_loss']:.4f}; head in {out}")
+    return summary
