@@ -30,7 +30,8 @@ VERBS = {
 def _friendly(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"no space left on device ({e.filename or 'output'}): free space or pick another --out, then re-run the same command (committed work is kept)"
-    if isinstance(e, (ValueError, FileNotFoundError, PermissionError)):
+    ours = type(e).__module__.split(".")[0] in ("maria", "extract", "storage", "train_head")
+    if ours or isinstance(e, (ValueError, FileNotFoundError, PermissionError)):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     return None
 

@@ -84,3 +84,25 @@ def test_extract_to_s3_then_resume_and_verify(store_a, pairs, corpus, s3_endpoin
     assert summary["new_rows"] > 0
     assert_same_store(store_a, url)
     assert verify_store(url) == []
+
+
+def test_flipped_byte_verify_names_block_training_refuses_unless_skipped(store_a, tmp_path):
+    import shutil
+
+    from storage import verify_store
+    from train_head.train import TrainConfig, run_train
+
+    bad = tmp_path / "bad"
+    shutil.copytree(store_a, bad)
+    chunk = sorted(p for p in (bad / "blocks" / "b000001").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    problems = verify_store(str(bad))
+    assert problems and all("b000001" in p for p in problems)
+    cfg = dict(store=str(bad), out=str(tmp_path / "head"), val_store=str(store_a), max_steps=3, batch_size=64, eval_every=100, device="cpu")
+    for mode in ("stream", "ram"):
+        with pytest.raises(ValueError, match="b000001.*skip-corrupt"):
+            run_train(TrainConfig(**cfg, data_mode=mode))
+    result = run_train(TrainConfig(**cfg, data_mode="ram", skip_corrupt=True))
+    assert (tmp_path / "head" / "head.safetensors").exists(), result
