@@ -270,7 +270,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
     rows = tokens = 0
     steady = {}
     if todo:
-        ray.data.DataContext.get_current().raise_original_map_exception = True  # our one-line errors, not a wrapper
+        ctx = ray.data.DataContext.get_current()
+        ctx.raise_original_map_exception = True  # our one-line errors, not a wrapper
+        ctx.enable_progress_bars = False  # the job's own bar (blocks, rows, tok/s) below; Ray's would log a page per 10 s
         n_actors = cfg.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
         items = [{"block_id": b, "doc_start": s, "texts": docs[s:e]} for b, s, e in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
