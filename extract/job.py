@@ -226,21 +226,23 @@ def _write_partial_then_fail(store, block_id: str, arrays: dict) -> None:
         store._write_marker = original
 
 
-def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = None) -> None:
-    """Embedded local Ray (dashboard off, localhost only, logs in temp_dir) or an existing cluster."""
+def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = None) -> bool:
+    """Embedded local Ray (dashboard off, localhost only, logs in temp_dir) or an existing cluster.
+    True when this call started or connected Ray (the caller then shuts it down)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if address:
         ray.init(address=address, log_to_driver=False)
-        return
+        return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our tqdm bar shows progress; Ray's text log floods CI
     ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, dashboard_host="127.0.0.1",
              _temp_dir=os.path.abspath(temp_dir) if temp_dir else None, log_to_driver=False, configure_logging=False)
+    return True
 
 
 def plan_blocks(n_docs: int, docs_per_block: int) -> list[tuple[str, int, int]]:
@@ -251,10 +253,20 @@ def run_extract(cfg: ExtractConfig) -> dict:
     """Plan, run the pipeline over the blocks not yet committed, finalize. Re-runnable."""
     import ray
 
+    docs = load_corpus(cfg.corpus, cfg.text_column, cfg.max_docs)
+    started = init_ray(cfg.address, cfg.ray_temp_dir)
+    try:
+        return _run(cfg, docs)
+    finally:
+        if started:  # idle Ray workers would keep eating a small machine's CPUs after the job
+            ray.shutdown()
+
+
+def _run(cfg: ExtractConfig, docs: list[str]) -> dict:
+    import ray
+
     from storage import create_store
 
-    docs = load_corpus(cfg.corpus, cfg.text_column, cfg.max_docs)
-    init_ray(cfg.address, cfg.ray_temp_dir)
     device = _device(cfg)
     gpus = 1 if device.startswith("cuda") else 0
     # backbone identity and PoE weights come from a Ray task, so a CPU-only head node never loads them

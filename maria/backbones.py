@@ -226,7 +226,9 @@ def load_backbones(
 ) -> Backbones:
     """Load both backbones (hub id or local folder), frozen and in eval mode, and align them."""
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars for two small folders are noise in every log
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if str(device).startswith("cuda") and not torch.cuda.is_available():

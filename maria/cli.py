@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--what", argv[0]] + argv[1:]  # `maria bench decode ...`
     module_name, config_name, func_name, desc = VERBS[verb]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if os.environ.get("MARIA_TORCH_THREADS"):  # on a shared CPU, fewer threads than cores avoids spin-wait collapse
+        import torch
+
+        torch.set_num_threads(int(os.environ["MARIA_TORCH_THREADS"]))
     from maria.config import add_dataclass_args, build_config
 
     module = importlib.import_module(module_name)

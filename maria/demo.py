@@ -25,6 +25,7 @@ class DemoConfig:
     window_length: int = 128  # tokens per window
     train_docs: int | None = None  # cap on training articles (None: all)
     masks_per_window: int = 2  # K masks per training window (one AR pass serves all K)
+    val_docs: int | None = 4  # validation articles used (each eval of a 49k-vocabulary head costs ~1 s per 1k tokens on 2 cores)
     val_rate: float = 0.5  # validation masking rate (fixed, token mode)
     train_steps: int = 300  # head training steps
     batch_size: int = 1024  # masked tokens per head step
@@ -81,7 +82,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                   ray_temp_dir=str(work / "ray"))
     run_extract(ExtractConfig(corpus=str(train_corpus), out=str(work / "stores" / "train"), max_docs=cfg.train_docs,
                               masks_per_window=cfg.masks_per_window, **common))
-    run_extract(ExtractConfig(corpus=str(val_corpus), out=str(work / "stores" / "val"), mask_rate=cfg.val_rate, **common))
+    run_extract(ExtractConfig(corpus=str(val_corpus), out=str(work / "stores" / "val"), max_docs=cfg.val_docs,
+                              mask_rate=cfg.val_rate, **common))
     timings["extract"] = time.perf_counter() - t
 
     t = _stage("3/7 train the fusion head (no backbone loaded)")
