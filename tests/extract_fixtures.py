@@ -5,8 +5,8 @@ ARRAYS = ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rat
 
 
 def config(pairs, corpus, out, kind="modernbert-olmo", **kw):
-    return ExtractConfig(mlm=pairs[kind][0], ar=pairs[kind][1], corpus=corpus, out=str(out), window_length=24,
-                         docs_per_block=3, batch_size=4, masks_per_window=2, **kw)
+    kw = {"window_length": 24, "docs_per_block": 3, "batch_size": 4, "masks_per_window": 2, **kw}
+    return ExtractConfig(mlm=pairs[kind][0], ar=pairs[kind][1], corpus=corpus, out=str(out), **kw)
 
 
 def read_all(url, **kw):

@@ -27,8 +27,8 @@ def test_end_to_end(ray_local, pairs, corpus, tmp_path, capsys):
     compare_inits_plot({k: str(tmp_path / f"head-{k}" / "metrics.jsonl") for k in runs}, str(tmp_path / "poe_vs_random.png"))
     assert (tmp_path / "poe_vs_random.png").stat().st_size > 0
     table = run_eval(EvalConfig(store=str(tmp_path / "val"), head=str(tmp_path / "head-poe"), json=str(tmp_path / "eval.json")))
-    assert set(table["models"]) == {"head", "poe_init", "ar_only", "mlm_only"}
-    assert table["models"]["head"]["nll"] < table["models"]["poe_init"]["nll"]
+    assert set(table["models"]) == {"trained", "poe_init", "ar_only", "mlm_only"}
+    assert table["models"]["trained"]["nll"] < table["models"]["poe_init"]["nll"]
 
     mlm, ar = pairs["modernbert-olmo"]
     assert main(["export", "--mlm", mlm, "--ar", ar, "--head", str(tmp_path / "head-poe"), "--out", str(tmp_path / "ckpt")]) == 0
