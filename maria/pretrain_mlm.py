@@ -15,6 +15,11 @@ embeddings (the MLM decoder is tied to them, so the output layer starts with the
 knowledge) and, for Llama-style ARs, its first `num_layers` transformer blocks, now run with
 bidirectional attention. ModernBERT's blocks are the same computation as Llama's except for
 LayerNorm in place of RMSNorm (mean subtraction), so the copied blocks start close to the AR's.
+
+Measured on 2 CPU cores, same token budget (150k tokens, wiki sample, 50% masking held out):
+AR-initialised 576x4 9.4% at batch 32 vs 14.3% at batch 8; from scratch ~4.8% (barely above the
+unigram start). Freezing the tied embeddings costs nothing in accuracy and makes steps cheaper;
+training at 50% masking beats 30% slightly (15.0% vs 14.3%). Hence the defaults below.
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ class PretrainMLMConfig:
     num_heads: int | None = None  # None: the AR's head count when its blocks are copied, else 4
     intermediate_size: int | None = None  # None: the AR's MLP width when its blocks are copied, else 2 * hidden_size
     seq_len: int = 128  # training window in tokens; windows never mix two documents
-    mask_prob: float = 0.3  # fraction of tokens masked per training window (all replaced by the mask token)
-    batch_size: int = 32  # windows per step
+    mask_prob: float = 0.5  # fraction masked per training window; 0.5 = MARIA's mean rate (r ~ U(0,1)) and the eval rate
+    batch_size: int = 8  # windows per step; on a CPU budget more small steps beat fewer big ones (measured)
     lr: float = 1e-3  # peak AdamW learning rate for new weights
     ar_lr_scale: float = 0.3  # weights copied from the AR train at lr * this, so they are adapted, not erased
     max_minutes: float = 8.0  # wall-clock training budget; the cosine schedule follows time or steps, whichever ends first
@@ -54,7 +59,7 @@ class PretrainMLMConfig:
     seed: int = 0  # model init, batch order, masks
     init_from_ar: bool = True  # start from the AR's embeddings (+ blocks, see copy_ar_layers); False: from scratch
     copy_ar_layers: bool = True  # with init_from_ar, also copy the AR's first num_layers blocks when shapes allow
-    freeze_embeddings: bool = False  # with init_from_ar, keep the copied (tied) embeddings fixed: cheaper steps, AR output space
+    freeze_embeddings: bool = True  # with init_from_ar, keep the copied (tied) embeddings fixed: cheaper steps, AR output space
     val_corpus: str | None = None  # held-out corpus; None: the wiki val split for "wiki", else val_fraction of documents
     val_fraction: float = 0.1  # documents held out when val_corpus is None
     eval_mask_prob: float = 0.5  # masking rate of the held-out accuracy measurement
