@@ -45,6 +45,7 @@ class ExtractConfig:
     feature_dtype: str = "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits)
     num_actors: int | None = None  # backbone actors (default: one per GPU, else 1)
     actor_cpus: float = 0.5  # CPUs per backbone actor (fractional: on 2 cores whole CPUs can starve the pipeline)
+    actor_memory_gb: float | None = None  # RAM Ray reserves per backbone actor (set it on a fleet: about 3x both backbones' weights)
     address: str | None = None  # Ray address: unset = embedded local Ray; "auto" = an existing cluster
     ray_temp_dir: str | None = None  # Ray's temp/log folder for the embedded cluster (keep it short: Ray's socket paths must fit 107 bytes)
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
@@ -285,13 +286,16 @@ def _run(cfg: ExtractConfig, docs: list[str]) -> dict:
         ctx = ray.data.DataContext.get_current()
         ctx.raise_original_map_exception = True  # our one-line errors, not a wrapper
         ctx.enable_progress_bars = False  # the job's own bar (blocks, rows, tok/s) below; Ray's would log a page per 10 s
+        if cfg.actor_memory_gb is None:  # no reservation asked for: Ray's high-memory detector would log a page every 30 s
+            ctx.issue_detectors_config.detectors = [d for d in ctx.issue_detectors_config.detectors if "HighMemory" not in d.__name__]
         n_actors = cfg.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
         items = [{"block_id": b, "doc_start": s, "texts": docs[s:e]} for b, s, e in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(make_windows, fn_kwargs={"cfg": cfg}, batch_size=1, num_cpus=0.25, batch_format="numpy",
                             compute=ray.data.TaskPoolStrategy(size=2))  # bounded, so the backbone actors always get CPU
         ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cfg.actor_cpus)
+                            compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cfg.actor_cpus,
+                            **({"memory": int(cfg.actor_memory_gb * 2**30)} if cfg.actor_memory_gb else {}))
         ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.out, "fault_enospc_block": cfg.fault_enospc_block}, batch_size=1, num_cpus=0.25, batch_format="numpy",
                             compute=ray.data.TaskPoolStrategy(size=2))
         with _user_errors():

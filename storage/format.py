@@ -23,7 +23,7 @@ MANIFEST_KEY = "maria"
 
 # Manifest keys that decide whether two extraction runs may share a store (resume vs. refuse).
 IDENTITY_KEYS = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size", "feature_dtype", "masking",
-                 "seed", "corpus_fingerprint", "window_length")
+                 "seed", "corpus_fingerprint", "window_length", "docs_per_block")  # block ids number docs_per_block-sized runs
 FEATURE_DTYPES = ("float16", "bfloat16")
 
 # Row-aligned arrays of a block and their stored dtypes ("features" depends on the manifest).

@@ -95,6 +95,8 @@ def test_clear_errors(ray_local, store_a, pairs, corpus, tmp_path):
 
     with pytest.raises(StoreMismatchError):
         run_extract(config(pairs, corpus, store_a, kind="bert-gpt2"))
+    with pytest.raises(StoreMismatchError, match="docs_per_block is 3 there but 2 now"):  # else blocks would overlap
+        run_extract(config(pairs, corpus, store_a, docs_per_block=2))
     with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
         config(pairs, corpus, tmp_path / "s4", mask_rate=1.5)
 
