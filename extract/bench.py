@@ -29,7 +29,11 @@ def bench_extract(cfg) -> dict:
     cache = default_cache_dir()
     mlm = cfg.mlm or str(cache / "mlm-smollm2-init")
     ar = cfg.ar or str(cache / "smollm2-135m")
-    corpus = cfg.store or str(cache / "wiki" / "train.parquet")
+    corpus = cfg.store
+    if corpus is None:  # the demo's train split (cached; built from the gensim wheel's sample if missing)
+        from maria.corpus_wiki import prepare_wiki_corpus
+
+        corpus = str(prepare_wiki_corpus(cache / "wiki")[0])
     for what, p in (("MLM", mlm), ("AR", ar), ("corpus", corpus)):
         if not Path(p).exists():
             raise ValueError(f"bench extract: {what} {p} not found; run `make demo` once to build the defaults, or pass --mlm/--ar/--store")

@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from maria.backbones import Backbones, projection_input
 from maria.features import ar_states, check_mask, mlm_states, valid_positions
+from maria.head import FusionHead
 
 
 @dataclass
@@ -57,7 +59,7 @@ def _ar_last_state(bb: Backbones, ids: torch.Tensor, cache: DynamicCache | None)
 @torch.no_grad()
 def infill(
     bb: Backbones,
-    head: torch.nn.Module,
+    head: FusionHead,
     ids: torch.Tensor,
     mask: torch.Tensor,
     lengths: torch.Tensor | None = None,
@@ -91,7 +93,11 @@ def infill(
     cache = DynamicCache(config=bb.ar.config) if use_cache else None
     fed = 0  # window tokens already in the cache
     h_ar = _ar_last_state(bb, start, cache) if bb.start_id is not None else None
-    for col in columns:
+    w_mlm, w_ar, bias = head.split()
+    chunk = max(1, (1 << 24) // (B * head.vocab_size))  # columns whose MLM logits are precomputed at once (<= 64 MB fp32)
+    for i, col in enumerate(columns):
+        if i % chunk == 0:  # the MLM half of the logits for the next `chunk` columns: one GEMM, not one GEMV per step
+            mlm_logits = F.linear(h_mlm[:, columns[i : i + chunk]].float().to(w_mlm.dtype), w_mlm, bias)
         if cache is None:
             h_ar = _ar_last_state(bb, with_start(out[:, :col]), None)
         elif col > fed:  # the filled token and the run of known tokens after it, in one chunk
@@ -102,6 +108,7 @@ def infill(
         if seen is not None:
             seen[:, col] = f
         if not teacher_force:
-            token = sample(head(f), sampling, generator)
+            logits = mlm_logits[:, i % chunk] + F.linear(h_ar.float().to(w_ar.dtype), w_ar)  # == head(f), split
+            token = sample(logits, sampling, generator)
             out[:, col] = torch.where(rows, token.to(out.dtype), out[:, col])
     return (out, seen[mask]) if return_features else out

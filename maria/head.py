@@ -20,6 +20,13 @@ class FusionHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features.to(self.proj.weight.dtype))
 
+    def split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W3 over h_mlm, W3 over h_ar, b3), contiguous: forward(cat(m, a)) == m @ Wm.T + b3 + a @ Wa.T.
+        Decoding uses it to compute the MLM half of every masked column's logits in one GEMM up front,
+        so each AR step pays only for a (V x d_ar) product, as plain AR generation does."""
+        w = self.proj.weight
+        return w[:, : self.d_mlm].contiguous(), w[:, self.d_mlm :].contiguous(), self.proj.bias
+
     @classmethod
     def from_experts(cls, w1, b1, w2, b2, mlm_scale: float = 0.5, ar_scale: float = 0.5) -> "FusionHead":
         """W3 = [a*W1, b*W2], b3 = a*b1 + b*b2. a = b = 1/2 is the paper's product-of-experts init:

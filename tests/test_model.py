@@ -92,6 +92,10 @@ def test_poe_init_is_mean_of_expert_logits(backbones, kind):
         mapped = torch.zeros(bb.vocab_size)
         mapped[bb.mlm_to_ar[valid]] = mlm_logits[p, valid]
         torch.testing.assert_close(logits[k], (mapped + ar_logits[p]) / 2, atol=1e-4, rtol=1e-4)
+    # decoding computes the same logits in two halves (the MLM half up front): same numbers
+    w_mlm, w_ar, b = head.split()
+    halves = f.features[:, : bb.d_mlm] @ w_mlm.T + b + f.features[:, bb.d_mlm :] @ w_ar.T
+    torch.testing.assert_close(halves, logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
