@@ -52,7 +52,8 @@ def bench_extract(cfg) -> dict:
     t_fwd = 0.0
     for block_id, s, e in plan_blocks(len(docs), ecfg.docs_per_block):
         w = make_windows({"block_id": [block_id], "doc_start": [s], "texts": [docs[s:e]]}, ecfg)
-        ids, lengths, masks = (np.asarray(w[k][0]) for k in ("ids", "lengths", "masks"))
+        # one block per batch, stored as object arrays (ragged across blocks): back to plain dtypes
+        ids, lengths, masks = (np.asarray(w[k][0]).astype(t) for k, t in (("ids", np.int64), ("lengths", np.int64), ("masks", bool)))
         order = np.argsort(-lengths, kind="stable")
         for b in range(0, len(order), ecfg.batch_size):
             idx = order[b : b + ecfg.batch_size]
