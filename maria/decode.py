@@ -103,12 +103,10 @@ def infill(
         elif col > fed:  # the filled token and the run of known tokens after it, in one chunk
             h_ar = _ar_last_state(bb, out[:, fed:col], cache)
             fed = col
-        rows = mask[:, col]
-        f = torch.cat([h_mlm[:, col].float(), h_ar.float()], dim=-1)
-        if seen is not None:
-            seen[:, col] = f
+        if seen is not None:  # the features the head sees at this column
+            seen[:, col] = torch.cat([h_mlm[:, col].float(), h_ar.float()], dim=-1)
         if not teacher_force:
-            logits = mlm_logits[:, i % chunk] + F.linear(h_ar.float().to(w_ar.dtype), w_ar)  # == head(f), split
+            logits = mlm_logits[:, i % chunk] + F.linear(h_ar.float().to(w_ar.dtype), w_ar)  # == head(features), split
             token = sample(logits, sampling, generator)
-            out[:, col] = torch.where(rows, token.to(out.dtype), out[:, col])
+            out[:, col] = torch.where(mask[:, col], token.to(out.dtype), out[:, col])
     return (out, seen[mask]) if return_features else out
