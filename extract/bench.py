@@ -3,7 +3,6 @@ on the same batches in the same run, the store's write speed against a raw file 
 same bytes, and bytes on disk per masked token."""
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ def bench_extract(cfg) -> dict:
 
     from extract.corpus import load_corpus
     from extract.job import ExtractConfig, FeatureActor, make_windows, plan_blocks, run_extract
+    from maria.config import cpu_threads
     from maria.defaults import default_cache_dir
     from maria.features import ar_states, mlm_states
     from storage import open_store
@@ -48,7 +48,7 @@ def bench_extract(cfg) -> dict:
     # 2. bare forward passes: the same windows, micro-batches and masks, no Ray, no store
     docs = load_corpus(corpus, max_docs=ecfg.max_docs)
     actor = FeatureActor(ecfg)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())  # as the actor does
     t_fwd = 0.0
     for block_id, s, e in plan_blocks(len(docs), ecfg.docs_per_block):
         w = make_windows({"block_id": [block_id], "doc_start": [s], "texts": [docs[s:e]]}, ecfg)

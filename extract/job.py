@@ -134,7 +134,9 @@ class FeatureActor:
 
         self.cfg, self.device = cfg, _device(cfg)
         if self.device == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("MARIA_TORCH_THREADS", os.cpu_count() or 1))))
+            from maria.config import cpu_threads
+
+            torch.set_num_threads(cpu_threads())
         self.bb = _backbones(cfg, self.device, check_parity=False)
 
     def __call__(self, batch: dict) -> dict:
@@ -142,7 +144,8 @@ class FeatureActor:
         for i, block_id in enumerate(batch["block_id"]):
             if self.cfg.fault_kill_block == str(block_id):
                 _kill_once(self.cfg.out, str(block_id))
-            time.sleep(self.cfg.fault_sleep_s)
+            if self.cfg.fault_sleep_s:
+                time.sleep(self.cfg.fault_sleep_s)
             rows = self.block_features(batch["ids"][i], batch["lengths"][i], batch["masks"][i])
             f, t, r, p, k = rows
             out["block_id"].append(block_id)
@@ -182,15 +185,20 @@ class FeatureActor:
         return f[key], t[key], r[key], p[key], k[key]
 
 
-def _kill_once(out: str, block_id: str) -> None:
-    """Test-only fault: SIGKILL this actor the first time it reaches `block_id` (a marker file
-    beside the store records that it happened, so the retry on a new actor goes through)."""
-    import signal
-
+def kill_marker(out: str, block_id: str) -> str:
+    """Where the test-only kill fault records that it fired (in $MARIA_FAULT_DIR, default /tmp)."""
     import hashlib
 
     tag = hashlib.sha256(out.encode()).hexdigest()[:12]  # hash() is salted per process; this is not
-    marker = os.path.join(os.environ.get("MARIA_FAULT_DIR", "/tmp"), f"maria-killed-{tag}-{block_id}")
+    return os.path.join(os.environ.get("MARIA_FAULT_DIR", "/tmp"), f"maria-killed-{tag}-{block_id}")
+
+
+def _kill_once(out: str, block_id: str) -> None:
+    """Test-only fault: SIGKILL this actor the first time it reaches `block_id` (a marker file
+    records that it happened, so the retry on a new actor goes through)."""
+    import signal
+
+    marker = kill_marker(out, block_id)
     if not os.path.exists(marker):
         open(marker, "w").close()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -300,12 +308,13 @@ def _run(cfg: ExtractConfig, docs: list[str]) -> dict:
                             compute=ray.data.TaskPoolStrategy(size=2))
         with _user_errors():
             rows, tokens, steady = _drain(ds, len(todo))
-    missing = [b for b, _, _ in plan_blocks(len(docs), cfg.docs_per_block) if b not in set(store.committed_blocks())]
+    committed = set(store.committed_blocks())  # listed once: on S3 every listing is a request
+    missing = [b for b, _, _ in plan_blocks(len(docs), cfg.docs_per_block) if b not in committed]
     if missing:
         raise RuntimeError(f"blocks {missing[:5]} were not committed; re-run the same command to finish them")
     store.gc_uncommitted()
     store.finalize()
-    summary = {"store": cfg.out, "blocks": len(store.committed_blocks()), "rows": store.num_rows(), "new_rows": rows, "new_tokens": tokens, **steady}
+    summary = {"store": cfg.out, "blocks": store.manifest["blocks"], "rows": store.manifest["rows"], "new_rows": rows, "new_tokens": tokens, **steady}
     print(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks")
     return summary
 

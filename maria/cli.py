@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["--what", argv[0]] + argv[1:]  # `maria bench decode ...`
     module_name, config_name, func_name, desc = VERBS[verb]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ.get("MARIA_TORCH_THREADS"):  # on a shared CPU, fewer threads than cores avoids spin-wait collapse
+    from maria.config import add_dataclass_args, build_config, cpu_threads
+
+    if os.environ.get("MARIA_TORCH_THREADS"):
         import torch
 
-        torch.set_num_threads(int(os.environ["MARIA_TORCH_THREADS"]))
-    from maria.config import add_dataclass_args, build_config
+        torch.set_num_threads(cpu_threads())
 
     module = importlib.import_module(module_name)
     config_cls = getattr(module, config_name)

@@ -15,6 +15,14 @@ from pathlib import Path
 import yaml
 
 
+def cpu_threads() -> int:
+    """Torch CPU threads: $MARIA_TORCH_THREADS, else every core (on a shared CPU, fewer threads than
+    cores avoids torch's spin-wait collapse on small matrices)."""
+    import os
+
+    return max(1, int(os.environ.get("MARIA_TORCH_THREADS") or os.cpu_count() or 1))
+
+
 def field_help(cls) -> dict[str, str]:
     helps = {}
     try:

@@ -26,7 +26,7 @@ DUMP_NAME = Path(DUMP_MEMBER).name
 MIN_CHARS = 500  # articles shorter than this after cleaning are stubs or disambiguation pages
 
 
-class CorpusError(RuntimeError):
+class CorpusError(ValueError):
     """The corpus cannot be built; the message names the fix."""
 
 

@@ -96,7 +96,7 @@ def infill(
     w_mlm, w_ar, bias = head.split()
     chunk = max(1, (1 << 24) // (B * head.vocab_size))  # columns whose MLM logits are precomputed at once (<= 64 MB fp32)
     for i, col in enumerate(columns):
-        if i % chunk == 0:  # the MLM half of the logits for the next `chunk` columns: one GEMM, not one GEMV per step
+        if i % chunk == 0 and not teacher_force:  # the MLM half of the logits for the next `chunk` columns: one GEMM, not one GEMV per step
             mlm_logits = F.linear(h_mlm[:, columns[i : i + chunk]].float().to(w_mlm.dtype), w_mlm, bias)
         if cache is None:
             h_ar = _ar_last_state(bb, with_start(out[:, :col]), None)

@@ -21,7 +21,7 @@ SMOLLM2_DIRNAME = "smollm2-135m"
 SMOLLM2_VOCAB = 49152
 
 
-class DefaultsError(RuntimeError):
+class DefaultsError(ValueError):
     """A default asset cannot be built; the message names the fix."""
 
 

@@ -21,11 +21,12 @@ class FusionHead(nn.Module):
         return self.proj(features.to(self.proj.weight.dtype))
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W3 over h_mlm, W3 over h_ar, b3), contiguous: forward(cat(m, a)) == m @ Wm.T + b3 + a @ Wa.T.
+        """(W3 over h_mlm, W3 over h_ar, b3) as views (BLAS reads the column slices in place, no copy):
+        forward(cat(m, a)) == m @ Wm.T + b3 + a @ Wa.T.
         Decoding uses it to compute the MLM half of every masked column's logits in one GEMM up front,
         so each AR step pays only for a (V x d_ar) product, as plain AR generation does."""
         w = self.proj.weight
-        return w[:, : self.d_mlm].contiguous(), w[:, self.d_mlm :].contiguous(), self.proj.bias
+        return w[:, : self.d_mlm], w[:, self.d_mlm :], self.proj.bias
 
     @classmethod
     def from_experts(cls, w1, b1, w2, b2, mlm_scale: float = 0.5, ar_scale: float = 0.5) -> "FusionHead":

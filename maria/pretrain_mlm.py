@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from maria.config import cpu_threads
 
 MASK_TOKEN = "<|mask|>"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")  # q/k/v/o + gate/up/down, rotary, silu
@@ -288,7 +289,7 @@ def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
             print(f"reusing the MLM in {out} (same config; delete the folder to retrain)")
             return json.loads((out / "metrics.json").read_text())
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_threads())
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_from)
     if tokenizer.mask_token is None:

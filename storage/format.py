@@ -252,5 +252,5 @@ class Location:
         if self.local:
             import shutil
             shutil.rmtree(target, ignore_errors=True)
-        elif self.fs.exists(target):
+        elif self.exists(*parts):  # not the cached listing: another process may have written here
             self.fs.rm(target, recursive=True)

@@ -193,8 +193,9 @@ class FeatureStore:
         except ValueError as e:
             raise CorruptBlockError(block_id, f"its commit marker is not valid JSON ({e})", self.url) from e
 
-    def num_rows(self) -> int:
-        return sum(self.commit_info(b)["rows"] for b in self.committed_blocks())
+    def num_rows(self, blocks: list[str] | None = None) -> int:
+        """Rows in `blocks` (default: every committed block), from their commit markers."""
+        return sum(self.commit_info(b)["rows"] for b in (self.committed_blocks() if blocks is None else blocks))
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -317,7 +318,7 @@ class FeatureStore:
     def finalize(self) -> None:
         """Record the totals in the manifest (driver only, after all blocks are written)."""
         blocks = self.committed_blocks()
-        self.manifest = dict(self.manifest, rows=sum(self.commit_info(b)["rows"] for b in blocks), blocks=len(blocks))
+        self.manifest = dict(self.manifest, rows=self.num_rows(blocks), blocks=len(blocks))
         zarr.open_group(self._loc.zarr_store, mode="r+").attrs[MANIFEST_KEY] = self.manifest
 
 

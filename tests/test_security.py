@@ -9,10 +9,12 @@ def test_pickle_weights_are_never_loaded(pairs, tmp_path):
     """A backbone folder holding only a pickled pytorch_model.bin is refused, not unpickled."""
     import shutil
 
+    from safetensors.torch import load_file
+
     mlm, ar = pairs["modernbert-olmo"]
     pickled = tmp_path / "ar"
     shutil.copytree(ar, pickled)
-    state = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(pickled / "model.safetensors")).items()}
+    state = load_file(str(pickled / "model.safetensors"))
     (pickled / "model.safetensors").unlink()
     torch.save(state, pickled / "pytorch_model.bin")
     with pytest.raises(BackboneError, match="cannot load AR"):

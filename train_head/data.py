@@ -51,13 +51,9 @@ def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], lis
     return [b for b in blocks if b not in val], sorted(val)
 
 
-def half_dtype(manifest: dict) -> torch.dtype:
-    return torch.bfloat16 if manifest.get("feature_dtype") == "bfloat16" else torch.float16
-
-
 def rows_bytes(store, blocks: list[str]) -> int:
     """Bytes the blocks take in RAM as stored (16-bit features) plus targets and mask rates."""
-    rows = sum(store.commit_info(b)["rows"] for b in blocks)
+    rows = store.num_rows(blocks)
     return rows * (2 * store.feature_dim + 8 + 4)
 
 

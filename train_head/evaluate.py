@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from maria.head import FusionHead, expert_logits
-from train_head.data import DataError, eval_batches, read_rows
+from train_head.data import DataError, check_same_backbones, eval_batches, read_rows
+from train_head.init import expert_tensors, init_head
 
 LABELS = {"trained": "trained head", "poe_init": "PoE at init (no training)", "ar_only": "AR only", "mlm_only": "MLM only"}
 
@@ -69,17 +70,6 @@ def mean_nll(head: FusionHead, batches) -> float:
     return total / n
 
 
-def check_head_matches_store(meta: dict, manifest: dict, head_dir: str, store_url: str) -> None:
-    from train_head.data import backbone_identity
-
-    have, want = backbone_identity(meta), backbone_identity(manifest)
-    for key in want:
-        if have[key] != want[key]:
-            raise DataError(f"head {head_dir} was trained on features of other backbones than store {store_url} "
-                            f"({key}: {have[key]} vs {want[key]}); evaluate it on a store extracted with its backbones, "
-                            "or train a head on this store")
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     from storage import open_store
 
@@ -87,11 +77,12 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
-    e = {k: torch.from_numpy(v).float().to(device) for k, v in store.init_weights().items() if k != "vocab_map"}
-    heads = {"poe_init": FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"]).to(device)}
+    e = {k: v.to(device) for k, v in expert_tensors(store).items()}
+    heads = {"poe_init": init_head("poe", store, None, 0).to(device)}
     if cfg.head:
         trained, meta = read_head(cfg.head)
-        check_head_matches_store(meta, store.manifest, cfg.head, cfg.store)
+        check_same_backbones(store.manifest, meta, f"store {cfg.store}", f"head {cfg.head}",
+                             "evaluate it on a store extracted with its backbones, or train a head on this store")
         heads = {"trained": trained.to(device), **heads}
     nll = {k: [] for k in (*heads, "ar_only", "mlm_only")}
     rates = []
