@@ -7,6 +7,7 @@ on a GPU (bigger --train-docs, --mlm-minutes, --train-steps; --device cuda).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -80,9 +81,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["defaults"] = time.perf_counter() - t
 
     t = _stage("2/7 extract: train and validation feature stores (embedded Ray)")
-    # store and head folders are named by their sizes, so changing a size flag never collides with an older store
-    train_store = work / "stores" / f"train-w{cfg.window_length}-d{cfg.train_docs or 'all'}-k{cfg.masks_per_window}-s{cfg.seed}"
-    val_store = work / "stores" / f"val-w{cfg.window_length}-d{cfg.val_docs or 'all'}-r{cfg.val_rate}-s{cfg.seed}"
+    # store and head folders are named by their sizes (and by --mlm/--ar when given), so changing a flag never
+    # collides with an older store
+    tag = "" if cfg.mlm is None and cfg.ar is None else "-b" + hashlib.sha256(f"{mlm}|{ar}".encode()).hexdigest()[:8]
+    train_store = work / "stores" / f"train-w{cfg.window_length}-d{cfg.train_docs or 'all'}-k{cfg.masks_per_window}-s{cfg.seed}{tag}"
+    val_store = work / "stores" / f"val-w{cfg.window_length}-d{cfg.val_docs or 'all'}-r{cfg.val_rate}-s{cfg.seed}{tag}"
     head_dir = work / f"head-{train_store.name[6:]}-h{cfg.select_fraction}-{cfg.init}-{cfg.train_steps}x{cfg.batch_size}"
     common = dict(mlm=mlm, ar=ar, window_length=cfg.window_length, seed=cfg.seed, device=device, docs_per_block=2,
                   ray_temp_dir=str(work / "ray"))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def _sync(device: str) -> None:
@@ -37,27 +36,21 @@ def read_rows_per_s(store) -> dict:
 
 
 def step_rows_per_s(d_mlm: int, d_ar: int, vocab_size: int, batch_size: int, steps: int, device: str) -> float:
-    """(b): the trainer's step (same head, optimizer, precision, clipping, pull toward init) with the
-    batch already on the device."""
+    """(b): the trainer's own step (`train_step` with the default TrainConfig: same head, optimizer,
+    precision, clipping, pull toward init) with the batch already on the device."""
     from maria.head import FusionHead
+    from train_head.train import TrainConfig, make_optimizer, train_step
 
+    cfg = TrainConfig(store="-", out="-")
     head = FusionHead(d_mlm, d_ar, vocab_size).to(device)
     init = [p.detach().clone() for p in head.parameters()]
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    opt = make_optimizer(head, cfg)
     f = torch.randn(batch_size, d_mlm + d_ar, device=device)
     t = torch.randint(0, vocab_size, (batch_size,), device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
 
     def step():
-        with autocast:
-            logits = head(f)
-        loss = F.cross_entropy(logits.float(), t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-        for p, p0 in zip(head.parameters(), init):
-            p.grad.add_(p.detach() - p0, alpha=1e-3)
-        opt.step()
+        train_step(head, opt, f, t, init, cfg, autocast)
 
     for _ in range(min(3, steps)):  # warm-up: allocator, kernels, AdamW state
         step()

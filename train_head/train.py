@@ -156,6 +156,25 @@ def check_resume(saved: dict, cfg: TrainConfig, store, out: Path) -> None:
                             f"resume with the same {key}, or pass a new --out (or drop --resume to start over)")
 
 
+def make_optimizer(head, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
+def train_step(head, opt, f: torch.Tensor, t: torch.Tensor, init_params: list, cfg: TrainConfig, autocast) -> torch.Tensor:
+    """One optimizer step of the head (the trainer's and the benchmark's); returns the loss, unsynced."""
+    with autocast:
+        logits = head(f)
+    loss = F.cross_entropy(logits.float(), t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
+    for p, p0 in zip(head.parameters(), init_params):  # after clipping: the prior never shrinks with a data spike
+        p.grad.add_(p.detach() - p0, alpha=cfg.reg_to_init)
+    opt.step()
+    return loss
+
+
 def run_train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -180,7 +199,7 @@ def run_train(cfg: TrainConfig) -> dict:
                  "identity": {k: store.manifest.get(k) for k in IDENTITY}, "config": now}
     head = init_head(cfg.init, store, state["init_scales"], cfg.seed).to(device)
     init_params = [p.detach().clone() for p in head.parameters()] if cfg.reg_to_init > 0 else []
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(head, cfg)
     if saved:
         best = ck.restore(saved[0], head, opt)
         train.load_state_dict(state["data"])
@@ -210,16 +229,7 @@ def run_train(cfg: TrainConfig) -> dict:
             for g in opt.param_groups:
                 g["lr"] = lr
             f, t = train.next()
-            with autocast:
-                logits = head(f)
-            loss = F.cross_entropy(logits.float(), t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-            for p, p0 in zip(head.parameters(), init_params):  # after clipping: the prior never shrinks with a data spike
-                p.grad.add_(p.detach() - p0, alpha=cfg.reg_to_init)
-            opt.step()
+            loss = train_step(head, opt, f, t, init_params, cfg, autocast)
             step, rows, loss_acc = step + 1, rows + len(t), loss_acc + loss.detach()
             bar.update(1)
             if step % cfg.eval_every == 0 or step == total:
