@@ -41,6 +41,12 @@ CHUNK_ROWS = 4096  # the reader's default row-range size; stored feature chunks 
 FEATURE_CHUNK_BYTES = 16 << 20
 
 
+def init_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
+    """Shapes of the PoE init weights a manifest implies (W1/W2 already mapped into AR ids)."""
+    V = manifest["vocab_size"]
+    return {"W1": (V, manifest["d_mlm"]), "b1": (V,), "W2": (V, manifest["d_ar"]), "b2": (V,)}
+
+
 def feature_chunk_rows(feature_dim: int, itemsize: int = 2) -> int:
     """Rows per stored chunk of `features`: a power of two <= CHUNK_ROWS keeping a chunk <= 16 MiB (e.g. 2048
     rows at D=3072, 1024 at D=5120). Bigger chunks cost zarr ~2x more CPU per byte on write (fresh mmap'd

@@ -18,7 +18,7 @@ from zarr.core.group import GroupMetadata
 
 from storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY,
                             CorruptBlockError, Location, StoreError, StoreMismatchError, StoreNotFoundError,
-                            check_block_id, feature_chunk_rows, features_finite, sha256_of, stored_feature_dtype, to_store_features)
+                            check_block_id, feature_chunk_rows, features_finite, init_shapes, sha256_of, stored_feature_dtype, to_store_features)
 
 # Features are near-incompressible float16 (measured: zstd-1 saves ~8% at ~300 MB/s per core, lz4 saves nothing),
 # so they are stored raw. The small per-row arrays compress well and cost nothing to compress.
@@ -125,8 +125,7 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
     out = {k: np.ascontiguousarray(np.asarray(init_weights[k]),
                                    dtype="<i8" if k == "vocab_map" else "<f4") for k in INIT_ARRAYS}
     V = m["vocab_size"]
-    expected = {"W1": (V, m["d_mlm"]), "b1": (V,), "W2": (V, m["d_ar"]), "b2": (V,)}
-    for name, shape in expected.items():
+    for name, shape in init_shapes(m).items():
         if out[name].shape != shape:
             raise StoreError(f"init weight {name} has shape {out[name].shape}, the manifest implies {shape} "
                              f"(vocab_size, d_mlm, d_ar); fix the manifest or the weights")

@@ -4,15 +4,14 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from storage.format import INIT_ARRAYS, StoreError
+from storage.format import INIT_ARRAYS, StoreError, init_shapes
 from storage.store import _ZARR_MISSING, FeatureStore, block_problem, open_store
 
 
 def _check_init(store: FeatureStore) -> list[str]:
     if not store.manifest.get("has_init", True):
         return []
-    V, m = store.vocab_size, store.manifest
-    expected = {"W1": (V, m["d_mlm"]), "b1": (V,), "W2": (V, m["d_ar"]), "b2": (V,)}
+    expected = init_shapes(store.manifest)
     problems = []
     for name in INIT_ARRAYS:
         try:
@@ -69,8 +68,9 @@ def verify_store(url: str, check_data: bool = True, storage_options: dict | None
         problem = _check_block(store, block_id, check_data)
         if problem:
             problems.append(f"block {block_id}: {problem}")
-    if "rows" in m and not problems and m["rows"] != store.num_rows():
-        problems.append(f"manifest: rows is {m['rows']} but the committed blocks hold {store.num_rows()} "
-                        f"(blocks committed after finalize?)")
+    if "rows" in m and not problems:
+        rows = store.num_rows(blocks)
+        if m["rows"] != rows:
+            problems.append(f"manifest: rows is {m['rows']} but the committed blocks hold {rows} (blocks committed after finalize?)")
     return problems
 
