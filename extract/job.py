@@ -134,7 +134,7 @@ class FeatureActor:
 
         self.cfg, self.device = cfg, _device(cfg)
         if self.device == "cpu":
-            from maria.config import cpu_threads
+            from maria.device import cpu_threads
 
             torch.set_num_threads(cpu_threads())
         self.bb = _backbones(cfg, self.device, check_parity=False)

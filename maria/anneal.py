@@ -8,13 +8,10 @@ measured as generative perplexity under the AR (`maria bench anneal`).
 """
 from __future__ import annotations
 
-import json
-import math
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from maria.decode import Sampling, infill
 
@@ -56,8 +53,6 @@ def ar_nll(bb, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def ar_sample(bb, n: int, length: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=bb.ar.config)
     x = torch.full((n, 1), bb.start_id if bb.start_id is not None else 0, dtype=torch.long, device=bb.device)
     out = []
@@ -104,86 +99,3 @@ def anneal(model, cfg: AnnealConfig, on_step=None) -> tuple[torch.Tensor, list[d
         if on_step:
             on_step(s, energy)
     return x, trajectory
-
-
-@dataclass
-class GenerateConfig(AnnealConfig):
-    model: str = ""  # a MARIA checkpoint folder (from `maria export`)
-    out: str | None = None  # JSONL of samples (default: print them)
-    device: str = "cpu"  # cpu or cuda
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.model:
-            raise ValueError("missing --model: pass a MARIA checkpoint folder from `maria export`")
-
-
-def run_generate(cfg: GenerateConfig) -> list[str]:
-    from tqdm import tqdm
-
-    from maria.model import MariaModel
-
-    model = MariaModel.from_pretrained(cfg.model, device=cfg.device)
-    bar = tqdm(total=cfg.steps, desc="anneal", unit="step")
-    x, traj = anneal(model, cfg, on_step=lambda s, e: (bar.update(1), bar.set_postfix(ppl=f"{math.exp(e.mean()):.1f}")))
-    bar.close()
-    texts = [model.bb.ar_tokenizer.decode(row.tolist()) for row in x.cpu()]
-    ppl = [math.exp(e) for e in traj[-1]["energy"]]
-    if cfg.out:
-        Path(cfg.out).write_text("".join(json.dumps({"text": t, "ar_ppl": p}) + "\n" for t, p in zip(texts, ppl)))
-    else:
-        for t, p in zip(texts, ppl):
-            print(f"[AR ppl {p:.1f}] {t}")
-    return texts
-
-
-def bench_anneal(cfg) -> dict:
-    """Generative perplexity under the AR against wall-clock time, for several step budgets,
-    against plain AR sampling at the same temperature (the paper's Figure 5)."""
-    from maria.bench import random_backbones, resolve_device
-    from maria.head import FusionHead
-    from maria.model import MariaModel
-
-    device, dtype = resolve_device(cfg.device, cfg.dtype)
-    if cfg.model:
-        model = MariaModel.from_pretrained(cfg.model, device=device)
-    else:
-        bb = random_backbones(cfg.preset, device, dtype, cfg.seed)
-        e = bb.expert_weights()
-        model = MariaModel(bb, FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"]))
-    length, chains = 64, 4
-    g = torch.Generator().manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    base = ar_sample(model.bb, chains, length, 1.0, g)
-    t_ar = time.perf_counter() - t0
-    rows = [{"method": "ar_sampling", "steps": 0, "seconds": t_ar, "gen_ppl": math.exp(ar_nll(model.bb, base).mean().item())}]
-    for steps in (0, 2, 4, 8, 16, 32):
-        a = AnnealConfig(steps=steps, length=length, chains=chains, seed=cfg.seed)
-        t0 = time.perf_counter()
-        x, traj = anneal(model, a)
-        rows.append({"method": "maria_anneal", "steps": steps, "seconds": time.perf_counter() - t0,
-                     "gen_ppl": math.exp(ar_nll(model.bb, x).mean().item())})
-    _plot_anneal(rows, Path(cfg.json).with_suffix(".png"))
-    return {"benchmark": "anneal", "device": device, "length": length, "chains": chains, "results": rows,
-            "targets": {"ar_sampling_gen_ppl": rows[0]["gen_ppl"], "best_anneal_gen_ppl": min(r["gen_ppl"] for r in rows[1:])}}
-
-
-def _plot_anneal(rows: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    an = [r for r in rows if r["method"] == "maria_anneal"]
-    ax.plot([r["seconds"] for r in an], [r["gen_ppl"] for r in an], marker="o", label="MARIA simulated annealing")
-    for r in an:
-        ax.annotate(f"{r['steps']}", (r["seconds"], r["gen_ppl"]), fontsize=7)
-    ar = rows[0]
-    ax.scatter([ar["seconds"]], [ar["gen_ppl"]], color="red", label="AR sampling (T=1)", zorder=3)
-    ax.set(xlabel="wall-clock seconds", ylabel="generative perplexity under the AR", title="Test-time compute for unconditional generation")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)

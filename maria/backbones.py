@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 PROBE_TEXTS = (
@@ -61,6 +62,11 @@ class Backbones:
     @property
     def device(self) -> torch.device:
         return next(self.ar.parameters()).device
+
+    def describe(self) -> dict:
+        """Identity (ids, revisions, fingerprints) and sizes: what stores, heads and checkpoints record."""
+        return {**self.identity, "d_mlm": self.d_mlm, "d_ar": self.d_ar, "vocab_size": self.vocab_size,
+                "start_token_id": self.start_id}
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
         """W1/b1 (MLM, rows mapped into AR ids, zero where the MLM lacks a token) and W2/b2 (AR), fp32 on CPU."""
@@ -225,9 +231,6 @@ def load_backbones(
     check_parity: bool = True,
 ) -> Backbones:
     """Load both backbones (hub id or local folder), frozen and in eval mode, and align them."""
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # "Loading weights" bars for two small folders are noise in every log
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

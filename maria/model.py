@@ -2,7 +2,7 @@
 
 A checkpoint folder, like a Hugging Face one:
     config.json          model_type "maria", sizes, start/mask ids, backbone references and fingerprints
-    head.safetensors     weight (V, d_mlm + d_ar), bias (V,)
+    head.safetensors     the fusion head (maria/head.py's format), head.json beside it
     vocab_map.safetensors mlm_to_ar (V_mlm,)
     tokenizer/           the AR's tokenizer (the target vocabulary)
     mlm/, ar/            both backbones (unless exported with --reference: then id + revision)
@@ -11,8 +11,6 @@ Only safetensors are ever loaded (use_safetensors=True for the backbones too): n
 from __future__ import annotations
 
 import json
-import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,54 +18,26 @@ from safetensors.torch import load_file, save_file
 
 from maria.backbones import Backbones, BackboneError, load_backbones
 from maria.decode import Sampling, infill
-from maria.head import FusionHead
+from maria.head import FusionHead, HeadError, init_head, load_head, save_head
+from maria.identity import check_same_backbones
+from maria.io import atomic_dir, guard_output
+from maria.text import parse_masked_text
 
 FORMAT_VERSION = 1
-MASK_SPAN = re.compile(r"\{\{(\d*)\}\}")  # "{{5}}" = five masked tokens; "{{}}" = one
 
 
 class CheckpointError(ValueError):
     """A head or checkpoint folder that cannot be used; the message names the fix."""
 
 
-def parse_masked_text(text: str, tokenizer) -> tuple[list[int], list[bool]]:
-    """Token ids and mask of a text whose masked spans are written {{N}} (N tokens)."""
-    if text.count("{{") != text.count("}}") or len(MASK_SPAN.findall(text)) != text.count("{{"):
-        raise ValueError(f"bad mask syntax in {text[:60]!r}: write each masked span as {{{{N}}}} with N a number of tokens, e.g. 'Paris is the {{{{2}}}} of France'")
-    ids, mask, pos = [], [], 0
-    for m in MASK_SPAN.finditer(text):
-        piece = tokenizer(text[pos : m.start()], add_special_tokens=False).input_ids
-        n = int(m.group(1) or 1)
-        if n == 0:
-            raise ValueError("a masked span {{0}} has no tokens; write {{N}} with N >= 1")
-        ids += piece + [0] * n
-        mask += [False] * len(piece) + [True] * n
-        pos = m.end()
-    piece = tokenizer(text[pos:], add_special_tokens=False).input_ids
-    return ids + piece, mask + [False] * len(piece)
-
-
-def read_head(head_dir: str | Path) -> tuple[FusionHead, dict]:
-    """A trained head folder (train_head/): head.safetensors + head.json (what it was trained on)."""
-    d = Path(head_dir)
-    if not (d / "head.safetensors").exists() or not (d / "head.json").exists():
-        raise CheckpointError(f"{d} is not a head folder (needs head.safetensors and head.json); pass the --out of `maria train`")
-    meta = json.loads((d / "head.json").read_text())
-    tensors = load_file(str(d / "head.safetensors"))
-    head = FusionHead(meta["d_mlm"], meta["d_ar"], meta["vocab_size"])
-    head.load_state_dict({"proj.weight": tensors["weight"], "proj.bias": tensors["bias"]})
-    return head, meta
-
-
-def check_head_matches(meta: dict, bb: Backbones, what: str) -> None:
-    """Refuse a head trained on features of other backbones (fingerprints, split, vocabulary)."""
-    want = {"d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size,
-            "mlm": bb.identity["mlm"]["fingerprint"], "ar": bb.identity["ar"]["fingerprint"]}
-    have = {"d_mlm": meta.get("d_mlm"), "d_ar": meta.get("d_ar"), "vocab_size": meta.get("vocab_size"),
-            "mlm": (meta.get("mlm") or {}).get("fingerprint"), "ar": (meta.get("ar") or {}).get("fingerprint")}
-    for k in want:
-        if have[k] != want[k]:
-            raise CheckpointError(f"{what} was made for other backbones ({k}: {have[k]} vs {want[k]}); use the head trained on features of these backbones")
+def max_window(bb: Backbones) -> int | None:
+    """Longest window both backbones can read (the MLM also reads its special tokens)."""
+    limits = []
+    for model, extra in ((bb.mlm, len(bb.mlm_prefix) + len(bb.mlm_suffix)), (bb.ar, 1)):
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if limit is not None:
+            limits.append(limit - extra)
+    return min(limits) if limits else None
 
 
 class MariaModel(torch.nn.Module):
@@ -78,19 +48,20 @@ class MariaModel(torch.nn.Module):
         self.bb, self.head = backbones, head.to(backbones.device)
 
     @classmethod
-    def from_backbones(cls, mlm: str, ar: str, head_dir: str | None = None, init: str = "poe", **load_kw) -> "MariaModel":
+    def from_backbones(cls, mlm: str, ar: str, head_dir: str | None = None, init: str = "poe",
+                       allow_unfinished: bool = False, **load_kw) -> "MariaModel":
+        """Backbones plus a trained head folder (checked against them), or an initial head by name."""
+        if head_dir is not None:  # read the head first: a bad head fails before minutes of backbone loading
+            head, meta = load_head(head_dir)
+            if not meta.get("complete", False) and not allow_unfinished:
+                raise HeadError(f"head {head_dir} comes from a training run that did not finish; finish it with "
+                                f"`maria train ... --resume`, or pass --allow-unfinished to use it as it is")
         bb = load_backbones(mlm, ar, **load_kw)
         if head_dir is not None:
-            head, meta = read_head(head_dir)
-            check_head_matches(meta, bb, f"head {head_dir}")
-        elif init == "poe":
-            e = bb.expert_weights()
-            head = FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"])
-        elif init == "ar-only":
-            e = bb.expert_weights()
-            head = FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"], mlm_scale=0.0, ar_scale=1.0)
+            check_same_backbones(bb.describe(), meta, f"backbones {mlm} + {ar}", f"head {head_dir}",
+                                 "use the head trained on features of these backbones")
         else:
-            head = FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size)
+            head = init_head(init, bb.expert_weights())
         return cls(bb, head)
 
     def infill(self, ids, mask, lengths=None, **sampling) -> torch.Tensor:
@@ -104,12 +75,12 @@ class MariaModel(torch.nn.Module):
     def infill_text(self, texts: list[str], **sampling) -> list[dict]:
         """Infill texts whose masked spans are written {{N}}; returns ids and decoded text per input."""
         tok = self.bb.ar_tokenizer
-        parsed = [parse_masked_text(t, tok) for t in texts]
+        parsed = [parse_masked_text(t, tok, max_window(self.bb)) for t in texts]
         T = max(len(p[0]) for p in parsed)
         ids = torch.zeros(len(texts), T, dtype=torch.long)
         mask = torch.zeros(len(texts), T, dtype=torch.bool)
         for r, (i, m) in enumerate(parsed):
-            ids[r, : len(i)], mask[r, : len(m)] = torch.tensor(i), torch.tensor(m)
+            ids[r, : len(i)], mask[r, : len(m)] = torch.tensor(i, dtype=torch.long), torch.tensor(m, dtype=torch.bool)
         lengths = torch.tensor([len(p[0]) for p in parsed])
         out = self.infill(ids, mask, lengths, **sampling)
         results = []
@@ -120,65 +91,68 @@ class MariaModel(torch.nn.Module):
         return results
 
     # ---- the combined checkpoint -------------------------------------------------------------
-    def save_pretrained(self, out: str | Path, reference: bool = False) -> Path:
-        """Write the combined checkpoint folder (see the module docstring) atomically."""
-        out = Path(out)
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def save_pretrained(self, out: str | Path, reference: bool = False, overwrite: bool = False, inputs: tuple = ()) -> Path:
+        """Write the combined checkpoint folder (see the module docstring): built beside `out`, then
+        swapped in. Refuses to replace anything that is not a MARIA checkpoint, or an input."""
+        out = guard_output(out, "config.json", overwrite, inputs, what="checkpoint folder")
+        if out.exists() and json.loads((out / "config.json").read_text()).get("model_type") != "maria":
+            raise CheckpointError(f"{out} holds a config.json that is not a MARIA checkpoint's; pick a new --out folder")
         bb = self.bb
-        refs = {}
-        for kind, model, tok in (("mlm", bb.mlm, bb.mlm_tokenizer), ("ar", bb.ar, bb.ar_tokenizer)):
-            ident = bb.identity[kind]
-            if reference:
-                refs[kind] = {"id": ident["id"], "revision": ident["revision"], "fingerprint": ident["fingerprint"]}
-            else:
-                model.save_pretrained(tmp / kind, safe_serialization=True)
-                tok.save_pretrained(tmp / kind)
-                refs[kind] = {"path": kind, "source": ident["id"], "revision": ident["revision"], "fingerprint": ident["fingerprint"]}
-        bb.ar_tokenizer.save_pretrained(tmp / "tokenizer")
-        save_file({"weight": self.head.proj.weight.detach().cpu().contiguous(), "bias": self.head.proj.bias.detach().cpu().contiguous()}, str(tmp / "head.safetensors"))
-        save_file({"mlm_to_ar": bb.mlm_to_ar.contiguous()}, str(tmp / "vocab_map.safetensors"))
-        config = {"model_type": "maria", "format_version": FORMAT_VERSION, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar,
-                  "vocab_size": bb.vocab_size, "start_token_id": bb.start_id, "mlm_mask_token_id": bb.mlm_mask_id,
-                  "mlm": refs["mlm"], "ar": refs["ar"], "tokenizer_fingerprint": bb.identity["tokenizer_fingerprint"]}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        with atomic_dir(out) as tmp:
+            refs = {}
+            for kind, model, tok in (("mlm", bb.mlm, bb.mlm_tokenizer), ("ar", bb.ar, bb.ar_tokenizer)):
+                ident = bb.identity[kind]
+                if reference:
+                    refs[kind] = {"id": ident["id"], "revision": ident["revision"], "fingerprint": ident["fingerprint"]}
+                else:
+                    model.save_pretrained(tmp / kind, safe_serialization=True)
+                    tok.save_pretrained(tmp / kind)
+                    refs[kind] = {"path": kind, "source": ident["id"], "revision": ident["revision"], "fingerprint": ident["fingerprint"]}
+            bb.ar_tokenizer.save_pretrained(tmp / "tokenizer")
+            save_head(tmp, self.head, {**bb.describe(), "complete": True})
+            save_file({"mlm_to_ar": bb.mlm_to_ar.contiguous()}, str(tmp / "vocab_map.safetensors"), metadata={"format": "pt"})
+            config = {"model_type": "maria", "format_version": FORMAT_VERSION, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar,
+                      "vocab_size": bb.vocab_size, "start_token_id": bb.start_id, "mlm_mask_token_id": bb.mlm_mask_id,
+                      "mlm": refs["mlm"], "ar": refs["ar"], "tokenizer_fingerprint": bb.identity["tokenizer_fingerprint"]}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         return out
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: str | torch.dtype = torch.float32) -> "MariaModel":
         d = Path(path)
-        if not (d / "config.json").exists():
+        if not (d / "config.json").is_file():
             raise CheckpointError(f"{d} is not a MARIA checkpoint (no config.json); pass the --out of `maria export`")
-        config = json.loads((d / "config.json").read_text())
-        if config.get("model_type") != "maria":
-            raise CheckpointError(f"{d}/config.json is not a MARIA checkpoint (model_type {config.get('model_type')!r})")
-        for f in ("head.safetensors", "vocab_map.safetensors"):
-            if not (d / f).exists():
-                raise CheckpointError(f"checkpoint {d} is missing {f}; re-run `maria export`")
-        src = {k: str(d / config[k]["path"]) if "path" in config[k] else config[k]["id"] for k in ("mlm", "ar")}
         try:
+            config = json.loads((d / "config.json").read_text())
+        except ValueError:
+            raise CheckpointError(f"{d}/config.json is not valid JSON; re-run `maria export`") from None
+        if not isinstance(config, dict) or config.get("model_type") != "maria":
+            raise CheckpointError(f"{d}/config.json is not a MARIA checkpoint's (model_type {config.get('model_type') if isinstance(config, dict) else None!r})")
+        for f in ("head.safetensors", "head.json", "vocab_map.safetensors"):
+            if not (d / f).is_file():
+                raise CheckpointError(f"checkpoint {d} is missing {f}; re-run `maria export`")
+        try:
+            head, _ = load_head(d)
+            stored_map = load_file(str(d / "vocab_map.safetensors"))["mlm_to_ar"]
+            src = {k: str(d / config[k]["path"]) if "path" in config[k] else config[k]["id"] for k in ("mlm", "ar")}
+            revision = {k: None if "path" in config[k] else config[k].get("revision") for k in ("mlm", "ar")}
             bb = load_backbones(src["mlm"], src["ar"], dtype=dtype, device=device, check_parity=False,
-                                mlm_revision=config["mlm"].get("revision") if "path" not in config["mlm"] else None,
-                                ar_revision=config["ar"].get("revision") if "path" not in config["ar"] else None)
-        except BackboneError as e:
+                                mlm_revision=revision["mlm"], ar_revision=revision["ar"])
+        except (BackboneError, HeadError) as e:
             raise CheckpointError(f"checkpoint {d}: {e}") from None
-        stored_map = load_file(str(d / "vocab_map.safetensors"))["mlm_to_ar"]
+        except Exception as e:  # noqa: BLE001 -- a damaged file: one line naming it, not a traceback
+            raise CheckpointError(f"checkpoint {d} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); re-run `maria export`") from None
         if not torch.equal(stored_map, bb.mlm_to_ar):
             raise CheckpointError(f"checkpoint {d}: its vocabulary map does not match its backbones' tokenizers; re-run `maria export`")
+        check_same_backbones(config, bb.describe(), f"checkpoint {d}", "its backbone folders", "re-run `maria export`")
         for k in ("mlm", "ar"):
-            if config[k]["fingerprint"] != bb.identity[k]["fingerprint"]:
-                raise CheckpointError(f"checkpoint {d}: the {k.upper()} weights differ from those it was exported with; re-run `maria export`")
             bb.identity[k].update({"id": config[k].get("source", config[k].get("id")), "revision": config[k].get("revision")})
-        t = load_file(str(d / "head.safetensors"))
-        head = FusionHead(config["d_mlm"], config["d_ar"], config["vocab_size"])
-        head.load_state_dict({"proj.weight": t["weight"], "proj.bias": t["bias"]})
         return cls(bb, head)
 
 
-def export(mlm: str, ar: str, head_dir: str, out: str, reference: bool = False, **load_kw) -> Path:
+def export(mlm: str, ar: str, head_dir: str, out: str, reference: bool = False, overwrite: bool = False,
+           allow_unfinished: bool = False, **load_kw) -> Path:
     """`maria export`: check the head against the backbones, then write one combined folder."""
-    return MariaModel.from_backbones(mlm, ar, head_dir=head_dir, **load_kw).save_pretrained(out, reference=reference)
+    guard_output(out, "config.json", overwrite, (mlm, ar, head_dir), what="checkpoint folder")  # before minutes of loading
+    model = MariaModel.from_backbones(mlm, ar, head_dir=head_dir, allow_unfinished=allow_unfinished, **load_kw)
+    return model.save_pretrained(out, reference=reference, overwrite=overwrite, inputs=(mlm, ar, head_dir))

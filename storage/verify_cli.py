@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from storage import open_store, verify_store
+
 
 @dataclass
 class VerifyConfig:
@@ -11,8 +13,6 @@ class VerifyConfig:
 
 
 def run_verify(cfg: VerifyConfig) -> list[str]:
-    from storage import open_store, verify_store
-
     problems = verify_store(cfg.store, check_data=cfg.check_data)
     if problems:
         for p in problems:

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
 
 def test_end_to_end(ray_local, pairs, corpus, tmp_path, capsys):
     from maria.anneal import AnnealConfig, anneal
-    from maria.cli import main
+    from app.cli import main
     from maria.model import MariaModel
     from train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
     from train_head.train import TrainConfig, run_train

@@ -72,13 +72,13 @@ def test_two_runs_identical_and_resume_after_partial(store_a, pairs, corpus, tmp
 def test_verify_cli_good_and_corrupt(store_a, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(store_a, bad)
-    ok = subprocess.run([sys.executable, "-m", "maria.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "app.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     chunk = sorted(p for p in (bad / "blocks" / "b000002").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    res = subprocess.run([sys.executable, "-m", "maria.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "app.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
     assert res.returncode != 0 and "b000002" in res.stdout + res.stderr
 
 

@@ -9,7 +9,10 @@ from maria.backbones import BackboneError, check_logit_parity, load_backbones, o
 from maria.decode import Sampling, infill
 from maria.features import aligned_features, ar_states, mlm_states
 from maria.head import FusionHead
-from maria.model import CheckpointError, MariaModel, export, parse_masked_text
+from maria.head import save_head
+from maria.identity import IdentityMismatchError
+from maria.model import CheckpointError, MariaModel, export
+from maria.text import parse_masked_text
 
 KINDS = ["modernbert-olmo", "bert-gpt2"]
 
@@ -149,14 +152,9 @@ def test_masked_text_syntax(backbones):
 def test_export_load_infill_identical(pairs, tmp_path, kind):
     model = MariaModel.from_backbones(*pairs[kind], init="poe")
     model.head.proj.bias.data += torch.randn_like(model.head.proj.bias) * 0.1  # a head that is not the init
-    head_dir = tmp_path / "head"
-    head_dir.mkdir()
-    from safetensors.torch import save_file
-
-    save_file({"weight": model.head.proj.weight.detach().contiguous(), "bias": model.head.proj.bias.detach().contiguous()}, str(head_dir / "head.safetensors"))
-    (head_dir / "head.json").write_text(json.dumps({"d_mlm": model.bb.d_mlm, "d_ar": model.bb.d_ar, "vocab_size": model.bb.vocab_size,
-                                                    "mlm": model.bb.identity["mlm"], "ar": model.bb.identity["ar"]}))
+    head_dir = save_head(tmp_path / "head", model.head, {**model.bb.describe(), "complete": True})
     out = export(*pairs[kind], str(head_dir), str(tmp_path / "ckpt"))
+    assert not list(tmp_path.glob(".ckpt*"))  # built beside, swapped in, nothing left over
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))
     loaded = MariaModel.from_pretrained(out)
     texts = ["Paris is the {{3}} of France.", "A {{2}} sat on the {{}} by the door."]
@@ -185,12 +183,7 @@ def test_clear_errors(pairs, tmp_path):
         load_backbones(ar, mlm)
     other_mlm, other_ar = pairs["bert-gpt2"]
     model = MariaModel.from_backbones(other_mlm, other_ar)
-    head_dir = tmp_path / "head"
-    head_dir.mkdir()
-    from safetensors.torch import save_file
-
-    save_file({"weight": model.head.proj.weight.detach().contiguous(), "bias": model.head.proj.bias.detach().contiguous()}, str(head_dir / "head.safetensors"))
-    (head_dir / "head.json").write_text(json.dumps({"d_mlm": 32, "d_ar": 32, "vocab_size": model.bb.vocab_size, "mlm": model.bb.identity["mlm"], "ar": model.bb.identity["ar"]}))
-    with pytest.raises(CheckpointError, match="made for other backbones"):
+    head_dir = save_head(tmp_path / "head", model.head, {**model.bb.describe(), "complete": True})
+    with pytest.raises(IdentityMismatchError, match="made by other backbones"):
         export(mlm, ar, str(head_dir), str(tmp_path / "ckpt"))
     assert not (tmp_path / "ckpt").exists()

@@ -35,7 +35,7 @@ def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, t
 def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "driver"
     mlm, ar = pairs["modernbert-olmo"]
-    cmd = [sys.executable, "-m", "maria.cli", "extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--out", str(out),
+    cmd = [sys.executable, "-m", "app.cli", "extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--out", str(out),
            "--window-length", "24", "--docs-per-block", "3", "--batch-size", "4", "--masks-per-window", "2",
            "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]  # Ray's socket paths must stay under 107 bytes
     log = open(tmp_path / "driver.log", "w")
@@ -60,7 +60,7 @@ def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, 
         run_extract(config(pairs, corpus, out, fault_enospc_block="b000002"))
     assert err.value.errno == errno.ENOSPC
     assert not (out / "commits" / "b000002.json").exists()
-    from maria.cli import _friendly
+    from app.cli import one_line as _friendly
 
     assert "no space left on device" in _friendly(err.value)
     run_extract(config(pairs, corpus, out))

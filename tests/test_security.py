@@ -42,7 +42,7 @@ def test_trust_remote_code_is_off_unless_asked(pairs, monkeypatch):
 
 def test_extract_config_defaults_are_safe():
     from extract.job import ExtractConfig
-    from maria.commands import ExportConfig
+    from app.commands import ExportConfig
 
     assert ExtractConfig(mlm="m", ar="a", corpus="c", out="o").trust_remote_code is False
     assert ExportConfig(mlm="m", ar="a", head="h", out="o").trust_remote_code is False

@@ -49,7 +49,8 @@ def trained(stores, tmp_path_factory):
 
 
 def test_training_lowers_validation_loss_below_poe_init(trained, stores, bb, tmp_path):
-    from maria.model import check_head_matches, read_head
+    from maria.head import load_head
+    from maria.identity import check_same_backbones
 
     out, summary = trained
     assert summary["init_val_loss"] - summary["best_val_loss"] > 1.0, summary  # ~6.0 -> ~3: the unigram and more
@@ -59,10 +60,11 @@ def test_training_lowers_validation_loss_below_poe_init(trained, stores, bb, tmp
     assert summary["init_val_loss"] == pytest.approx(res["models"]["poe_init"]["nll"], abs=1e-5)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 20, 40, 60, 80, 100]
-    assert set(rows[-1]) == {"step", "train_loss", "val_loss", "val_ppl", "lr", "rows_per_s"}
+    assert set(rows[-1]) == {"time", "step", "train_loss", "val_loss", "val_ppl", "lr", "rows_per_s"}
     assert (out / "loss.png").stat().st_size > 0
-    head, meta = read_head(out)  # the folder format maria.model reads, matching the backbones
-    check_head_matches(meta, bb, "head")
+    head, meta = load_head(out)  # the one head format, which export reads; it matches the backbones
+    check_same_backbones(bb.describe(), meta, "backbones", "head", "-")
+    assert meta["complete"] is True
     assert meta["store"] == stores["train"] and meta["init"] == "poe" and meta["best_step"] == summary["best_step"]
     assert head.proj.weight.shape == (bb.vocab_size, bb.d_mlm + bb.d_ar)
 
@@ -118,37 +120,40 @@ def test_eval_reports_four_rows_per_bucket(trained, stores, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["ram", "stream"])
-def test_resume_is_exact(stores, tmp_path, mode):
+def test_resume_is_exact(stores, tmp_path, mode, monkeypatch):
     """12 steps straight vs 5 steps, stop, then a fresh run_train(resume=True): identical bits.
     512-row batches cross an epoch boundary of the ~4k-row store on the way."""
     kw = dict(max_steps=12, batch_size=512, eval_every=4, save_every=5, data_mode=mode)
     run_train(config(stores, tmp_path / "a", **kw))
-    first = run_train(config(stores, tmp_path / "b", stop_after=5, **kw))
+    monkeypatch.setenv("MARIA_TEST_STOP_AFTER", "5")
+    first = run_train(config(stores, tmp_path / "b", **kw))
+    monkeypatch.delenv("MARIA_TEST_STOP_AFTER")
     assert first["interrupted"] and first["steps"] == 5
+    assert json.loads((tmp_path / "b" / "head.json").read_text())["complete"] is False
     run_train(config(stores, tmp_path / "b", resume=True, **kw))
     a, b = (load_file(str(tmp_path / d / "ckpt" / "state.safetensors")) for d in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     ha, hb = (load_file(str(tmp_path / d / "head.safetensors")) for d in ("a", "b"))
-    assert torch.equal(ha["weight"], hb["weight"]) and torch.equal(ha["bias"], hb["bias"])
+    assert torch.equal(ha["proj.weight"], hb["proj.weight"]) and torch.equal(ha["proj.bias"], hb["proj.bias"])
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == (tmp_path / "b" / "metrics.jsonl").read_text().count("\n") == 4
 
 
 def test_val_store_of_other_backbones_is_refused(stores, tmp_path):
-    with pytest.raises(DataError, match=r"val store .*other backbones than store .*mlm fingerprint.*same --mlm and --ar"):
+    with pytest.raises(ValueError, match=r"val store .*other backbones than store .*mlm fingerprint.*same --mlm and --ar"):
         run_train(config(stores, tmp_path, val_store=stores["other"], max_steps=2))
 
 
 def test_resume_from_another_store_is_refused(trained, stores, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(trained[0], out)
-    with pytest.raises(DataError, match=r"store .*other was made by other backbones than the checkpoint .*mlm fingerprint"):
+    with pytest.raises(ValueError, match=r"store .*other was made by other backbones than the checkpoint .*mlm fingerprint"):
         run_train(config(stores, out, store=stores["other"], val_store=None, resume=True, max_steps=2))
     with pytest.raises(DataError, match=r"batch_size=128, now 64"):
         run_train(config(stores, out, resume=True, batch_size=64, max_steps=200))
 
 
 def test_eval_refuses_head_of_other_backbones(trained, stores):
-    with pytest.raises(DataError, match=r"head .* other backbones than store .*other"):
+    with pytest.raises(ValueError, match=r"head .* other backbones than store .*other"):
         run_eval(EvalConfig(store=stores["other"], head=str(trained[0]), device="cpu"))
 
 
@@ -177,7 +182,7 @@ def test_block_split_without_val_store(stores, tmp_path):
 
 
 def test_config_errors_name_the_fix(stores, tmp_path):
-    with pytest.raises(ValueError, match="use one of poe, mix, random, ar-only"):
+    with pytest.raises(ValueError, match="use one of poe, mix, ar-only, random"):
         config(stores, tmp_path, init="product")
     with pytest.raises(ValueError, match="--val-store or a --val-fraction"):
         config(stores, tmp_path, val_store=None, val_fraction=0.0)
@@ -186,7 +191,7 @@ def test_config_errors_name_the_fix(stores, tmp_path):
 
 
 def test_bench_train_reports_bounds(stores):
-    from train_head.bench import bench_train
+    from app.bench_train import bench_train
 
     r = bench_train(stores["train"], batch_size=256, steps=4, device="cpu")
     for k in ("train_rows_per_s", "read_rows_per_s", "step_rows_per_s"):

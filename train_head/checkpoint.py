@@ -1,39 +1,30 @@
-"""What the trainer writes: the head folder, resumable checkpoints, metrics and the loss curve.
+"""What the trainer writes besides the head folder: resumable checkpoints, metrics and the loss curve.
 
-    out/head.safetensors   weight (V, D), bias (V,): the BEST head by validation loss
-    out/head.json          what it was trained on (backbone identity, store, init, best step/loss)
-    out/metrics.jsonl      one line per validation: step, train_loss, val_loss, val_ppl, lr, rows_per_s
+    out/head.safetensors, out/head.json   the BEST head by validation loss (maria/head.py's format);
+                                          head.json says whether the run is `complete`
+    out/metrics.jsonl      one line per validation: time, step, train_loss, val_loss, val_ppl, lr, rows_per_s
     out/loss.png           the loss curves
     out/ckpt/state.safetensors  head, best head, AdamW moments and step, torch RNG states
     out/ckpt/state.json         step, data-reader state, best so far, counters, config
-Everything is safetensors or JSON (no pickle). A checkpoint folder is written beside the old one
-and swapped in by renames, so a crash at any point leaves one complete checkpoint.
+Everything is safetensors or JSON (no pickle). A checkpoint folder is built beside the old one
+and swapped in (maria.io.atomic_dir), so a crash at any point leaves one complete checkpoint.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from maria.head import FusionHead
+from maria.io import atomic_dir, atomic_write, previous_dir
+from maria.plots import line_plot
 
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_head(out: Path, weight: torch.Tensor, bias: torch.Tensor, meta: dict) -> None:
-    """head.safetensors first, head.json last: a folder with head.json is complete."""
-    tensors = {"weight": weight.detach().float().cpu().contiguous(), "bias": bias.detach().float().cpu().contiguous()}
-    _write_atomic(out / "head.safetensors", lambda p: save_file(tensors, str(p)))
-    _write_atomic(out / "head.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+RUN_FILES = ("head.json", "head.safetensors", "metrics.jsonl", "loss.png")
 
 
 def save_checkpoint(out: Path, head: FusionHead, best: dict[str, torch.Tensor], opt: torch.optim.Optimizer, state: dict) -> None:
@@ -45,27 +36,21 @@ def save_checkpoint(out: Path, head: FusionHead, best: dict[str, torch.Tensor], 
         for k, v in opt.state.get(p, {}).items():
             tensors[f"adam.{i}.{k}"] = v.reshape(-1) if k == "step" else v
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    final, tmp, old = out / "ckpt", out / "ckpt.partial", out / "ckpt.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)  # a crash right here leaves ckpt.old, which load_checkpoint falls back to
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(out / "ckpt") as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"), metadata={"format": "pt"})
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
 
 def clear_run(out: Path) -> None:
-    for d in ("ckpt", "ckpt.old", "ckpt.partial"):
-        shutil.rmtree(out / d, ignore_errors=True)
-    for f in ("head.json", "head.safetensors", "metrics.jsonl", "loss.png"):
+    for d in (out / "ckpt", previous_dir(out / "ckpt", "old"), previous_dir(out / "ckpt", "partial")):
+        shutil.rmtree(d, ignore_errors=True)
+    for f in RUN_FILES:
         (out / f).unlink(missing_ok=True)
 
 
 def load_checkpoint(out: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    for d in (out / "ckpt", out / "ckpt.old"):
+    """The newest complete checkpoint (a crash mid-swap leaves the previous one in .ckpt.old)."""
+    for d in (out / "ckpt", previous_dir(out / "ckpt", "old")):
         if (d / "state.json").exists() and (d / "state.safetensors").exists():
             return load_file(str(d / "state.safetensors")), json.loads((d / "state.json").read_text())
     return None
@@ -91,7 +76,7 @@ def restore(tensors: dict, head: FusionHead, opt: torch.optim.Optimizer) -> dict
 
 def append_metrics(out: Path, record: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
 def truncate_metrics(out: Path, step: int) -> None:
@@ -99,7 +84,7 @@ def truncate_metrics(out: Path, step: int) -> None:
     path = out / "metrics.jsonl"
     if path.exists():
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        _write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
+        atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -107,22 +92,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_loss(out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = read_metrics(out / "metrics.jsonl")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    tr = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-    if tr:
-        ax.plot(*zip(*tr), label="train (mean since last eval)")
-    ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=3, label="validation")
+    train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    series = {"validation": ([r["step"] for r in rows], [r["val_loss"] for r in rows])}
+    if train:
+        series["train (mean since last eval)"] = tuple(map(list, zip(*train)))
     best = min(rows, key=lambda r: r["val_loss"])
-    ax.axhline(best["val_loss"], color="gray", ls=":", lw=1, label=f"best val {best['val_loss']:.3f} (ppl {math.exp(best['val_loss']):.1f}) @ {best['step']}")
-    ax.set(xlabel="step", ylabel="NLL per masked token (nats)", title="MARIA head training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    line_plot(out / "loss.png", series, "step", "NLL per masked token (nats)", "MARIA head training",
+              hlines={f"best val {best['val_loss']:.3f} (ppl {math.exp(best['val_loss']):.1f}) @ {best['step']}": best["val_loss"]})

@@ -16,24 +16,19 @@ import warnings
 import numpy as np
 import torch
 
+from storage import CorruptBlockError, ShuffledReader
+
 
 class DataError(ValueError):
     """Feature data the trainer cannot use; the message names the fix."""
 
 
-def backbone_identity(manifest: dict) -> dict:
-    """What must agree between two stores (or a store and a head) for features to be interchangeable."""
-    return {"mlm fingerprint": (manifest.get("mlm") or {}).get("fingerprint"),
-            "ar fingerprint": (manifest.get("ar") or {}).get("fingerprint"),
-            "tokenizer_fingerprint": manifest.get("tokenizer_fingerprint"),
-            "d_mlm": manifest.get("d_mlm"), "d_ar": manifest.get("d_ar"), "vocab_size": manifest.get("vocab_size")}
-
-
-def check_same_backbones(ref: dict, other: dict, ref_name: str, other_name: str, fix: str) -> None:
-    a, b = backbone_identity(ref), backbone_identity(other)
-    for key in a:
-        if a[key] != b[key]:
-            raise DataError(f"{other_name} was made by other backbones than {ref_name} ({key}: {b[key]} vs {a[key]}); {fix}")
+def check_complete(store, url: str, allow_incomplete: bool) -> None:
+    """An extraction that was killed or hit a full disk leaves a store that looks fine but is short."""
+    missing = store.missing_blocks() if hasattr(store, "missing_blocks") else []
+    if missing and not allow_incomplete:
+        raise DataError(f"store {url} is incomplete: {len(missing)} planned block(s) were never written; finish it by "
+                        f"re-running its `maria extract` command (see `maria verify --store {url}`), or pass --allow-incomplete")
 
 
 def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -68,8 +63,6 @@ def available_memory() -> int:
 
 def read_rows(store, blocks: list[str], skip_corrupt: bool = False) -> dict[str, torch.Tensor]:
     """Every row of the blocks, features kept in their stored 16-bit dtype (half the RAM of float32)."""
-    from storage import CorruptBlockError
-
     feats, targets, rates = [], [], []
     for b in blocks:
         try:
@@ -84,7 +77,7 @@ def read_rows(store, blocks: list[str], skip_corrupt: bool = False) -> dict[str,
         targets.append(torch.from_numpy(a["targets"].astype(np.int64)))
         rates.append(torch.from_numpy(a["mask_rates"].astype(np.float32)))
     if not feats:
-        raise DataError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify {store.url}` and re-extract")
+        raise DataError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify --store {store.url}` and re-extract")
     return {"features": torch.cat(feats), "targets": torch.cat(targets), "mask_rates": torch.cat(rates)}
 
 
@@ -140,8 +133,6 @@ class StreamBatches:
     trainer consumed is exactly where a resumed run must continue, however far the thread ran ahead."""
 
     def __init__(self, store, blocks: list[str], batch_size: int, seed: int, device: str, skip_corrupt: bool, prefetch: int = 4):
-        from storage.reader import ShuffledReader
-
         self.reader = ShuffledReader(store, batch_size, seed=seed, blocks=blocks, skip_corrupt=skip_corrupt)
         self.device, self.prefetch = device, prefetch
         self.state, self._thread, self._queue, self._stop = self.reader.state_dict(), None, None, threading.Event()

@@ -13,14 +13,21 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from maria.head import FusionHead, expert_logits
-from train_head.data import DataError, check_same_backbones, eval_batches, read_rows
-from train_head.init import expert_tensors, init_head
+from tqdm import tqdm
+
+from maria.device import resolve_device
+from maria.head import FusionHead, expert_logits, init_head, load_head
+from maria.identity import check_same_backbones
+from maria.plots import line_plot
+from storage import open_store
+from train_head.checkpoint import read_metrics
+from maria.io import atomic_write
+from train_head.data import DataError, check_complete, eval_batches, read_rows
+from train_head.init import expert_tensors
 
 LABELS = {"trained": "trained head", "poe_init": "PoE at init (no training)", "ar_only": "AR only", "mlm_only": "MLM only"}
 
@@ -33,25 +40,16 @@ class EvalConfig:
     markdown: str | None = None  # write the Markdown table here
     batch_size: int = 1024  # rows per forward
     device: str = "auto"  # auto | cpu | cuda
+    allow_incomplete: bool = False  # evaluate a store whose extraction has not finished (default: refuse)
     buckets: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # mask-rate bucket edges
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
         b = [float(x) for x in self.buckets]
         if len(b) < 2 or any(x >= y for x, y in zip(b, b[1:])):
             raise ValueError(f"--buckets must be at least two increasing edges, e.g. 0 0.25 0.5 0.75 1; got {self.buckets}")
         self.buckets = b
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for but no CUDA GPU is visible; pass --device cpu")
-    return device
 
 
 def row_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -71,23 +69,21 @@ def mean_nll(head: FusionHead, batches) -> float:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from storage import open_store
-
-    from maria.model import read_head
-
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
-    e = {k: v.to(device) for k, v in expert_tensors(store).items()}
-    heads = {"poe_init": init_head("poe", store, None, 0).to(device)}
+    check_complete(store, cfg.store, cfg.allow_incomplete)
+    experts = expert_tensors(store)
+    e = {k: v.to(device) for k, v in experts.items()}
+    heads = {"poe_init": init_head("poe", experts).to(device)}
     if cfg.head:
-        trained, meta = read_head(cfg.head)
+        trained, meta = load_head(cfg.head)
         check_same_backbones(store.manifest, meta, f"store {cfg.store}", f"head {cfg.head}",
                              "evaluate it on a store extracted with its backbones, or train a head on this store")
         heads = {"trained": trained.to(device), **heads}
     nll = {k: [] for k in (*heads, "ar_only", "mlm_only")}
     rates = []
     with torch.no_grad():
-        for block in store.committed_blocks():  # block by block: memory stays bounded for any store size
+        for block in tqdm(store.committed_blocks(), desc="eval", unit="block"):  # block by block: bounded memory
             for f, t, r in eval_batches(read_rows(store, [block]), cfg.batch_size, device):
                 f = f.float()
                 for k, h in heads.items():
@@ -111,11 +107,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     table = markdown_table(result)
     print(table)
     if cfg.json:
-        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(result, indent=2))
+        atomic_write(cfg.json, json.dumps(result, indent=2))
     if cfg.markdown:
-        Path(cfg.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.markdown).write_text(table + "\n")
+        atomic_write(cfg.markdown, table + "\n")
     return result
 
 
@@ -133,22 +127,8 @@ def markdown_table(result: dict) -> str:
 
 def compare_inits_plot(metrics_files: dict[str, str], out_png: str) -> None:
     """Validation loss against step for several runs (e.g. PoE vs random init: the paper's Figure 2)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from train_head.checkpoint import read_metrics
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    series = {}
     for label, path in metrics_files.items():
         rows = read_metrics(path)
-        ax.plot([r["step"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=3, label=label)
-    ax.set(xlabel="step", ylabel="validation NLL per masked token (nats)", title="Head initialisation: validation loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
+        series[label] = ([r["step"] for r in rows], [r["val_loss"] for r in rows])
+    line_plot(out_png, series, "step", "validation NLL per masked token (nats)", "Head initialisation: validation loss", logy=True)

@@ -1,4 +1,4 @@
-"""Initial heads: the paper's product of experts, AR-only, random, and the fitted mixing scales.
+"""The `mix` init's two scales, fitted on cached features (the inits themselves: maria/head.py).
 
 "mix" (METHOD.md, lessons): logits = a (W1 h_mlm + b1) + b (W2 h_ar + b2) with (a, b) fitted on
 training rows. The NLL of this 2-parameter model is convex in (a, b) (log-sum-exp of functions
@@ -10,23 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from maria.head import FusionHead, expert_logits
+from maria.head import expert_logits
 
-INITS = ("poe", "mix", "random", "ar-only")
 MIX_LOGIT_BYTES = 2 << 30  # cached expert logits of the fitting sample (both experts, fp32)
 
 
 def expert_tensors(store) -> dict[str, torch.Tensor]:
+    """W1, b1 (MLM, in AR ids), W2, b2 (AR) from the store's init/ arrays: no backbone is loaded."""
     w = store.init_weights()
     return {k: torch.from_numpy(w[k]).float() for k in ("W1", "b1", "W2", "b2")}
-
-
-def init_head(init: str, store, scales: tuple[float, float] | None, seed: int) -> FusionHead:
-    if init == "random":
-        return FusionHead.random(store.d_mlm, store.d_ar, store.vocab_size, seed=seed)
-    e = expert_tensors(store)
-    a, b = {"poe": (0.5, 0.5), "ar-only": (0.0, 1.0)}.get(init, scales)
-    return FusionHead.from_experts(e["W1"], e["b1"], e["W2"], e["b2"], mlm_scale=a, ar_scale=b)
 
 
 @torch.no_grad()

@@ -9,21 +9,26 @@ never ends worse than its start (METHOD.md: a big head on few tokens overfits fr
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from maria.device import resolve_device
+from maria.head import INITS, FusionHead, init_head, save_head
+from maria.identity import check_same_backbones, identity_record
+from maria.io import guard_output
+from storage import open_store
 from train_head import checkpoint as ck
-from train_head.data import (DataError, MemoryBatches, StreamBatches, available_memory,
-                             check_same_backbones, eval_batches, read_rows, rows_bytes, split_blocks)
-from train_head.evaluate import mean_nll, resolve_device
-from train_head.init import INITS, fit_mix_scales, init_head
+from train_head.data import (DataError, MemoryBatches, StreamBatches, available_memory, check_complete, eval_batches,
+                             read_rows, rows_bytes, split_blocks)
+from train_head.evaluate import mean_nll
+from train_head.init import expert_tensors, fit_mix_scales
 
-IDENTITY = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size")  # manifest keys a checkpoint records
 RESUME_KEYS = ("store", "val_store", "val_fraction", "init", "batch_size", "seed", "data_mode_resolved")  # must not change on resume
 
 
@@ -31,6 +36,7 @@ RESUME_KEYS = ("store", "val_store", "val_fraction", "init", "batch_size", "seed
 class TrainConfig:
     store: str  # training feature store (path or fsspec URL) written by `maria extract`
     out: str  # output folder: head.safetensors, head.json, metrics.jsonl, loss.png, ckpt/
+    overwrite: bool = False  # start over in an --out that already holds a head (default: refuse; --resume continues it)
     val_store: str | None = None  # validation store made by the same backbones (default: hold out --val-fraction of --store's blocks)
     val_fraction: float = 0.1  # share of --store's blocks held out for validation when there is no --val-store (chosen by block-id hash)
     init: str = "poe"  # poe (the paper's [W1/2, W2/2]) | mix (per-expert scales fitted on the training rows) | random (ablation) | ar-only
@@ -52,17 +58,13 @@ class TrainConfig:
     skip_corrupt: bool = False  # train without blocks that fail their checksum (default: stop and name them)
     data_mode: str = "auto"  # auto (ram when the rows take under a quarter of available memory, else stream) | ram | stream
     mix_rows: int = 8192  # mix init: training rows the two scales are fitted on
-    stop_after: int | None = None  # stop as if interrupted after this step (checkpoint written); continue with --resume
+    allow_incomplete: bool = False  # train on a store whose extraction has not finished (default: refuse)
 
     def __post_init__(self):
-        for name in ("val_fraction", "lr", "min_lr_ratio", "weight_decay", "reg_to_init", "epochs", "grad_clip"):
-            setattr(self, name, float(getattr(self, name)))  # YAML reads 3e-4 as a string
         if self.init not in INITS:
             raise ValueError(f"unknown --init {self.init!r}; use one of {', '.join(INITS)}")
         if self.data_mode not in ("auto", "ram", "stream"):
             raise ValueError(f"unknown --data-mode {self.data_mode!r}; use auto, ram or stream")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"unknown --device {self.device!r}; use auto, cpu or cuda")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_store is None and self.val_fraction == 0:
@@ -89,12 +91,12 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     """(store, train batches, validation batch factory, train/val block lists, resolved data mode)."""
-    from storage import open_store
-
     store = open_store(cfg.store)
+    check_complete(store, cfg.store, cfg.allow_incomplete)
     train_blocks = store.committed_blocks()
     if cfg.val_store:
         vstore = open_store(cfg.val_store)
+        check_complete(vstore, cfg.val_store, cfg.allow_incomplete)
         check_same_backbones(store.manifest, vstore.manifest, f"store {cfg.store}", f"val store {cfg.val_store}",
                              "extract the validation store with the same --mlm and --ar as the training store")
         val_blocks = vstore.committed_blocks()
@@ -136,24 +138,49 @@ def mix_sample(cfg: TrainConfig, store, train, train_blocks) -> tuple[torch.Tens
     return torch.cat([r["features"] for r in rows]), torch.cat([r["targets"] for r in rows])
 
 
-def head_meta(cfg: TrainConfig, store, state: dict) -> dict:
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides tensors; saved as ckpt/state.json."""
+
+    config: dict  # the run's TrainConfig (plus the resolved data mode): what a resume must match
+    identity: dict  # the store's backbone identity (maria/identity.py)
+    val_blocks: list  # blocks held out for validation (when there is no --val-store)
+    init_scales: list | None = None  # the mix init's fitted (a, b)
+    step: int = 0
+    data: dict | None = None  # the batch source's position
+    best_step: int = 0
+    best_val_loss: float | None = None
+    init_val_loss: float | None = None
+    bad_evals: int = 0  # validations since the last new best (early stopping)
+    stopped_early: bool = False
+    loss_sum: float = 0.0  # train loss summed since the last validation
+    last_eval: int = 0
+    seconds: float = 0.0  # training time since the last validation (for rows/s)
+    rows: int = 0  # rows seen since the last validation
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped_early or self.step >= self.config["total_steps"]
+
+
+def head_meta(cfg: TrainConfig, store, s: TrainState) -> dict:
     m = store.manifest
-    return {"d_mlm": m["d_mlm"], "d_ar": m["d_ar"], "vocab_size": m["vocab_size"], "mlm": m.get("mlm"), "ar": m.get("ar"),
-            "tokenizer_fingerprint": m.get("tokenizer_fingerprint"), "start_token_id": m.get("start_token_id"),
-            "store": cfg.store, "val_store": cfg.val_store, "val_blocks": state["val_blocks"] if not cfg.val_store else None,
-            "init": cfg.init, "init_scales": state["init_scales"], "best_step": state["best_step"],
-            "best_val_loss": state["best_val_loss"], "best_val_ppl": math.exp(state["best_val_loss"]),
-            "init_val_loss": state["init_val_loss"], "steps": state["step"], "stopped_early": state["stopped_early"],
+    return {"mlm": m.get("mlm"), "ar": m.get("ar"), "tokenizer_fingerprint": m.get("tokenizer_fingerprint"),
+            "start_token_id": m.get("start_token_id"), "store": cfg.store, "val_store": cfg.val_store,
+            "val_blocks": s.val_blocks if not cfg.val_store else None, "init": cfg.init, "init_scales": s.init_scales,
+            "best_step": s.best_step, "best_val_loss": s.best_val_loss, "best_val_ppl": math.exp(s.best_val_loss),
+            "init_val_loss": s.init_val_loss, "steps": s.step, "total_steps": s.config["total_steps"],
+            "stopped_early": s.stopped_early, "complete": s.complete,
             "masking": m.get("masking"), "window_length": m.get("window_length"), "config": asdict(cfg)}
 
 
-def check_resume(saved: dict, cfg: TrainConfig, store, out: Path) -> None:
-    check_same_backbones(saved["identity"], store.manifest, f"the checkpoint in {out}/ckpt", f"store {cfg.store}",
-                         "pass the --store it was trained on, or a new --out (or drop --resume to start over)")
+def check_resume(saved: TrainState, now: dict, cfg: TrainConfig, store, out: Path) -> None:
+    check_same_backbones(saved.identity, store.manifest, f"the checkpoint in {out}/ckpt", f"store {cfg.store}",
+                         "pass the --store it was trained on, or a new --out (or --overwrite to start over)")
     for key in RESUME_KEYS:
-        if saved["config"].get(key) != saved["now"].get(key):
-            raise DataError(f"the checkpoint in {out}/ckpt was made with {key}={saved['config'].get(key)!r}, now {saved['now'].get(key)!r}; "
-                            f"resume with the same {key}, or pass a new --out (or drop --resume to start over)")
+        if saved.config.get(key) != now.get(key):
+            raise DataError(f"the checkpoint in {out}/ckpt was made with {key}={saved.config.get(key)!r}, now {now.get(key)!r}; "
+                            f"resume with the same {key}, or pass a new --out (or --overwrite to start over)")
 
 
 def make_optimizer(head, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -175,97 +202,103 @@ def train_step(head, opt, f: torch.Tensor, t: torch.Tensor, init_params: list, c
     return loss
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+def start_run(cfg: TrainConfig, device: str, out: Path):
+    """(store, train batches, validation factory, head, its initial weights, optimizer, best head, state, data mode):
+    a fresh run, or a resumed one exactly where it stopped."""
     saved = ck.load_checkpoint(out) if cfg.resume else None
+    old = TrainState(**saved[1]) if saved else None
     # an "auto" run resumes in the mode it started in (RAM and stream orders differ), whatever memory is free now
-    keep_mode = saved[1]["config"].get("data_mode_resolved") if saved and cfg.data_mode == "auto" else None
+    keep_mode = old.config.get("data_mode_resolved") if old and cfg.data_mode == "auto" else None
     store, train, val, train_blocks, val_blocks, mode = prepare_data(cfg, device, keep_mode)
-    now = {**asdict(cfg), "data_mode_resolved": mode}
-    if saved:
-        check_resume({**saved[1], "now": now}, cfg, store, out)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train)))
-    if saved:
-        state = saved[1]
-    else:
-        scales = None
-        if cfg.init == "mix":
-            scales = fit_mix_scales(store, *mix_sample(cfg, store, train, train_blocks), device, cfg.seed, cfg.mix_rows)
-            print(f"mix init: fitted scales mlm {scales[0]:.4f}, ar {scales[1]:.4f}")
-        state = {"step": 0, "data": None, "init_scales": scales, "best_step": 0, "best_val_loss": None, "init_val_loss": None,
-                 "bad_evals": 0, "stopped_early": False, "loss_sum": 0.0, "last_eval": 0, "val_blocks": val_blocks,
-                 "identity": {k: store.manifest.get(k) for k in IDENTITY}, "config": now}
-    head = init_head(cfg.init, store, state["init_scales"], cfg.seed).to(device)
-    init_params = [p.detach().clone() for p in head.parameters()] if cfg.reg_to_init > 0 else []
+    now = {**asdict(cfg), "data_mode_resolved": mode, "total_steps": cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train)))}
+    if old:
+        check_resume(old, now, cfg, store, out)
+    state = old or TrainState(config=now, identity=identity_record(store.manifest), val_blocks=val_blocks)
+    if not old and cfg.init == "mix":
+        state.init_scales = list(fit_mix_scales(store, *mix_sample(cfg, store, train, train_blocks), device, cfg.seed, cfg.mix_rows))
+        print(f"mix init: fitted scales mlm {state.init_scales[0]:.4f}, ar {state.init_scales[1]:.4f}")
+    head = init_head(cfg.init, expert_tensors(store) if cfg.init != "random" else
+                     {"W1": torch.empty(0, store.d_mlm), "W2": torch.empty(store.vocab_size, store.d_ar)},
+                     state.init_scales, cfg.seed).to(device)
+    init_params = [p.detach().clone() for p in head.parameters()] if cfg.reg_to_init > 0 else []  # the pull's anchor
     opt = make_optimizer(head, cfg)
-    if saved:
+    if old:
         best = ck.restore(saved[0], head, opt)
-        train.load_state_dict(state["data"])
-        ck.truncate_metrics(out, state["step"])
-        print(f"resuming {out} at step {state['step']} (best val {state['best_val_loss']:.4f} @ {state['best_step']})")
+        train.load_state_dict(state.data)
+        ck.truncate_metrics(out, state.step)
+        print(f"resuming {out} at step {state.step} (best val {state.best_val_loss:.4f} @ {state.best_step})")
     else:
         torch.manual_seed(cfg.seed)
         ck.clear_run(out)  # a fresh start: no stale checkpoint a later --resume could pick up
-        v = mean_nll(head, val())
+        state.best_val_loss = state.init_val_loss = mean_nll(head, val())
         best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
-        state.update(best_val_loss=v, init_val_loss=v)
-        ck.append_metrics(out, {"step": 0, "train_loss": None, "val_loss": v, "val_ppl": math.exp(v), "lr": 0.0, "rows_per_s": None})
+        ck.append_metrics(out, {"step": 0, "train_loss": None, "val_loss": state.best_val_loss,
+                                "val_ppl": math.exp(state.best_val_loss), "lr": 0.0, "rows_per_s": None})
+    return store, train, val, head, init_params, opt, best, state, mode
+
+
+def validate(head, val, state: TrainState, best: dict, out: Path, lr: float, patience: int) -> dict:
+    """Log a validation; keep the head if it is the best so far; decide early stopping."""
+    v = mean_nll(head, val())
+    n = state.step - state.last_eval
+    ck.append_metrics(out, {"step": state.step, "train_loss": state.loss_sum / max(n, 1), "val_loss": v, "val_ppl": math.exp(v),
+                            "lr": lr, "rows_per_s": state.rows / max(state.seconds, 1e-9)})
+    if v < state.best_val_loss:
+        best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
+        state.best_val_loss, state.best_step, state.bad_evals = v, state.step, 0
+    else:
+        state.bad_evals += 1
+        state.stopped_early = 0 < patience <= state.bad_evals
+    state.loss_sum, state.last_eval, state.seconds, state.rows = 0.0, state.step, 0.0, 0
+    return best
+
+
+def save(out: Path, cfg: TrainConfig, store, train, head, opt, best: dict, state: TrainState) -> None:
+    state.data = train.state_dict()
+    ck.save_checkpoint(out, head, best, opt, asdict(state))
+    save_head(out, FusionHead.from_weights(best["weight"], best["bias"], head.d_mlm), head_meta(cfg, store, state))
+    ck.plot_loss(out)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    device, out = resolve_device(cfg.device), Path(cfg.out)
+    if not cfg.resume:
+        guard_output(out, "head.json", cfg.overwrite, (cfg.store, cfg.val_store), what="head folder")
+    out.mkdir(parents=True, exist_ok=True)
+    store, train, val, head, init_params, opt, best, s, mode = start_run(cfg, device, out)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-    def save():
-        state["data"] = train.state_dict()
-        ck.save_checkpoint(out, head, best, opt, state)
-        ck.write_head(out, best["weight"], best["bias"], head_meta(cfg, store, state))
-        ck.plot_loss(out)
-
-    step, rows, t_train, loss_acc = state["step"], 0, 0.0, torch.zeros((), device=device)
-    bar = tqdm(total=total, initial=step, desc=f"train ({mode}, {device})", unit="step", dynamic_ncols=True)
-    t0 = time.perf_counter()
+    total, stop_after = s.config["total_steps"], int(os.environ.get("MARIA_TEST_STOP_AFTER") or -1)  # a test's "interruption"
+    bar = tqdm(total=total, initial=s.step, desc=f"train ({mode}, {device})", unit="step", dynamic_ncols=True)
+    loss_acc = torch.zeros((), device=device)  # summed on the device: one sync per validation, not per step
     try:
-        while step < total and not state["stopped_early"] and step != cfg.stop_after:
-            lr = lr_at(step, cfg, total)
+        while s.step < total and not s.stopped_early and s.step != stop_after:
+            t0, lr = time.perf_counter(), lr_at(s.step, cfg, total)
             for g in opt.param_groups:
                 g["lr"] = lr
             f, t = train.next()
             loss = train_step(head, opt, f, t, init_params, cfg, autocast)
-            step, rows, loss_acc = step + 1, rows + len(t), loss_acc + loss.detach()
+            s.step, s.rows = s.step + 1, s.rows + len(t)
+            loss_acc += loss.detach()
             bar.update(1)
-            if step % cfg.eval_every == 0 or step == total:
-                state["loss_sum"] += float(loss_acc)  # one device sync per validation, not per step
-                t_train += time.perf_counter() - t0
-                v = mean_nll(head, val())
-                rec = {"step": step, "train_loss": state["loss_sum"] / (step - state["last_eval"]), "val_loss": v, "val_ppl": math.exp(v),
-                       "lr": lr, "rows_per_s": rows / max(t_train, 1e-9)}
-                ck.append_metrics(out, rec)
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", val=f"{v:.3f}", rows_s=f"{rec['rows_per_s']:.0f}")
-                if v < state["best_val_loss"]:
-                    best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
-                    state.update(best_val_loss=v, best_step=step, bad_evals=0)
-                else:
-                    state["bad_evals"] += 1
-                    state["stopped_early"] = 0 < cfg.early_stopping_patience <= state["bad_evals"]
-                state.update(loss_sum=0.0, last_eval=step)
-                loss_acc, rows, t_train = torch.zeros((), device=device), 0, 0.0
-                t0 = time.perf_counter()
-            state["step"] = step
-            if step % cfg.save_every == 0 or step == total or state["stopped_early"] or step == cfg.stop_after:
-                state["loss_sum"] += float(loss_acc)  # carry the partial train-loss mean across a resume
-                loss_acc = torch.zeros((), device=device)
-                t_train += time.perf_counter() - t0
-                save()
-                t0 = time.perf_counter()
+            evaluate_now = s.step % cfg.eval_every == 0 or s.step == total
+            save_now = evaluate_now or s.step % cfg.save_every == 0 or s.step == stop_after
+            if save_now:  # fold the device sum in (a checkpoint carries the partial mean across a resume)
+                s.loss_sum, loss_acc = s.loss_sum + float(loss_acc), torch.zeros((), device=device)
+            s.seconds += time.perf_counter() - t0
+            if evaluate_now:
+                best = validate(head, val, s, best, out, lr, cfg.early_stopping_patience)
+                bar.set_postfix(val=f"{s.best_val_loss:.3f}")
+            if s.step % cfg.save_every == 0 or s.step == total or s.stopped_early or s.step == stop_after:
+                save(out, cfg, store, train, head, opt, best, s)
     finally:
         bar.close()
         train.close()
-    state["step"] = step
-    if not (out / "ckpt").exists() or saved and step == saved[1]["step"]:
-        save()  # nothing trained in this call (e.g. a finished run resumed): still leave the outputs
-    summary = {"out": str(out), "steps": step, "total_steps": total, "data_mode": mode, "device": device, "init": cfg.init,
-               "init_scales": state["init_scales"], "init_val_loss": state["init_val_loss"], "best_step": state["best_step"],
-               "best_val_loss": state["best_val_loss"], "best_val_ppl": math.exp(state["best_val_loss"]),
-               "stopped_early": state["stopped_early"], "interrupted": step < total and not state["stopped_early"]}
-    print(f"best val loss {summary['best_val_loss']:.4f} (ppl {summary['best_val_ppl']:.2f}) at step {summary['best_step']}; "
-          f"init {summary['init_val_loss']:.4f}; head in {out}")
+    if not (out / "head.json").exists() or not (out / "ckpt").exists():
+        save(out, cfg, store, train, head, opt, best, s)  # nothing trained in this call (e.g. a finished run resumed)
+    summary = {"out": str(out), "steps": s.step, "total_steps": total, "data_mode": mode, "device": device, "init": cfg.init,
+               "init_scales": s.init_scales, "init_val_loss": s.init_val_loss, "best_step": s.best_step,
+               "best_val_loss": s.best_val_loss, "best_val_ppl": math.exp(s.best_val_loss),
+               "stopped_early": s.stopped_early, "interrupted": not s.complete}
+    print(f"best val loss {s.best_val_loss:.4f} (ppl {math.exp(s.best_val_loss):.2f}) at step {s.best_step}; "
+          f"init {s.init_val_loss:.4f}; head in {out}")
     return summary

@@ -17,6 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.bench_setup import PRESETS
+from maria.device import resolve_device
+from maria.head import FusionHead
+from maria.plots import bar_plot
+from storage import create_store, open_store
+from train_head.checkpoint import read_metrics
+from train_head.train import TrainConfig, make_optimizer, run_train, train_step
+
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
@@ -38,9 +46,6 @@ def read_rows_per_s(store) -> dict:
 def step_rows_per_s(d_mlm: int, d_ar: int, vocab_size: int, batch_size: int, steps: int, device: str) -> float:
     """(b): the trainer's own step (`train_step` with the default TrainConfig: same head, optimizer,
     precision, clipping, pull toward init) with the batch already on the device."""
-    from maria.head import FusionHead
-    from train_head.train import TrainConfig, make_optimizer, train_step
-
     cfg = TrainConfig(store="-", out="-")
     head = FusionHead(d_mlm, d_ar, vocab_size).to(device)
     init = [p.detach().clone() for p in head.parameters()]
@@ -63,12 +68,6 @@ def step_rows_per_s(d_mlm: int, d_ar: int, vocab_size: int, batch_size: int, ste
 
 
 def bench_train(store_url: str, batch_size: int, steps: int, device: str = "auto", data_mode: str = "auto") -> dict:
-    from storage import open_store
-
-    from train_head.checkpoint import read_metrics
-    from train_head.evaluate import resolve_device
-    from train_head.train import TrainConfig, run_train
-
     device = resolve_device(device)
     store = open_store(store_url)
     read = read_rows_per_s(store)
@@ -92,8 +91,6 @@ def bench_train(store_url: str, batch_size: int, steps: int, device: str = "auto
 
 def make_synthetic_store(url: str, rows: int, d_mlm: int, d_ar: int, vocab_size: int, seed: int = 0, rows_per_block: int = 8192):
     """Random features (unit-scale, float16) and Zipf-like targets at real dims: throughput only."""
-    from storage import create_store
-
     rng = np.random.default_rng(seed)
     init = {"W1": rng.normal(0, 0.02, (vocab_size, d_mlm)).astype(np.float32), "b1": np.zeros(vocab_size, np.float32),
             "W2": rng.normal(0, 0.02, (vocab_size, d_ar)).astype(np.float32), "b2": np.zeros(vocab_size, np.float32),
@@ -115,8 +112,6 @@ def make_synthetic_store(url: str, rows: int, d_mlm: int, d_ar: int, vocab_size:
 def bench_train_cli(cfg) -> dict:
     """`maria bench train`: on --store, or on a synthetic 50k-row store at the --preset's dims.
     --batch-size 1 (the decode default) means 1024 rows per step here."""
-    from maria.bench import PRESETS
-
     batch = cfg.batch_size if cfg.batch_size > 1 else 1024
     if cfg.store:
         result = bench_train(cfg.store, batch, cfg.steps, cfg.device)
@@ -127,4 +122,7 @@ def bench_train_cli(cfg) -> dict:
             result = bench_train(str(Path(tmp) / "store"), batch, cfg.steps, cfg.device)
         result["store"] = f"synthetic ({cfg.preset}: 50k rows)"
     print(json.dumps({k: v for k, v in result.items() if k != "targets"}, indent=1))
+    bar_plot(Path(cfg.json).with_suffix(".png"), {"trainer end to end": result["train_rows_per_s"],
+                                                  "raw store read": result["read_rows_per_s"], "bare head step": result["step_rows_per_s"]},
+             "feature rows / s", f"Head training throughput ({result['device']}, batch {result['batch_size']})")
     return result

@@ -20,14 +20,16 @@ import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from extract.corpus import CorpusError
+from maria.io import atomic_file
+
 GENSIM_PIP = "gensim==4.4.0"
 DUMP_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 DUMP_NAME = Path(DUMP_MEMBER).name
 MIN_CHARS = 500  # articles shorter than this after cleaning are stubs or disambiguation pages
-
-
-class CorpusError(ValueError):
-    """The corpus cannot be built; the message names the fix."""
 
 
 def find_or_fetch_wiki_dump(cache_dir: str | Path) -> Path:
@@ -137,9 +139,6 @@ def prepare_wiki_corpus(out_dir: str | Path, val_fraction: float = 0.1, seed: in
     """Write train.parquet / val.parquet (doc_id, title, text), split by article; cached."""
     if not 0.0 < val_fraction < 1.0:
         raise CorpusError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out_dir = Path(out_dir)
     suffix = f"v{val_fraction:g}-s{seed}"
     train_path, val_path = out_dir / f"wiki-train-{suffix}.parquet", out_dir / f"wiki-val-{suffix}.parquet"
@@ -157,8 +156,7 @@ def prepare_wiki_corpus(out_dir: str | Path, val_fraction: float = 0.1, seed: in
         table = pa.table({"doc_id": pa.array(ids, pa.int64()),
                           "title": [articles[i]["title"] for i in ids],
                           "text": [articles[i]["text"] for i in ids]})
-        tmp = path.with_suffix(".partial")
-        pq.write_table(table, tmp)
-        tmp.rename(path)
+        with atomic_file(path) as tmp:
+            pq.write_table(table, tmp)
     print(f"wiki corpus: {len(articles)} articles -> {len(splits[train_path])} train, {n_val} val in {out_dir}")
     return train_path, val_path

@@ -13,7 +13,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+
+from app.commands import ExportConfig, run_export
+from app.corpus_wiki import prepare_wiki_corpus
+from app.defaults import convert_gguf_ar, default_cache_dir
+from app.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
+from extract.job import ExtractConfig, run_extract
+from maria.anneal import AnnealConfig, anneal
+from maria.device import resolve_device
+from maria.model import MariaModel
+from train_head.evaluate import EvalConfig, run_eval
+from train_head.train import TrainConfig, run_train
 
 
 @dataclass
@@ -47,10 +59,6 @@ def _stage(name: str):
 
 def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
     """(mlm, ar, train corpus, val corpus), building and caching what is missing."""
-    from maria.corpus_wiki import prepare_wiki_corpus
-    from maria.defaults import convert_gguf_ar, default_cache_dir
-    from maria.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
-
     cache = Path(cfg.cache) if cfg.cache else default_cache_dir()
     train, val = prepare_wiki_corpus(cache / "wiki")
     ar = cfg.ar or str(convert_gguf_ar(cache))
@@ -65,16 +73,9 @@ def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from extract.job import ExtractConfig, run_extract
-    from maria.anneal import AnnealConfig, anneal
-    from maria.commands import ExportConfig, run_export
-    from maria.model import MariaModel
-    from train_head.evaluate import EvalConfig, run_eval
-    from train_head.train import TrainConfig, run_train
-
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     timings = {}
     t = _stage("1/7 defaults: corpus, AR, MLM")
     mlm, ar, train_corpus, val_corpus = prepare_defaults(cfg)
@@ -108,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["eval"] = time.perf_counter() - t
 
     t = _stage("5/7 export one combined checkpoint")
-    ckpt = run_export(ExportConfig(mlm=mlm, ar=ar, head=str(head_dir), out=str(work / "checkpoint")))
+    ckpt = run_export(ExportConfig(mlm=mlm, ar=ar, head=str(head_dir), out=str(work / "checkpoint"), overwrite=True))
     timings["export"] = time.perf_counter() - t
 
     t = _stage("6/7 infill validation text: original / masked / MARIA / AR-only")
@@ -131,8 +132,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def infill_examples(model, ar_only, val_corpus: Path, cfg: DemoConfig) -> list[dict]:
-    import pyarrow.parquet as pq
-
     tok = model.bb.ar_tokenizer
     texts = pq.read_table(val_corpus).column("text").to_pylist()
     g = torch.Generator().manual_seed(cfg.seed)

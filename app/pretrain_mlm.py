@@ -30,10 +30,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
 from tqdm.auto import tqdm
 
-from maria.config import cpu_threads
+from app.corpus_wiki import prepare_wiki_corpus
+from app.defaults import default_cache_dir
+from maria.device import cpu_threads
 
 MASK_TOKEN = "<|mask|>"
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")  # q/k/v/o + gate/up/down, rotary, silu
@@ -96,8 +100,6 @@ def _read_documents(path: str) -> list[str]:
     docs = []
     for f in files:
         if f.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             table = pq.read_table(f)
             if "text" not in table.column_names:
                 raise ValueError(f"{f} has no 'text' column (columns: {table.column_names})")
@@ -110,9 +112,6 @@ def _read_documents(path: str) -> list[str]:
 def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
     """(train documents, held-out documents), split by document and deterministic in cfg.seed."""
     if cfg.corpus == "wiki":
-        from maria.corpus_wiki import prepare_wiki_corpus
-        from maria.defaults import default_cache_dir
-
         train, val = prepare_wiki_corpus(default_cache_dir() / "wiki", seed=cfg.seed)
         return _read_documents(str(train)), _read_documents(str(cfg.val_corpus or val))
     docs = _read_documents(cfg.corpus)
@@ -178,8 +177,6 @@ def resolve_sizes(cfg: PretrainMLMConfig, ar_config) -> dict:
 
 
 def build_mlm(cfg: PretrainMLMConfig, sizes: dict, tokenizer, ar_config):
-    from transformers import ModernBertConfig, ModernBertForMaskedLM
-
     rope_theta = float(getattr(ar_config, "rope_parameters", None) and ar_config.rope_parameters.get("rope_theta") or 160000.0)
     config = ModernBertConfig(
         vocab_size=math.ceil(len(tokenizer) / 64) * 64,  # rows past len(tokenizer) are never targets
@@ -280,8 +277,6 @@ def _config_key(cfg: PretrainMLMConfig) -> dict:
 
 def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
     """Train (or reuse) the MLM described by cfg; save it to cfg.out and return its metrics."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     out = Path(cfg.out).expanduser()
     key = _config_key(cfg)
     if (out / "metrics.json").exists() and (out / "pretrain_config.json").exists():

@@ -1,0 +1,106 @@
+"""What every benchmark shares: BenchConfig, the backbone presets, random backbones, timing.
+The dispatcher is app/bench.py.
+
+decode   app/bench_decode.py   infilling tokens/s against plain AR generation and MLM decoding (Figure 3)
+extract  app/bench_extract.py  the extraction job against bare backbone forwards; store write speed
+train    app/bench_train.py    head training rows/s against its read and head-step bounds
+anneal   app/bench_anneal.py   generative perplexity against wall-clock time (Figure 5)
+Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import ModernBertConfig, ModernBertForMaskedLM, OlmoConfig, OlmoForCausalLM
+
+from maria.backbones import Backbones, load_backbones
+from maria.device import resolve_device, resolve_dtype
+from maria.head import init_head
+
+PRESETS = {  # (mlm hidden, mlm layers, ar hidden, ar layers, vocab)
+    "tiny": (64, 2, 64, 2, 2048),
+    "small": (256, 4, 384, 6, 8192),
+    "smollm": (576, 6, 576, 30, 49152),  # the demo pair's shapes (SmolLM2-135M as AR)
+    "paper": (1024, 28, 2048, 16, 50304),  # ModernBERT-large + OLMo-1B shapes
+}
+PEAK_TFLOPS_BF16 = 790.0  # H200 dense bf16, for the fraction-of-peak line on a GPU
+
+
+@dataclass
+class BenchConfig:
+    what: str  # decode | extract | train | anneal
+    json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
+    preset: str = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
+    mlm: str | None = None  # or real backbones: MLM folder/id ...
+    ar: str | None = None  # ... and AR folder/id
+    model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head)
+    store: str | None = None  # train/extract: an existing store or corpus to measure on
+    lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # decode: window lengths
+    batch_size: int = 1  # decode: windows decoded together
+    mlm_ar_columns: int = 16  # decode: MLM left-to-right columns timed per length (each is one full MLM pass)
+    unmask_steps: int = 16  # decode: k steps of MLM iterative unmasking
+    steps: int = 200  # train/anneal: steps to time
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
+    seed: int = 0  # seeds the random backbones and inputs
+
+    def __post_init__(self):
+        if self.what not in ("decode", "extract", "train", "anneal"):
+            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train or anneal")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
+
+
+def resolve(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
+
+
+def random_backbones(preset: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """A ModernBERT-style MLM and an OLMo-style AR with random weights sharing one vocabulary
+    (ids 0..V-1; the MLM's mask token is V), in memory: benchmarks need no tokenizer or hub."""
+    hm, lm, ha, la, v = PRESETS[preset]
+    torch.manual_seed(seed)
+    mlm = ModernBertForMaskedLM(ModernBertConfig(vocab_size=v + 64, hidden_size=hm, intermediate_size=int(hm * 2.625) // 2 * 2,
+                                                 num_hidden_layers=lm, num_attention_heads=max(1, hm // 64), max_position_embeddings=8192,
+                                                 pad_token_id=v + 1, bos_token_id=v + 2, eos_token_id=v + 3, cls_token_id=v + 2, sep_token_id=v + 3,
+                                                 attn_implementation="sdpa"))
+    ar = OlmoForCausalLM(OlmoConfig(vocab_size=v, hidden_size=ha, intermediate_size=ha * 4, num_hidden_layers=la,
+                                    num_attention_heads=max(1, ha // 128) if ha >= 1024 else max(1, ha // 64), max_position_embeddings=4096,
+                                    pad_token_id=1, bos_token_id=None, eos_token_id=0))
+    mlm, ar = (m.to(device=device, dtype=dtype).eval().requires_grad_(False) for m in (mlm, ar))
+    ident = torch.arange(v)
+    mlm_to_ar = torch.cat([ident, torch.full((64,), -1)])
+    identity = {"mlm": {"id": f"random-{preset}-mlm", "revision": None, "fingerprint": "random"},
+                "ar": {"id": f"random-{preset}-ar", "revision": None, "fingerprint": "random"}, "tokenizer_fingerprint": "random"}
+    return Backbones(mlm, ar, None, None, mlm_to_ar, ident, [v + 2], [v + 3], v, v + 1, 0, identity)
+
+
+def _timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def model_backbones(cfg, device: str, dtype: torch.dtype) -> Backbones:
+    """--mlm/--ar folders when given, else random backbones of --preset."""
+    if cfg.mlm and cfg.ar:
+        return load_backbones(cfg.mlm, cfg.ar, dtype=dtype, device=device)
+    return random_backbones(cfg.preset, device, dtype, cfg.seed)
+
+
+def poe_head(bb: Backbones):
+    return init_head("poe", bb.expert_weights())
+
+

@@ -1,0 +1,207 @@
+"""`maria <verb>`: each verb maps to one plain function taking one dataclass config.
+
+The parser is tyro: every config field becomes a typed flag (--window-length or --window_length),
+its `# comment` in the dataclass is its help, and `--config FILE.yaml` supplies the same fields
+(read as flags, so YAML values are typed like command-line ones; flags given after it win).
+`--print-config` prints the resolved config as YAML and exits.
+
+Exit codes (the one rule for every verb): 0 success; 2 bad usage or bad input (a one-line
+message naming the input and the fix); 3 corrupt data (a damaged store block or checkpoint);
+130 interrupted. `--debug` (or MARIA_DEBUG=1) shows the traceback instead of the one line.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import importlib
+import io
+import os
+import re
+import sys
+import typing
+from importlib.metadata import PackageNotFoundError, version
+
+import tyro
+import yaml
+
+# verb: (module, config class, function, one-line description)
+VERBS = {
+    "extract": ("extract.job", "ExtractConfig", "run_extract", "run both backbones over a masked corpus on Ray into a Zarr feature store"),
+    "verify": ("storage.verify_cli", "VerifyConfig", "run_verify", "check every block of a feature store; non-zero exit naming what is wrong"),
+    "train": ("train_head.train", "TrainConfig", "run_train", "fit the fusion head from a feature store (no backbone needed)"),
+    "eval": ("train_head.evaluate", "EvalConfig", "run_eval", "per-masked-token NLL/perplexity: trained head, PoE init, AR-only, MLM-only"),
+    "export": ("app.commands", "ExportConfig", "run_export", "write one combined checkpoint folder (backbones + head + vocabulary map)"),
+    "infill": ("app.commands", "InfillConfig", "run_infill", "fill {{N}} masked spans of a text (or a JSONL file) with a MARIA checkpoint"),
+    "generate": ("app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
+    "pretrain-mlm": ("app.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
+    "demo": ("app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
+    "bench": ("app.bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal) with JSON and PNG output"),
+}
+EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class UsageError(ValueError):
+    """Bad flags or YAML (exit code 2)."""
+
+
+def package_version() -> str:
+    try:
+        return version("maria-infill")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _is_corrupt(e: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(e).__mro__}
+    return bool(names & {"CorruptBlockError", "CorruptDataError"})
+
+
+def one_line(e: BaseException) -> str | None:
+    """The user-facing line of a deliberate error (ours, a bad input, a full disk); None for a bug."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on device ({e.filename or 'output'}): free space or pick another --out, then re-run the same command (committed work is kept)"
+    ours = type(e).__module__.split(".")[0] in ("maria", "extract", "storage", "train_head", "app")
+    if ours or isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        text = " ".join(str(e).split()) if str(e) else type(e).__name__
+        return text[:600]
+    return None
+
+
+def yaml_to_flags(path: str, config_cls) -> list[str]:
+    """A YAML config becomes the flags it stands for, so tyro types its values exactly as on the
+    command line (YAML 1.1 reads `1e-1` as a string; here it is the float 0.1)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"--config {path}: cannot read it ({e.strerror}); pass an existing YAML file") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        raise UsageError(f"--config {path}: not valid YAML{f' (line {where.line + 1})' if where else ''}; fix the syntax") from None
+    if loaded is None:
+        return []
+    if not isinstance(loaded, dict):
+        raise UsageError(f"--config {path}: expected a mapping of field: value, got {type(loaded).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    flags = []
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            raise UsageError(f"--config {path}: unknown field {key!r}; valid fields are {', '.join(sorted(fields))}")
+        flag = "--" + name.replace("_", "-")
+        if value is None and type(None) not in typing.get_args(hints[name]):
+            raise UsageError(f"--config {path}: field {key!r} cannot be null; give it a value or leave it out")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            flags += [flag] + [str(v) for v in value]
+        elif isinstance(value, dict):
+            raise UsageError(f"--config {path}: field {key!r} must be a single value or a list, not a mapping")
+        else:
+            flags += [flag, "None" if value is None else str(value)]
+    return flags
+
+
+def _tyro_message(text: str) -> str:
+    """tyro prints a boxed report (title, then sections split by rules); make it one line."""
+    rows = [re.sub(r"^[│╭╰]\s?|\s*[│╮╯]$", "", ln).rstrip() for ln in text.splitlines()]
+    title = re.sub(r"[─╭╮ ]+", " ", rows[0]).strip() if rows else "bad arguments"
+    sections, current = [], []
+    for row in rows[1:]:
+        if set(row.strip()) <= set("─╰╯"):
+            sections.append(current)
+            current = []
+        else:
+            current.append(row)
+    first = [ln.strip() for ln in (sections[0] if sections else current) if ln.strip()]
+    if title == "Required options":
+        flags = [ln.split()[0] for ln in first[1:] if ln.startswith("--")]
+        return f"missing required option(s): {', '.join(flags)}"
+    message = " ".join(first) or title
+    message = re.sub(r"^Error parsing [A-Z]\w*Config: ", "", message)
+    hint = next((s[1].split()[0] for s in sections if s and s[0].strip().startswith("Perhaps you meant") and len(s) > 1), None)
+    return message + (f" (did you mean {hint}?)" if hint else "")
+
+
+def parse(verb: str, argv: list[str]):
+    """(config, print_config) from flags and YAML; UsageError with one line on anything wrong."""
+    module_name, config_name, _, desc = VERBS[verb]
+    config_cls = getattr(importlib.import_module(module_name), config_name)
+    print_config = "--print-config" in argv or "--print_config" in argv
+    argv = [a for a in argv if a not in ("--print-config", "--print_config")]
+    expanded = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            expanded += yaml_to_flags(arg.split("=", 1)[1], config_cls)
+        elif arg == "--config":
+            if i + 1 >= len(argv):
+                raise UsageError("--config needs a YAML file path")
+            expanded += yaml_to_flags(argv[i + 1], config_cls)
+        elif i and argv[i - 1] == "--config":
+            continue
+        else:
+            expanded.append(arg)
+    err, columns = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "200"  # tyro wraps its error report at the terminal width: keep messages on one row
+    try:
+        with contextlib.redirect_stderr(err):
+            config = tyro.cli(config_cls, args=expanded, prog=f"maria {verb}", description=desc + ". Also: --config FILE.yaml, --print-config, --debug.")
+    except SystemExit as e:
+        if e.code in (0, None):
+            sys.stdout.write(err.getvalue())
+            raise
+        raise UsageError(_tyro_message(err.getvalue())) from None
+    finally:
+        os.environ.pop("COLUMNS") if columns is None else os.environ.update(COLUMNS=columns)
+    return config, print_config
+
+
+def usage() -> str:
+    lines = [f"usage: maria <verb> [options]   (maria <verb> --help for its options; maria --version)", "", "verbs:"]
+    lines += [f"  {verb:<13} {desc}" for verb, (*_, desc) in VERBS.items()]
+    lines += ["", "exit codes: 0 ok, 2 bad usage or input, 3 corrupt data, 130 interrupted; --debug shows tracebacks"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"maria {package_version()}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print(usage(), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"maria: error: unknown verb {argv[0]!r}; pick one of {', '.join(VERBS)}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+    verb, argv = argv[0], argv[1:]
+    debug = "--debug" in argv or os.environ.get("MARIA_DEBUG") not in (None, "", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if verb == "bench" and argv and not argv[0].startswith("-"):
+        argv = ["--what", argv[0]] + argv[1:]  # `maria bench decode ...`
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        config, print_config = parse(verb, argv)
+        if print_config:
+            print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
+            return 0
+        module_name, _, func_name, _ = VERBS[verb]
+        getattr(importlib.import_module(module_name), func_name)(config)
+    except KeyboardInterrupt:
+        print(f"maria {verb}: interrupted; re-run the same command to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 -- deliberate errors become one line; bugs keep their traceback
+        msg = one_line(e)
+        if msg is None or debug:
+            raise
+        print(f"maria {verb}: error: {msg}", file=sys.stderr)
+        return EXIT_CORRUPT if _is_corrupt(e) else EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
