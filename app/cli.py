@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import importlib
 import io
+import math
 import os
 import re
 import sys
@@ -104,24 +105,28 @@ def yaml_to_flags(path: str, config_cls) -> list[str]:
     return flags
 
 
+BOX = "─━═-+|│┃╭╮╰╯┌┐└┘"  # tyro draws its report with rich: unicode boxes on a terminal, ASCII ones elsewhere
+
+
 def _tyro_message(text: str) -> str:
     """tyro prints a boxed report (title, then sections split by rules); make it one line."""
-    rows = [re.sub(r"^[│╭╰]\s?|\s*[│╮╯]$", "", ln).rstrip() for ln in text.splitlines()]
-    title = re.sub(r"[─╭╮ ]+", " ", rows[0]).strip() if rows else "bad arguments"
+    rows = [ln.strip().strip(BOX).strip() if ln.strip()[:1] in BOX else ln.strip() for ln in text.splitlines()]
+    raw = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    title = raw[0].strip(BOX + " ").strip() if raw else "bad arguments"
     sections, current = [], []
-    for row in rows[1:]:
-        if set(row.strip()) <= set("─╰╯"):
+    for line, row in zip(raw[1:], rows[1:]):
+        if not row.strip(BOX + " "):  # a rule (or the box's bottom edge)
             sections.append(current)
             current = []
         else:
             current.append(row)
-    first = [ln.strip() for ln in (sections[0] if sections else current) if ln.strip()]
+    first = next((sec for sec in sections + [current] if sec), [])  # without a terminal a rule follows the title
     if title == "Required options":
         flags = [ln.split()[0] for ln in first[1:] if ln.startswith("--")]
         return f"missing required option(s): {', '.join(flags)}"
     message = " ".join(first) or title
     message = re.sub(r"^Error parsing [A-Z]\w*Config: ", "", message)
-    hint = next((s[1].split()[0] for s in sections if s and s[0].strip().startswith("Perhaps you meant") and len(s) > 1), None)
+    hint = next((sec[1].split()[0] for sec in sections if sec and sec[0].startswith("Perhaps you meant") and len(sec) > 1), None)
     return message + (f" (did you mean {hint}?)" if hint else "")
 
 
@@ -155,6 +160,10 @@ def parse(verb: str, argv: list[str]):
         raise UsageError(_tyro_message(err.getvalue())) from None
     finally:
         os.environ.pop("COLUMNS") if columns is None else os.environ.update(COLUMNS=columns)
+    for f in dataclasses.fields(config):  # nan/inf pass every `x > 0` check the configs make
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{f.name.replace('_', '-')} is {value}; pass a finite number")
     return config, print_config
 
 

@@ -12,7 +12,9 @@ from tqdm import tqdm
 from maria.anneal import AnnealConfig, anneal
 from maria.device import resolve_device, resolve_dtype
 from maria.io import OutputExistsError, atomic_write
+from maria.limits import check_fits, max_window
 from maria.model import MariaModel, export
+from maria.text import parse_masked_text
 
 
 @dataclass
@@ -99,6 +101,10 @@ def run_infill(cfg: InfillConfig) -> list[dict]:
     device = resolve_device(cfg.device)
     model = MariaModel.from_pretrained(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
+    # every text is checked before the first is decoded: a bad line 900 must not cost 899 infills
+    lengths = [len(parse_masked_text(t, model.bb.ar_tokenizer, max_window(model.bb))[0]) for t in texts]
+    for i in range(0, len(texts), cfg.batch_size):
+        check_fits(model.bb, len(lengths[i : i + cfg.batch_size]), max(lengths[i : i + cfg.batch_size]))
     results = []
     with tqdm(total=len(texts), desc="infill", unit="text", disable=len(texts) == 1) as bar:
         for i in range(0, len(texts), cfg.batch_size):
@@ -128,6 +134,7 @@ def run_generate(cfg: GenerateConfig) -> list[str]:
     _check_output_file(cfg.out, cfg.overwrite)
     device = resolve_device(cfg.device)
     model = MariaModel.from_pretrained(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    check_fits(model.bb, cfg.chains, cfg.length + 1, "generate")
     bar = tqdm(total=cfg.steps, desc="anneal", unit="step")
     x, traj = anneal(model, cfg, on_step=lambda s, e: (bar.update(1), bar.set_postfix(ppl=f"{math.exp(e.mean()):.1f}")))
     bar.close()

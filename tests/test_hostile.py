@@ -1,0 +1,159 @@
+"""Every verb, driven with generated hostile arguments, YAML and texts (hypothesis).
+
+The rule under test (app/cli.py): each call ends in success (0), or in exactly one line
+`maria <verb>: error: ...` with exit code 2 (bad usage or input) or 3 (corrupt data), never a
+traceback; and nothing half-written is left behind, nor any input changed.
+Cheap verbs (verify, train, eval, export, infill, generate) run for real on tiny fixtures
+(training stops after 2 steps through MARIA_TEST_STOP_AFTER). The expensive ones (extract, demo,
+pretrain-mlm, bench) run with --print-config: parsing and the configs' own validation, which is
+where their flags are checked; their runtime inputs have tests of their own (corpus, window length).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import string
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.cli import VERBS, main
+from store_fixtures import make_store
+
+pytestmark = pytest.mark.timeout(900)
+CHEAP = ("verify", "train", "eval", "export", "infill", "generate")
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(pairs, tmp_path_factory):
+    """A store, a finished head, a checkpoint, a corpus and some junk files: the inputs verbs read."""
+    from maria.backbones import load_backbones
+    from maria.head import init_head, save_head
+    from maria.model import MariaModel
+
+    root = tmp_path_factory.mktemp("world")
+    mlm, ar = pairs["modernbert-olmo"]
+    bb = load_backbones(mlm, ar)
+    make_store(root / "store", bb, 32, seed=1, windows_per_block=8)
+    save_head(root / "head", init_head("poe", bb.expert_weights()), {**bb.describe(), "complete": True})
+    MariaModel(bb, init_head("poe", bb.expert_weights())).save_pretrained(root / "ckpt")
+    (root / "corpus.jsonl").write_text('{"text": "hello world, a short document."}\n')
+    (root / "texts.jsonl").write_text('{"text": "Paris is the {{2}} of France."}\n{"text": "{{3}}"}\n')
+    (root / "empty.jsonl").write_text("")
+    (root / "junk.bin").write_bytes(os.urandom(64))
+    (root / "dir").mkdir()
+    return {"root": root, "mlm": mlm, "ar": ar}
+
+
+def value_pool(world: dict) -> dict[str, list[str]]:
+    r = world["root"]
+    paths = [str(r / n) for n in ("store", "head", "ckpt", "corpus.jsonl", "texts.jsonl", "empty.jsonl", "junk.bin", "dir", "nope")]
+    paths += [world["mlm"], world["ar"], "..", "/", "", "s3://no-such-bucket/x", "nobody/nothing"]
+    return {
+        "int": ["-1", "0", "1", "2", "3", "99999999999", "1.5", "x", ""],
+        "float": ["-1", "0", "0.5", "1", "1e-1", "nan", "inf", "-inf", "abc", "1e400"],
+        "str": paths + ["auto", "cpu", "cuda", "token", "poe", "mix", "{{999999}}", "a {{2}} b", "{{0}}", "}}{{", "ü ß ∂ \u200b"],
+    }
+
+
+def kind_of(hint) -> str:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    base = typing.get_args(base)[0] if typing.get_origin(base) is list else base
+    return {int: "int", float: "float", bool: "bool"}.get(base, "str")
+
+
+def valid_base(verb: str, world: dict, n: int) -> list[str]:
+    r, out = world["root"], str(world["root"] / "dir" / f"out-{n}")
+    return {"verify": ["--store", str(r / "store")],
+            "train": ["--store", str(r / "store"), "--out", out, "--batch-size", "16", "--eval-every", "1"],
+            "eval": ["--store", str(r / "store"), "--head", str(r / "head")],
+            "export": ["--mlm", world["mlm"], "--ar", world["ar"], "--head", str(r / "head"), "--out", out],
+            "infill": ["--model", str(r / "ckpt"), "--text", "Paris is the {{2}} of France."],
+            "generate": ["--model", str(r / "ckpt"), "--steps", "1", "--length", "8", "--chains", "1"],
+            "extract": ["--mlm", world["mlm"], "--ar", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--out", out],
+            "pretrain-mlm": ["--tokenizer-from", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--out", out],
+            "demo": [], "bench": ["--what", "decode"]}[verb]
+
+
+@st.composite
+def hostile_call(draw, verb: str, world: dict):
+    module, config_name, *_ = VERBS[verb]
+    cls = getattr(importlib.import_module(module), config_name)
+    hints, pool = typing.get_type_hints(cls), value_pool(world)
+    chosen = draw(st.lists(st.sampled_from([f.name for f in dataclasses.fields(cls)]), max_size=5, unique=True))
+    values = {}
+    for name in chosen:
+        kind = kind_of(hints[name])
+        values[name] = draw(st.booleans()) if kind == "bool" else draw(st.sampled_from(pool[kind] + ["None"]))
+    if verb == "generate" and values.get("steps", "").isdigit():
+        values["steps"] = str(min(int(values["steps"]), 2))  # a billion annealing steps is a valid, endless request
+    argv = valid_base(verb, world, draw(st.integers(0, 10**9)))  # reach past parsing: hostile values override these
+    as_yaml = draw(st.sampled_from(["flags", "flags", "yaml", "broken-yaml"]))
+    if as_yaml == "flags":
+        for name, v in values.items():
+            flag = "--" + name.replace("_", draw(st.sampled_from(["-", "_"])))
+            argv += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, v]
+    else:
+        cfg = world["root"] / f"cfg-{verb}-{draw(st.integers(0, 10**9))}.yaml"
+        typed = {k: (None if v == "None" else yaml.safe_load(v) if isinstance(v, str) and v[:1] in tuple("-0123456789") else v)
+                 for k, v in values.items()}
+        text = yaml.safe_dump(typed) if as_yaml == "yaml" else "a: [b\n" + draw(st.text(string.printable, max_size=20))
+        cfg.write_text(text)
+        argv += ["--config", str(cfg)]
+    if draw(st.booleans()):
+        argv += draw(st.sampled_from([["--bogus", "1"], ["stray"], ["--"], ["--lr"]]))
+    return argv
+
+
+def check_call(verb: str, argv: list[str], world: dict, capsys) -> None:
+    root = world["root"]
+    before = {n: digest(root / n) for n in ("store", "head", "ckpt")}
+    code = main([verb] + argv + (["--print-config"] if verb not in CHEAP else []))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-3000:]
+    assert code in (0, 2, 3), f"exit {code} for maria {verb} {argv}: {err[-1500:]}"
+    if code:
+        lines = [ln for ln in err.splitlines() if ln.strip() and not ln.rstrip().endswith("/s]")]
+        assert len(lines) == 1 and lines[0].startswith(f"maria {verb}: error: "), f"maria {verb} {argv}:\n{err[-1500:]}"
+        assert len(lines[0].split("error: ", 1)[1]) > 25, f"a bare title is not a message naming the fix: {lines[0]}"
+    left = [p for p in root.rglob("*") if p.name.endswith((".tmp", ".partial")) or ".partial" in p.name]
+    assert not left, f"half-written files after maria {verb} {argv}: {left}"
+    assert before == {n: digest(root / n) for n in before}, f"maria {verb} {argv} changed an input"
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_hostile_arguments(verb, world, capsys, monkeypatch):
+    monkeypatch.setenv("MARIA_TEST_STOP_AFTER", "2")
+    monkeypatch.chdir(world["root"] / "dir")  # relative outputs land in a scratch folder
+
+    @settings(max_examples=12 if verb in CHEAP else 25, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_call(verb, world))
+    def run(argv):
+        check_call(verb, argv, world, capsys)
+
+    run()
+
+
+@pytest.mark.parametrize("text", ["{{999999}}", "word " * 30000, "a {{0}} b", "{{", "\x00\x01", "", "{{3}}" * 400])
+def test_hostile_texts_are_refused_in_one_line_or_filled(text, world, capsys, tmp_path):
+    code = main(["infill", "--model", str(world["root"] / "ckpt"), "--text", text, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err, err[-2000:]
+    if code:
+        assert len([ln for ln in err.splitlines() if ln.strip()]) == 1, err
