@@ -13,7 +13,7 @@ from pathlib import Path
 
 from app import bench_anneal, bench_decode, bench_extract, bench_train
 from app.bench_setup import BenchConfig
-from maria.io import atomic_write
+from maria.io import atomic_write, guard_output_file
 
 __all__ = ["BenchConfig", "run_bench"]
 RUNNERS = {"decode": bench_decode.bench_decode, "extract": bench_extract.bench_extract,
@@ -22,6 +22,7 @@ RUNNERS = {"decode": bench_decode.bench_decode, "extract": bench_extract.bench_e
 
 def run_bench(cfg: BenchConfig) -> dict:
     out = Path(cfg.json)
+    guard_output_file(out, cfg.overwrite, lambda t: '"benchmark"' in t, flag="--json")
     result = RUNNERS[cfg.what](cfg)
     atomic_write(out, json.dumps(result, indent=2))
     print(json.dumps(result.get("targets", result), indent=2))

@@ -33,6 +33,7 @@ PEAK_TFLOPS_BF16 = 790.0  # H200 dense bf16, for the fraction-of-peak line on a 
 class BenchConfig:
     what: str  # decode | extract | train | anneal
     json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
+    overwrite: bool = False  # replace a --json written by an earlier `maria bench`
     preset: str = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
     mlm: str | None = None  # or real backbones: MLM folder/id ...
     ar: str | None = None  # ... and AR folder/id

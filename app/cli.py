@@ -110,7 +110,8 @@ BOX = "─━═-+|│┃╭╮╰╯┌┐└┘"  # tyro draws its report with
 
 def _tyro_message(text: str) -> str:
     """tyro prints a boxed report (title, then sections split by rules); make it one line."""
-    rows = [ln.strip().strip(BOX).strip() if ln.strip()[:1] in BOX else ln.strip() for ln in text.splitlines()]
+    sides = "|│┃╭╮╰╯┌┐└┘+"  # a box's edges; a leading "-" may be a flag's, so it is only a rule when alone
+    rows = [ln.strip().strip(sides).strip() for ln in text.splitlines()]
     raw = [ln.strip() for ln in text.splitlines() if ln.strip()]
     title = raw[0].strip(BOX + " ").strip() if raw else "bad arguments"
     sections, current = [], []

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from maria.anneal import AnnealConfig, anneal
 from maria.device import resolve_device, resolve_dtype
-from maria.io import OutputExistsError, atomic_write
+from maria.io import atomic_write, guard_output_file, jsonl_with_keys
 from maria.limits import check_fits, max_window
 from maria.model import MariaModel, export
 from maria.text import parse_masked_text
@@ -38,27 +38,13 @@ def run_export(cfg: ExportConfig) -> Path:
     return out
 
 
-def _check_output_file(out: str | None, overwrite: bool, inputs: tuple = ()) -> None:
-    """A JSONL output may replace an older output only with --overwrite, and never an input."""
-    if out is None:
-        return
-    p = Path(out).expanduser()
-    for given in inputs:
-        if given and Path(given).expanduser().resolve() == p.resolve():
-            raise OutputExistsError(f"--out {out} is also an input; pick another --out")
-    if p.is_dir():
-        raise OutputExistsError(f"--out {out} is a folder; pass a file path such as {p / 'out.jsonl'}")
-    if p.exists() and not overwrite:
-        raise OutputExistsError(f"--out {out} already exists; pass --overwrite to replace it, or pick a new file")
-
-
 @dataclass
 class InfillConfig:
     model: str  # a MARIA checkpoint folder (from `maria export`)
     text: str | None = None  # text with masked spans written {{N}} (N tokens), e.g. "Paris is the {{2}} of France."
     jsonl: str | None = None  # input JSONL, one {"text": ...} per line (instead of --text)
     out: str | None = None  # output JSONL (default: print to stdout)
-    overwrite: bool = False  # replace an existing --out file
+    overwrite: bool = False  # replace an --out file written by an earlier `maria infill`
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # sample from the k most likely tokens (0 = all)
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
@@ -96,7 +82,7 @@ def read_texts(path: str) -> list[str]:
 
 
 def run_infill(cfg: InfillConfig) -> list[dict]:
-    _check_output_file(cfg.out, cfg.overwrite, (cfg.jsonl,))
+    guard_output_file(cfg.out, cfg.overwrite, jsonl_with_keys("input", "output"), (cfg.jsonl,))
     texts = read_texts(cfg.jsonl) if cfg.jsonl else [cfg.text]
     device = resolve_device(cfg.device)
     model = MariaModel.from_pretrained(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
@@ -125,13 +111,13 @@ def run_infill(cfg: InfillConfig) -> list[dict]:
 class GenerateConfig(AnnealConfig):
     model: str  # a MARIA checkpoint folder (from `maria export`)
     out: str | None = None  # JSONL of samples (default: print them)
-    overwrite: bool = False  # replace an existing --out file
+    overwrite: bool = False  # replace an --out file written by an earlier `maria generate`
     device: str = "auto"  # auto (cuda if visible) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
 
 
 def run_generate(cfg: GenerateConfig) -> list[str]:
-    _check_output_file(cfg.out, cfg.overwrite)
+    guard_output_file(cfg.out, cfg.overwrite, jsonl_with_keys("text", "ar_ppl"))
     device = resolve_device(cfg.device)
     model = MariaModel.from_pretrained(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     check_fits(model.bb, cfg.chains, cfg.length + 1, "generate")

@@ -105,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t = _stage("4/7 evaluate on the validation articles")
     table = run_eval(EvalConfig(store=str(val_store), head=str(head_dir), json=str(work / "eval.json"),
-                                markdown=str(work / "eval.md"), device=device))
+                                markdown=str(work / "eval.md"), device=device, overwrite=True))
     timings["eval"] = time.perf_counter() - t
 
     t = _stage("5/7 export one combined checkpoint")

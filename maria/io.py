@@ -8,6 +8,7 @@ path must never delete a user's data or one of the command's own inputs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -85,3 +86,34 @@ def guard_output(out: str | Path, marker: str, overwrite: bool, inputs: tuple = 
     if not overwrite:
         raise OutputExistsError(f"{what} {out} already exists; pass --overwrite to replace it, or pick a new --out")
     return out
+
+
+def guard_output_file(out: str | Path | None, overwrite: bool, is_ours, inputs: tuple = (), flag: str = "--out") -> None:
+    """The file twin of guard_output: a new path is fine; an existing file needs --overwrite and must
+    look like one of ours (`is_ours(text)`); a folder or an input is never replaced."""
+    if out is None:
+        return
+    p = Path(out).expanduser()
+    for given in inputs:
+        if given and "://" not in str(given) and Path(given).expanduser().resolve() == p.resolve():
+            raise OutputExistsError(f"{flag} {out} is also an input; pick another {flag}")
+    if p.is_dir():
+        raise OutputExistsError(f"{flag} {out} is a folder; pass a file path such as {p / 'out.json'}")
+    if not p.exists():
+        return
+    if not overwrite:
+        raise OutputExistsError(f"{flag} {out} already exists; pass --overwrite to replace it, or pick a new file")
+    try:
+        ours = is_ours(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"{flag} {out} exists and was not written by maria; pick a new file (it is left as it is)")
+
+
+def jsonl_with_keys(*keys: str):
+    """An is_ours test for JSONL outputs: every line an object with these keys."""
+    def check(text: str) -> bool:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)
+    return check

@@ -25,10 +25,11 @@ from maria.identity import check_same_backbones
 from maria.plots import line_plot
 from storage import open_store
 from train_head.checkpoint import read_metrics
-from maria.io import atomic_write
+from maria.io import atomic_write, guard_output_file
 from train_head.data import DataError, check_complete, eval_batches, read_rows
 from train_head.init import expert_tensors
 
+TABLE_TITLE = "Per-masked-token perplexity"
 LABELS = {"trained": "trained head", "poe_init": "PoE at init (no training)", "ar_only": "AR only", "mlm_only": "MLM only"}
 
 
@@ -38,6 +39,7 @@ class EvalConfig:
     head: str | None = None  # trained head folder (the --out of `maria train`); omit for the three baselines only
     json: str | None = None  # write the results as JSON here
     markdown: str | None = None  # write the Markdown table here
+    overwrite: bool = False  # replace --json/--markdown files written by an earlier `maria eval`
     batch_size: int = 1024  # rows per forward
     device: str = "auto"  # auto | cpu | cuda
     allow_incomplete: bool = False  # evaluate a store whose extraction has not finished (default: refuse)
@@ -69,6 +71,8 @@ def mean_nll(head: FusionHead, batches) -> float:
 
 
 def run_eval(cfg: EvalConfig) -> dict:
+    guard_output_file(cfg.json, cfg.overwrite, lambda t: '"models"' in t and '"rows"' in t, flag="--json")
+    guard_output_file(cfg.markdown, cfg.overwrite, lambda t: t.startswith(TABLE_TITLE), flag="--markdown")
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
     check_complete(store, cfg.store, cfg.allow_incomplete)
@@ -116,7 +120,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 def markdown_table(result: dict) -> str:
     buckets = result["models"]["poe_init"]["by_mask_rate"]
     head = ["model", "NLL", "ppl"] + [f"ppl @ rate {b['lo']:g}-{b['hi']:g} (n={b['rows']})" for b in buckets]
-    lines = [f"Per-masked-token perplexity on {result['store']} ({result['rows']} masked tokens)", "",
+    lines = [f"{TABLE_TITLE} on {result['store']} ({result['rows']} masked tokens)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["models"].values():
         cells = [row["label"], f"{row['nll']:.4f}", f"{row['ppl']:.2f}"]
