@@ -13,15 +13,15 @@ import numpy as np
 import zarr
 
 from storage import commit, layout
-from storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY, READABLE_FORMATS,
+from storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, INIT_ARRAYS, MANIFEST_KEY,
                             CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
                             StoreNotFoundError, check_block_id, features_finite, init_shapes, sha256_of,
                             stored_feature_dtype)
 from storage.location import Location
+from storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root
 
 _ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError,
                  zarr.errors.ArrayNotFoundError)
-PLAN_KEY = "maria_plan"
 
 
 def decode_problem(e: Exception) -> str | None:
@@ -55,57 +55,15 @@ class BlockArray:
             raise CorruptBlockError(self.block_id, f"array {self.name}: {reason}", self.url) from e
 
 
-def _normalize_manifest(manifest: dict) -> dict:
-    """JSON round trip (tuples -> lists, so stored and fresh manifests compare equal) plus required fields."""
-    if not isinstance(manifest, dict):
-        raise StoreError(f"manifest must be a dict, got {type(manifest).__name__}")
-    try:
-        m = json.loads(json.dumps(manifest))
-    except (TypeError, ValueError) as e:
-        raise StoreError(f"manifest is not JSON-serialisable ({e}); pass plain str/int/float/list/dict values") from e
-    for key in ("d_mlm", "d_ar", "vocab_size"):
-        if not isinstance(m.get(key), int) or m[key] <= 0:
-            raise StoreError(f"manifest needs a positive int {key!r}, got {m.get(key)!r}")
-    m.setdefault("feature_dtype", "float16")
-    stored_feature_dtype(m)  # validates the name
-    m["format_version"] = FORMAT_VERSION
-    return m
-
-
-def _read_root(loc: Location) -> dict | None:
-    """The root group's attributes, or None when there is no MARIA store here."""
-    try:
-        attrs = layout.group_attributes(loc.read_optional("zarr.json"))
-    except ValueError as e:
-        raise CorruptStoreError(f"{loc.url}/zarr.json is not valid JSON ({e}); the store's root metadata is damaged") from e
-    return attrs if attrs is not None and isinstance(attrs.get(MANIFEST_KEY), dict) else None
-
-
-def _check_identity(stored: dict, new: dict, url: str) -> None:
-    for key in IDENTITY_KEYS:
-        if (key in stored or key in new) and stored.get(key) != new.get(key):
-            raise StoreMismatchError(
-                f"{url} holds features of another extraction: {key} is {stored.get(key)!r} there but {new.get(key)!r} "
-                f"now; use another --out or delete that store")
-
-
-def _check_format_version(manifest: dict, url: str, writing: bool = False) -> None:
-    version = manifest.get("format_version")
-    if version not in READABLE_FORMATS or (writing and version != FORMAT_VERSION):
-        raise StoreError(f"{url} has store format_version {version!r}; this code {'writes' if writing else 'reads'} "
-                         f"version {FORMAT_VERSION if writing else READABLE_FORMATS}; extract into a new --out "
-                         f"(or use the MARIA version that made it)")
-
-
 def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] | None = None,
                  storage_options: dict | None = None) -> "FeatureStore":
     """Create the store (driver only), or reopen it when an extraction with the same identity made it."""
-    manifest = _normalize_manifest(manifest)
+    manifest = normalize_manifest(manifest)
     loc = Location(url, storage_options)
-    existing = _read_root(loc)
+    existing = read_root(loc)
     if existing is not None:
-        _check_format_version(existing[MANIFEST_KEY], url, writing=True)
-        _check_identity(existing[MANIFEST_KEY], manifest, url)
+        check_format_version(existing[MANIFEST_KEY], url, writing=True)
+        check_identity(existing[MANIFEST_KEY], manifest, url)
         return FeatureStore(loc, existing[MANIFEST_KEY])
     if loc.local and loc.exists() and not os.path.isdir(loc.root):
         raise StoreMismatchError(f"{url} is a file, not a MARIA feature store; use another --out")
@@ -154,10 +112,10 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
 
 def open_store(url: str, storage_options: dict | None = None) -> "FeatureStore":
     loc = Location(url, storage_options)
-    root = _read_root(loc)
+    root = read_root(loc)
     if root is None:
         raise StoreNotFoundError(f"no MARIA feature store at {url}; check the path or run extraction with --out {url}")
-    _check_format_version(root[MANIFEST_KEY], url)
+    check_format_version(root[MANIFEST_KEY], url)
     return FeatureStore(loc, root[MANIFEST_KEY])
 
 
@@ -217,7 +175,7 @@ class FeatureStore:
     # --- the plan: which blocks make the store complete ----------------------------------------------
 
     def _root(self) -> dict:
-        root = _read_root(self._loc)
+        root = read_root(self._loc)
         if root is None:
             raise StoreNotFoundError(f"the root metadata of {self.url} has gone; re-create the store")
         return root
@@ -279,7 +237,7 @@ class FeatureStore:
         """Write and commit one block; False (and nothing written) when it is already committed. Safe to retry
         and to run concurrently: each attempt writes its own group, the marker written last decides."""
         check_block_id(block_id)
-        _check_format_version(self.manifest, self.url, writing=True)
+        check_format_version(self.manifest, self.url, writing=True)
         if not overwrite and self.is_committed(block_id):
             return False
         data = commit.validate_block(self, arrays)
