@@ -188,3 +188,18 @@ def test_format1_store_is_read_but_not_resumed(tmp_path):
         create_store(url, MANIFEST, None)
     with pytest.raises(StoreError, match="format_version 1"):
         open_store(url).write_block("b1", block(3))
+
+
+def test_fixture_stores_can_be_complete_or_incomplete(pairs, tmp_path):
+    from maria.backbones import load_backbones
+    from store_fixtures import FINISH_COMMAND, make_store as make_fixture_store
+
+    bb = load_backbones(*pairs["modernbert-olmo"])
+    done = make_fixture_store(tmp_path / "done", bb, 32, seed=0, plan=True)
+    assert verify_store(done.url) == [] and done.planned_blocks() == ["b000000", "b000001"]
+    part = make_fixture_store(tmp_path / "part", bb, 16, seed=0, plan=True, missing=2)
+    report = verify_store(part.url)
+    assert report.missing_blocks == ["b000001", "b000002"]
+    assert report.command == FINISH_COMMAND.format(path=tmp_path / "part")
+    with pytest.raises(IncompleteStoreError, match="2 of 3 planned blocks are missing"):
+        part.require_complete()
