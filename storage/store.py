@@ -221,14 +221,20 @@ class FeatureStore:
         return plan["command"] if plan and plan.get("command") else f"maria extract ... --out {self.url}"
 
     def require_complete(self) -> None:
-        """IncompleteStoreError unless every planned block is committed and the job finalized (for train/eval)."""
+        """IncompleteStoreError unless every planned block is committed and the job finalized (for train/eval).
+        A store without a plan (hand-made, or format 1) passes: nothing says what it should hold."""
+        root = self._root()
+        plan = root.get(PLAN_KEY)
+        if not isinstance(plan, dict):
+            return
         missing = self.missing_blocks()
+        command = plan.get("command") or f"maria extract ... --out {self.url}"
         if missing:
-            raise IncompleteStoreError(f"{self.url} is incomplete: {len(missing)} of {len(self.planned_blocks())} "
-                                       f"planned blocks are missing; finish it with `{self.finish_command()}`")
-        if self.plan() is not None and "rows" not in self._root()[MANIFEST_KEY]:
+            raise IncompleteStoreError(f"{self.url} is incomplete: {len(missing)} of {len(plan['blocks'])} "
+                                       f"planned blocks are missing; finish it with `{command}`")
+        if "rows" not in root[MANIFEST_KEY]:
             raise IncompleteStoreError(f"{self.url} is incomplete: its extraction never finished (not finalized); "
-                                       f"finish it with `{self.finish_command()}`")
+                                       f"finish it with `{command}`")
 
     # --- writing ---------------------------------------------------------------------------------
 

@@ -31,9 +31,10 @@ class VerifyReport(list):
     (Problem objects), `.corrupt` / `.incomplete`, `.missing_blocks`, `.command` (what finishes the job),
     and `error()`: the exception a caller should raise, the corrupt kind first."""
 
-    def __init__(self, problems: list[Problem], missing_blocks: list[str] | None = None, command: str | None = None):
+    def __init__(self, problems: list[Problem], url: str = "", missing_blocks: list[str] | None = None,
+                 command: str | None = None):
         super().__init__(str(p) for p in problems)
-        self.problems = problems
+        self.problems, self.url = problems, url
         self.missing_blocks = list(missing_blocks or [])
         self.command = command
 
@@ -46,14 +47,24 @@ class VerifyReport(list):
         return [p for p in self.problems if p.kind == INCOMPLETE]
 
     def error(self) -> StoreError | None:
-        """CorruptStoreError if anything is damaged, else IncompleteStoreError, else the open error; None if sound."""
-        for kind, cls in ((CORRUPT, CorruptStoreError), (INCOMPLETE, IncompleteStoreError)):
-            found = [p for p in self.problems if p.kind == kind]
-            if found:
-                more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-                return cls(f"{found[0]}{more}")
+        """CorruptStoreError if anything is damaged, else IncompleteStoreError, else the open error; None if sound.
+        One line: the first problem, how many more, and the fix."""
+        if self.corrupt:
+            return CorruptStoreError(f"{self.url}: {self._first(self.corrupt)}; {self._corrupt_fix()}")
+        if self.incomplete:  # its message already names the command that finishes the job
+            return IncompleteStoreError(f"{self.url} is incomplete: {self._first(self.incomplete)}")
         unreadable = [p for p in self.problems if p.kind == UNREADABLE]
         return (unreadable[0].error or StoreError(str(unreadable[0]))) if unreadable else None
+
+    @staticmethod
+    def _first(problems: list[Problem]) -> str:
+        return f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+    def _corrupt_fix(self) -> str:
+        if all(p.where.startswith("block ") or p.where == "plan" for p in self.corrupt):
+            rerun = f"`{self.command}`" if self.command else "the extraction (same command)"
+            return f"delete the damaged blocks' commits/<block_id>.json in the store and re-run {rerun} to rewrite them"
+        return "re-extract into a new --out (the store's shared metadata or init weights are damaged)"
 
 
 def _check_init(store: FeatureStore, check_data: bool) -> list[str]:
@@ -139,11 +150,11 @@ def verify_store(url: str, check_data: bool = True, storage_options: dict | None
     try:
         store = open_store(url, storage_options)
     except StoreError as e:
-        return VerifyReport([Problem(CORRUPT if isinstance(e, CorruptStoreError) else UNREADABLE, "store", str(e), e)])
+        return VerifyReport([Problem(CORRUPT if isinstance(e, CorruptStoreError) else UNREADABLE, "store", str(e), e)], url)
     m = store.manifest  # open_store has already refused other format versions
     missing = [k for k in ("d_mlm", "d_ar", "vocab_size") if not isinstance(m.get(k), int)]
     if missing:
-        return VerifyReport([Problem(CORRUPT, "manifest", f"lacks {missing}")])
+        return VerifyReport([Problem(CORRUPT, "manifest", f"lacks {missing}")], url)
     problems = [Problem(CORRUPT, "init", p) for p in _check_init(store, check_data)]
     blocks = store.committed_blocks()
     for block_id in blocks:
@@ -159,7 +170,7 @@ def verify_store(url: str, check_data: bool = True, storage_options: dict | None
         if m["rows"] != rows:
             problems.append(Problem(CORRUPT, "manifest", f"rows is {m['rows']} but the committed blocks hold {rows} "
                                     f"(blocks committed after finalize?)"))
-    return VerifyReport(problems, missing_blocks, command)
+    return VerifyReport(problems, url, missing_blocks, command)
 
 
 def _unpublished(store: FeatureStore, blocks: list[str], command: str | None) -> list[Problem]:

@@ -82,7 +82,8 @@ def test_corrupt_beats_incomplete_and_unplanned_blocks_are_corrupt(tmp_path):
     assert [(p.where, p.kind) for p in report.problems] == [("block b000000", CORRUPT), ("plan", INCOMPLETE),
                                                              ("plan", CORRUPT)]
     assert any("not in the plan (first: x9)" in p for p in report)
-    assert isinstance(report.error(), CorruptStoreError)
+    assert isinstance(report.error(), CorruptStoreError) and f"(and 1 more); delete the damaged" in str(report.error())
+    assert f"re-run `{CMD}`" in str(report.error())
 
 
 def test_missing_store_is_unreadable_not_corrupt(tmp_path):
@@ -118,8 +119,11 @@ def test_undecodable_zstd_chunk_is_a_corrupt_block_everywhere(tmp_path):
             got = np.concatenate([b["targets"] for b in reader])
         good = np.concatenate([b["targets"] for k, b in blocks.items() if k != "b000002"])
         np.testing.assert_array_equal(np.sort(got), np.sort(good))  # nothing of the bad block, nothing lost
-    (problem,) = verify_store(url).problems
+    report = verify_store(url)
+    (problem,) = report.problems
     assert problem.kind == CORRUPT and problem.where == "block b000002"
+    assert str(report.error()) == (f"{url}: {problem}; delete the damaged blocks' commits/<block_id>.json in the store "
+                                   f"and re-run the extraction (same command) to rewrite them")
 
 
 def test_format1_zstd_chunk_without_crc_is_still_a_corrupt_block(tmp_path):
