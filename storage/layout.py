@@ -16,12 +16,15 @@ from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 
 from storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk_rows
 
-# Codec choices, measured by `python -m storage.bench_layout` (README "The feature store"): features are
-# near-incompressible float16, so they are stored raw; the small per-row arrays compress well with zstd-1.
-# Every chunk ends in a crc32c (4 bytes; hardware crc at > 10 GB/s), so a damaged chunk fails loudly on any
-# read instead of decoding to wrong numbers.
-CHECKSUM_CHUNKS = True
-SHARD_FEATURES = False  # one shard file per block instead of one file per chunk (see the measurements)
+# Codec choices, measured by `python -m storage.bench_layout` (README "The feature store"). Features are
+# near-incompressible float16, so they are stored raw; the small per-row arrays and init/ compress or weigh
+# little. Their chunks end in a crc32c, so a damaged chunk fails loudly on any read (a bad zstd frame could
+# otherwise decode to wrong numbers or crash the codec). Features get none: a crc32c there cost 17-25% of the
+# write CPU and 12-19% of the read CPU; their integrity is the per-array sha256 in the commit marker, which the
+# trainer's reader and verify check on a block's first read.
+CHECKSUM_CHUNKS = True  # small arrays and init/
+CHECKSUM_FEATURES = False
+SHARD_FEATURES = False  # one shard file per block instead of one file per chunk: measured, not worth it
 SMALL_COMPRESSORS = (ZstdCodec(level=1),)
 
 LAYOUT_NOTE = (
@@ -57,26 +60,28 @@ def _features_description(manifest: dict) -> dict:
     return attrs
 
 
-def _codecs(compressors: tuple) -> tuple:
-    return tuple(compressors) + ((Crc32cCodec(),) if CHECKSUM_CHUNKS else ())
+def _codecs(compressors: tuple, features: bool) -> tuple:
+    return tuple(compressors) + ((Crc32cCodec(),) if (CHECKSUM_FEATURES if features else CHECKSUM_CHUNKS) else ())
 
 
-def array_metadata(name: str, a: np.ndarray, dims: tuple[str, ...], attrs: dict, compress: bool):
+def array_metadata(name: str, a: np.ndarray, dims: tuple[str, ...], attrs: dict, compress: bool,
+                   features: bool = False):
     """Zarr v3 metadata of one array of `a`'s shape and dtype (built in memory; nothing is written)."""
     rows = feature_chunk_rows(a.shape[1], a.itemsize) if a.ndim == 2 else SMALL_CHUNK_ROWS
     chunk = (max(1, min(len(a), rows)),) + a.shape[1:]
     shards = None
-    if SHARD_FEATURES and a.ndim == 2 and len(a) > chunk[0]:
+    if SHARD_FEATURES and features and len(a) > chunk[0]:
         shards = (-(-len(a) // chunk[0]) * chunk[0],) + a.shape[1:]  # one shard holds the whole block
     template = zarr.create_array(zarr.storage.MemoryStore(), name=name, shape=a.shape, dtype=a.dtype, chunks=chunk,
-                                 shards=shards, compressors=_codecs(SMALL_COMPRESSORS if compress else ()),
+                                 shards=shards, compressors=_codecs(SMALL_COMPRESSORS if compress else (), features),
                                  dimension_names=dims, attributes=attrs, fill_value=0)
     return template.metadata
 
 
 def block_array_metadata(name: str, a: np.ndarray, manifest: dict):
     if name == "features":
-        return array_metadata(name, a, ("row", "feature"), _features_description(manifest), compress=False)
+        return array_metadata(name, a, ("row", "feature"), _features_description(manifest), compress=False,
+                              features=True)
     return array_metadata(name, a, ("row",), {"description": BLOCK_DESCRIPTIONS[name]}, compress=True)
 
 

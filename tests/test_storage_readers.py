@@ -68,6 +68,9 @@ def test_plain_zarr_walks_every_level(finished):
         ours = store.read_block(b)
         for name in ours:
             np.testing.assert_array_equal(data[name][...], ours[name])
+    codecs = {name: [c["name"] for c in data[name].metadata.to_dict()["codecs"]] for name in ("features", "targets")}
+    assert codecs == {"features": ["bytes"], "targets": ["bytes", "zstd", "crc32c"]}  # see storage/layout.py
+    assert [c["name"] for c in root["init/W1"].metadata.to_dict()["codecs"]] == ["bytes", "crc32c"]
     assert "-1" in root["init/vocab_map"].attrs["description"]
     np.testing.assert_array_equal(root["init/W1"][...], store.init_weights()["W1"])
 
