@@ -184,30 +184,33 @@ class FeatureStore:
         self._loc.write_atomic(layout.group_json(layout.root_attributes(manifest, plan)), "zarr.json")
 
     def write_plan(self, block_ids: list[str], command: str) -> None:
-        """Record the blocks a complete store holds and the command that finishes the job (driver only, before
-        the first write). Idempotent; a new command replaces the recorded one, other blocks are refused."""
+        """Record the blocks a complete store holds and the command that finishes the job (driver only; one
+        atomic write of the root metadata). Idempotent; a new command replaces the recorded one (a re-run may
+        change run-time flags); other blocks are refused."""
         if not isinstance(command, str) or not command.strip():
             raise StoreError("write_plan needs the command that runs the extraction, e.g. 'maria extract ...'")
         blocks = sorted({check_block_id(b) for b in block_ids})
-        root = self._root()
-        old = root.get(PLAN_KEY)
-        plan = {"blocks": blocks, "command": command}
+        old, plan = self.plan(), {"blocks": blocks, "command": command}
         if old == plan:
             return
-        if old is not None and old.get("blocks") != blocks:
-            raise StoreMismatchError(f"{self.url} was planned with {len(old.get('blocks', []))} other blocks; "
+        if old is not None and old["blocks"] != blocks:
+            raise StoreMismatchError(f"{self.url} was planned with {len(old['blocks'])} other blocks; "
                                      f"an extraction with the same settings plans the same blocks: use another --out "
                                      f"or delete that store")
-        self._write_root(root[MANIFEST_KEY], plan)
+        self._write_root(self._root()[MANIFEST_KEY], plan)
 
     def plan(self) -> dict | None:
         """{"blocks": [...], "command": str} as recorded by write_plan, or None (no plan: completeness unknown)."""
         plan = self._root().get(PLAN_KEY)
-        return plan if isinstance(plan, dict) else None
+        if plan is None:
+            return None
+        if not (isinstance(plan, dict) and isinstance(plan.get("blocks"), list) and isinstance(plan.get("command"), str)):
+            raise CorruptStoreError(f"{self.url}/zarr.json has a malformed {PLAN_KEY}; re-extract into a new --out")
+        return plan
 
     def planned_blocks(self) -> list[str] | None:
         plan = self.plan()
-        return None if plan is None else list(plan.get("blocks", []))
+        return None if plan is None else list(plan["blocks"])
 
     def missing_blocks(self, committed: list[str] | None = None) -> list[str]:
         """Planned blocks not committed yet ([] when no plan is recorded)."""
@@ -215,24 +218,17 @@ class FeatureStore:
         done = set(self.committed_blocks() if committed is None else committed)
         return [b for b in planned if b not in done]
 
-    def finish_command(self) -> str:
-        """The recorded command that finishes the extraction (or a generic one for stores without a plan)."""
-        plan = self.plan()
-        return plan["command"] if plan and plan.get("command") else f"maria extract ... --out {self.url}"
-
     def require_complete(self) -> None:
         """IncompleteStoreError unless every planned block is committed and the job finalized (for train/eval).
         A store without a plan (hand-made, or format 1) passes: nothing says what it should hold."""
-        root = self._root()
-        plan = root.get(PLAN_KEY)
-        if not isinstance(plan, dict):
+        plan = self.plan()
+        if plan is None:
             return
-        missing = self.missing_blocks()
-        command = plan.get("command") or f"maria extract ... --out {self.url}"
+        missing, command = self.missing_blocks(), plan["command"]
         if missing:
             raise IncompleteStoreError(f"{self.url} is incomplete: {len(missing)} of {len(plan['blocks'])} "
                                        f"planned blocks are missing; finish it with `{command}`")
-        if "rows" not in root[MANIFEST_KEY]:
+        if "rows" not in self._root()[MANIFEST_KEY]:
             raise IncompleteStoreError(f"{self.url} is incomplete: its extraction never finished (not finalized); "
                                        f"finish it with `{command}`")
 

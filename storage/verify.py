@@ -128,7 +128,7 @@ def _completeness(store: FeatureStore, blocks: list[str]) -> tuple[list[Problem]
     plan = store.plan()
     if plan is None:
         return [], [], None  # hand-made or format-1 store: nothing says what "complete" is
-    command = store.finish_command()
+    command = plan["command"]
     missing = store.missing_blocks(blocks)
     problems = []
     if missing:

@@ -207,3 +207,13 @@ def test_fixture_stores_can_be_complete_or_incomplete(pairs, tmp_path):
     assert report.command == FINISH_COMMAND.format(path=tmp_path / "part")
     with pytest.raises(IncompleteStoreError, match="2 of 3 planned blocks are missing"):
         part.require_complete()
+
+
+def test_malformed_plan_is_corrupt_not_a_traceback(tmp_path):
+    url = str(tmp_path / "s")
+    store, _ = planned(url, commit=0)
+    meta = json.load(open(f"{url}/zarr.json"))
+    meta["attributes"]["maria_plan"] = {"blocks": "b000000"}
+    json.dump(meta, open(f"{url}/zarr.json", "w"))
+    with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --out"):
+        store.require_complete()
