@@ -161,7 +161,10 @@ def verify_store(url: str, check_data: bool = True, storage_options: dict | None
         problem = _check_block(store, block_id, check_data)
         if problem:
             problems.append(Problem(CORRUPT, f"block {block_id}", problem))
-    plan_problems, missing_blocks, command = _completeness(store, blocks)
+    try:
+        plan_problems, missing_blocks, command = _completeness(store, blocks)
+    except CorruptStoreError as e:  # a malformed plan
+        plan_problems, missing_blocks, command = [Problem(CORRUPT, "plan", str(e))], [], None
     problems += plan_problems
     if m.get("format_version") == FORMAT_VERSION:
         problems += _unpublished(store, blocks, command)

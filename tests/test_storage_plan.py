@@ -217,3 +217,4 @@ def test_malformed_plan_is_corrupt_not_a_traceback(tmp_path):
     json.dump(meta, open(f"{url}/zarr.json", "w"))
     with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --out"):
         store.require_complete()
+    assert [(p.where, p.kind) for p in verify_store(url).problems] == [("plan", CORRUPT)]
