@@ -19,12 +19,14 @@ from storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk_rows
 # Codec choices, measured by `python -m storage.bench_layout` (README "The feature store"). Features are
 # near-incompressible float16, so they are stored raw; the small per-row arrays and init/ compress or weigh
 # little. Their chunks end in a crc32c, so a damaged chunk fails loudly on any read (a bad zstd frame could
-# otherwise decode to wrong numbers or crash the codec). Features get none: a crc32c there cost 17-25% of the
-# write CPU and 12-19% of the read CPU; their integrity is the per-array sha256 in the commit marker, which the
-# trainer's reader and verify check on a block's first read.
+# otherwise decode to wrong numbers or crash the codec). Features get none: a crc32c there cost 11-25% of the
+# write CPU and up to 19% of the read CPU (two runs; zarr's encoder copies each chunk to append it); their
+# integrity is the per-array sha256 in the commit marker, checked by the trainer's reader on a block's first
+# read and by verify. Sharding cut files by 16-47% but cost up to 12% of the write CPU and 7-19% of the read
+# CPU, and per-block metadata dominates the file count anyway.
 CHECKSUM_CHUNKS = True  # small arrays and init/
 CHECKSUM_FEATURES = False
-SHARD_FEATURES = False  # one shard file per block instead of one file per chunk: measured, not worth it
+SHARD_FEATURES = False  # one shard file per block instead of one file per chunk (measured: not worth it)
 SMALL_COMPRESSORS = (ZstdCodec(level=1),)
 
 LAYOUT_NOTE = (
