@@ -1,24 +1,29 @@
-"""The on-disk format of a MARIA feature store: constants, errors, dtypes, checksums, locations.
+"""The on-disk format of a MARIA feature store: constants, errors, dtypes, checksums.
 
-A store is a Zarr v3 hierarchy (local directory or fsspec URL such as s3://bucket/path):
+A store is one Zarr v3 hierarchy (local directory or fsspec URL such as s3://bucket/path); storage/layout.py
+builds its metadata and says what each node holds:
 
-    zarr.json                      root group; attrs["maria"] = the manifest (written once, by the driver)
-    init/{W1,b1,W2,b2,vocab_map}   the two experts' output projections (W1 already in AR ids)
-    blocks/<block_id>/<attempt>/   one group per write attempt: features, targets, doc_ids, ...
-    commits/<block_id>.json        commit marker, written last and atomically; names the attempt
+    zarr.json                        root group; attrs["maria"] = the manifest, attrs["maria_plan"] = the plan
+    init/{W1,b1,W2,b2,vocab_map}     group of the two experts' output projections (W1 already in AR ids)
+    blocks/                          group of the blocks
+    blocks/<block_id>/               a block's group: exists once the block is committed; its attributes
+                                     (maria_commit) and consolidated metadata name the committed attempt
+    blocks/<block_id>/<attempt>/     one group per write attempt: features, targets, doc_ids, ...
+    commits/<block_id>.json          commit marker, written atomically after the attempt; names the attempt
 
-Readers only see blocks with a commit marker, so a crashed or concurrent write never shows up
-half-done; each attempt writes into its own fresh group, so two writers never share a file.
+This project's code decides "committed" by the marker (one listing of commits/ finds every block, even on
+S3); the block group, written right after it, is the same fact for plain Zarr readers. Each attempt writes
+into its own fresh group, so two writers never share a file, and a crashed write never shows up.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: self-describing hierarchy, bf16 attributes, crc32c chunks, init checksums, plan
+READABLE_FORMATS = (1, 2)  # version 1 stores differ only in metadata this code does not need to read
 MANIFEST_KEY = "maria"
 
 # Manifest keys that decide whether two extraction runs may share a store (resume vs. refuse).
@@ -39,6 +44,7 @@ INIT_ARRAYS = ("W1", "b1", "W2", "b2", "vocab_map")
 BLOCK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 CHUNK_ROWS = 4096  # the reader's default row-range size; stored feature chunks divide it (see below)
 FEATURE_CHUNK_BYTES = 16 << 20
+SMALL_CHUNK_ROWS = 1 << 16  # a reader chunk (4096 rows) then fetches at most 256-512 KB of the small arrays
 
 
 def init_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
@@ -65,19 +71,28 @@ class StoreMismatchError(StoreError):
     """The store at this URL was made by a different extraction (model, tokenizer, masking, ...)."""
 
 
-class CorruptBlockError(StoreError):
-    """A committed block's data does not match its commit marker. `block_id` and `reason` let callers
-    (the reader, verify) phrase their own fix."""
+class StoreNotFoundError(StoreError):
+    """No MARIA store at this URL."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store's extraction has not finished: planned blocks are missing (or it was never finalized).
+    Re-running the recorded extraction command finishes it; nothing stored is wrong."""
+
+
+class CorruptStoreError(StoreError):
+    """Stored data or metadata is damaged (checksum mismatch, undecodable chunk, missing array)."""
+
+
+class CorruptBlockError(CorruptStoreError):
+    """A committed block's data does not match its commit marker or cannot be decoded. `block_id` and
+    `reason` let callers (the reader, verify) phrase their own fix."""
 
     def __init__(self, block_id: str, reason: str, url: str, fix: str | None = None):
         self.block_id, self.reason = block_id, reason
-        fix = fix or (f"run `maria verify {url}` and re-extract the block "
-                      f"(delete commits/{block_id}.json, re-run extraction)")
+        fix = fix or (f"run `maria verify --store {url}`, then delete commits/{block_id}.json in the store and "
+                      f"re-run the extraction to rewrite the block")
         super().__init__(f"block {block_id} of {url} is corrupt: {reason}; {fix}")
-
-
-class StoreNotFoundError(StoreError):
-    """No MARIA store at this URL."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,112 +166,3 @@ def check_block_id(block_id) -> str:
     if not isinstance(block_id, str) or not BLOCK_ID_RE.match(block_id):
         raise StoreError(f"block id {block_id!r} is invalid; use letters, digits, '_', '-', '.' (e.g. 'b000123')")
     return block_id
-
-
-# ---------------------------------------------------------------------------------------------
-# locations: a local directory or an fsspec URL
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return os.path.abspath(os.path.expanduser(url[len("file://"):] if url.startswith("file://") else url))
-
-
-def resolve_storage_options(url: str, storage_options: dict | None) -> dict:
-    """Copy of storage_options; for s3:// adds the endpoint from MARIA_S3_ENDPOINT_URL / AWS_ENDPOINT_URL(_S3)
-    unless one is given (s3fs only reads the standard variable in some versions, and never ours)."""
-    options = dict(storage_options or {})
-    if url.startswith(("s3://", "s3a://")):
-        given = "endpoint_url" in options or "endpoint_url" in options.get("client_kwargs", {})
-        env = (os.environ.get("MARIA_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-               or os.environ.get("AWS_ENDPOINT_URL"))
-        if env and not given:
-            options["endpoint_url"] = env
-    return options
-
-
-class Location:
-    """Where a store lives: a zarr store for the arrays plus plain file operations for markers and cleanup."""
-
-    def __init__(self, url: str, storage_options: dict | None = None):
-        import fsspec
-        import zarr
-
-        self.url = url
-        self.local = is_local(url)
-        if self.local:
-            self.root = local_path(url)
-            self.fs = None  # plain os calls: os.replace gives the atomic marker write
-            self.zarr_store = zarr.storage.LocalStore(self.root)
-        else:
-            options = resolve_storage_options(url, storage_options)
-            self.fs, path = fsspec.url_to_fs(url, **options)
-            self.root = path.rstrip("/")
-            self.zarr_store = zarr.storage.FsspecStore.from_url(url, storage_options=options)
-
-    def sub_store(self, subpath: str, read_only: bool = False):
-        """A zarr store rooted at a sub-folder: a block attempt is written as its own small hierarchy, so a
-        writer never checks or touches the parents' metadata (fewer requests on S3, no shared files)."""
-        import zarr
-
-        if self.local:
-            return zarr.storage.LocalStore(self.path(subpath), read_only=read_only)
-        return zarr.storage.FsspecStore(self.zarr_store.fs, path=self.path(subpath), read_only=read_only)
-
-    def path(self, *parts: str) -> str:
-        return "/".join((self.root,) + parts)
-
-    def exists(self, *parts: str) -> bool:
-        if self.local:
-            return os.path.exists(self.path(*parts))
-        self.fs.invalidate_cache(self.path(*parts))
-        return self.fs.exists(self.path(*parts))
-
-    def listdir(self, *parts: str) -> list[str]:
-        """Names (not paths) directly under a folder; [] when it does not exist. Never cached: other
-        processes add markers while we run."""
-        if self.local:
-            try:
-                return sorted(os.listdir(self.path(*parts)))
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-        folder = self.path(*parts)
-        self.fs.invalidate_cache(folder)
-        try:
-            entries = self.fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            return []
-        return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
-
-    def read_bytes(self, *parts: str) -> bytes:
-        if self.local:
-            with open(self.path(*parts), "rb") as f:
-                return f.read()
-        return self.fs.cat_file(self.path(*parts))
-
-    def write_atomic(self, data: bytes, *parts: str) -> None:
-        """Local: temp file + os.replace; object stores: one PUT, which is atomic."""
-        target = self.path(*parts)
-        if not self.local:
-            self.fs.pipe_file(target, data)
-            return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{os.path.dirname(target)}/.{os.path.basename(target)}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    def remove_tree(self, *parts: str) -> None:
-        target = self.path(*parts)
-        if self.local:
-            import shutil
-            shutil.rmtree(target, ignore_errors=True)
-        elif self.exists(*parts):  # not the cached listing: another process may have written here
-            self.fs.rm(target, recursive=True)

@@ -95,7 +95,7 @@ class ShuffledReader:
         url = self.store.url
         if not self.skip_corrupt:
             raise CorruptBlockError(error.block_id, error.reason, url,
-                                    fix=f"run `maria verify {url}`; pass --skip-corrupt to train without it") from error
+                                    fix=f"run `maria verify --store {url}`; pass --skip-corrupt to train without it") from error
         warnings.warn(f"skipping block {error.block_id} of {url}: corrupt ({error.reason})", stacklevel=3)
         self.skipped_blocks.add(error.block_id)
 
@@ -109,24 +109,27 @@ class ShuffledReader:
         pieces: dict[int, dict[str, np.ndarray]] = {}
         for b, ranges in by_block.items():
             try:
-                if self.verify and b not in self._verified:
-                    # Checksums cover whole arrays, so the first touch reads the block in full; keep copies
-                    # of this window's rows only, so the block itself is freed right away.
-                    source = self.store.read_block(b, verify=True)
-                    self._verified.add(b)
-                else:
-                    if b not in self._arrays:
-                        self._arrays[b] = self.store.block_arrays(b, self._info[b])
-                    source = self._arrays[b]
-                for pos, start, stop in ranges:
-                    pieces[pos] = {name: np.array(source[name][start:stop]) for name in _READ}
-            except CorruptBlockError as e:  # raised at a block's first touch, before any of its rows are taken
+                pieces.update(self._read_ranges(b, ranges))
+            except CorruptBlockError as e:  # nothing of a corrupt block is kept, so the window stays exact
                 self._skip_or_raise(e)
         if not pieces:
             return {"features": np.zeros((0, self.store.feature_dim), self.store.feature_dtype),
                     "targets": np.zeros(0, np.int32), "mask_rates": np.zeros(0, np.float32)}
         ordered = [pieces[pos] for pos in sorted(pieces)]
         return {name: np.concatenate([p[name] for p in ordered]) for name in _READ}
+
+    def _read_ranges(self, b: str, ranges: list[tuple[int, int, int]]) -> dict[int, dict[str, np.ndarray]]:
+        """{window position: rows} of one block's chunks; CorruptBlockError when any of it is damaged."""
+        if self.verify and b not in self._verified:
+            # Checksums cover whole arrays, so the first touch reads the block in full; keep copies of this
+            # window's rows only, so the block itself is freed right away.
+            source = self.store.read_block(b, verify=True)
+            self._verified.add(b)
+        else:
+            if b not in self._arrays:
+                self._arrays[b] = self.store.block_arrays(b, self._info[b])
+            source = self._arrays[b]  # BlockArray: a chunk that fails its crc32c raises CorruptBlockError
+        return {pos: {name: np.array(source[name][start:stop]) for name in _READ} for pos, start, stop in ranges}
 
     # --- iteration -------------------------------------------------------------------------------
 

@@ -1,104 +1,70 @@
-"""FeatureStore: create/open a MARIA feature store, write blocks idempotently, read them back.
+"""FeatureStore: create/open a MARIA feature store, write blocks exactly once, read them back, track the plan.
 
-Writers (Ray tasks) call `write_block`; only the driver calls `create_store` and `finalize`, so the root
-metadata has exactly one writer. See storage/format.py for the layout.
+Writers (Ray tasks) call `write_block`; only the driver calls `create_store`, `write_plan`, `gc_uncommitted`
+and `finalize`, so the root metadata has exactly one writer. See storage/format.py for the layout and
+storage/commit.py for how a block is committed.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
-from zarr.core.group import GroupMetadata
 
-from storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY,
-                            CorruptBlockError, Location, StoreError, StoreMismatchError, StoreNotFoundError,
-                            check_block_id, feature_chunk_rows, features_finite, init_shapes, sha256_of, stored_feature_dtype, to_store_features)
+from storage import commit, layout
+from storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, INIT_ARRAYS, MANIFEST_KEY,
+                            CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
+                            StoreNotFoundError, check_block_id, features_finite, init_shapes, sha256_of,
+                            stored_feature_dtype)
+from storage.location import Location
+from storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root
 
-# Features are near-incompressible float16 (measured: zstd-1 saves ~8% at ~300 MB/s per core, lz4 saves nothing),
-# so they are stored raw. The small per-row arrays compress well and cost nothing to compress.
-FEATURE_COMPRESSORS = None
-SMALL_COMPRESSORS = (ZstdCodec(level=1),)
-SMALL_CHUNK_ROWS = 1 << 16  # a reader chunk (4096 rows) then fetches at most 256-512 KB of these
-# write_empty_chunks=True: every chunk is a file (a missing one is damage, not zeros), and zarr skips its
-# "is this chunk all fill value?" scan over the data.
-ARRAY_CONFIG = {"write_empty_chunks": True}
 _ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError,
                  zarr.errors.ArrayNotFoundError)
 
 
-def _chunk_shape(a: np.ndarray) -> tuple[int, ...]:
-    rows = feature_chunk_rows(a.shape[1], a.itemsize) if a.ndim == 2 else SMALL_CHUNK_ROWS
-    return (max(1, min(len(a), rows)),) + a.shape[1:]
-
-
-def _array_metadata(name: str, a: np.ndarray):
-    """Zarr metadata of one block array (built in memory; nothing is written)."""
-    template = zarr.create_array(zarr.storage.MemoryStore(), name=name, shape=a.shape, dtype=a.dtype,
-                                 chunks=_chunk_shape(a),
-                                 compressors=FEATURE_COMPRESSORS if name == "features" else SMALL_COMPRESSORS)
-    return template.metadata
-
-
-def _normalize_manifest(manifest: dict) -> dict:
-    """JSON round trip (tuples -> lists, so stored and fresh manifests compare equal) plus required fields."""
-    if not isinstance(manifest, dict):
-        raise StoreError(f"manifest must be a dict, got {type(manifest).__name__}")
-    try:
-        m = json.loads(json.dumps(manifest))
-    except (TypeError, ValueError) as e:
-        raise StoreError(f"manifest is not JSON-serialisable ({e}); pass plain str/int/float/list/dict values") from e
-    for key in ("d_mlm", "d_ar", "vocab_size"):
-        if not isinstance(m.get(key), int) or m[key] <= 0:
-            raise StoreError(f"manifest needs a positive int {key!r}, got {m.get(key)!r}")
-    m.setdefault("feature_dtype", "float16")
-    stored_feature_dtype(m)  # validates the name
-    m["format_version"] = FORMAT_VERSION
-    return m
-
-
-def _read_manifest(loc: Location) -> dict | None:
-    """The manifest from the root zarr.json, or None when there is no MARIA store here."""
-    try:
-        root = json.loads(loc.read_bytes("zarr.json"))
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+def decode_problem(e: Exception) -> str | None:
+    """The reason when `e` means stored bytes failed to decode (crc32c mismatch, bad zstd frame, wrong chunk
+    size), else None. Network and permission errors (OSError) are not data damage and pass through."""
+    if isinstance(e, StoreError) or not isinstance(e, (ValueError, RuntimeError)):
         return None
-    except ValueError as e:
-        raise StoreError(f"{loc.url}/zarr.json is not valid JSON ({e}); the store's root metadata is damaged") from e
-    manifest = root.get("attributes", {}).get(MANIFEST_KEY)
-    return manifest if isinstance(manifest, dict) else None
+    if isinstance(e, RuntimeError) and "decompress" not in str(e).lower():
+        return None
+    first = str(e).split(". ")[0][:100]  # crc32c's message goes on with raw checksum bytes
+    return f"a chunk fails its checksum or cannot be decoded ({type(e).__name__}: {first})"
 
 
-def _check_identity(stored: dict, new: dict, url: str) -> None:
-    for key in IDENTITY_KEYS:
-        if (key in stored or key in new) and stored.get(key) != new.get(key):
-            raise StoreMismatchError(
-                f"{url} holds features of another extraction: {key} is {stored.get(key)!r} there but {new.get(key)!r} "
-                f"now; use another --out or delete that store")
+class BlockArray:
+    """A committed block's zarr array whose reads raise CorruptBlockError when a chunk cannot be decoded."""
 
+    def __init__(self, array: zarr.Array, block_id: str, url: str, name: str):
+        self.zarr, self.block_id, self.url, self.name = array, block_id, url, name
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
 
-def _check_format_version(manifest: dict, url: str) -> None:
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise StoreError(f"{url} has store format_version {version!r}, this code reads version {FORMAT_VERSION}; "
-                         f"use a matching MARIA version or re-extract")
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            return self.zarr[key]
+        except Exception as e:
+            reason = decode_problem(e)
+            if reason is None:
+                raise
+            raise CorruptBlockError(self.block_id, f"array {self.name}: {reason}", self.url) from e
 
 
 def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] | None = None,
                  storage_options: dict | None = None) -> "FeatureStore":
     """Create the store (driver only), or reopen it when an extraction with the same identity made it."""
-    manifest = _normalize_manifest(manifest)
+    manifest = normalize_manifest(manifest)
     loc = Location(url, storage_options)
-    existing = _read_manifest(loc)
+    existing = read_root(loc)
     if existing is not None:
-        _check_format_version(existing, url)
-        _check_identity(existing, manifest, url)
-        return FeatureStore(loc, existing)
+        check_format_version(existing[MANIFEST_KEY], url, writing=True)
+        check_identity(existing[MANIFEST_KEY], manifest, url)
+        return FeatureStore(loc, existing[MANIFEST_KEY])
     if loc.local and loc.exists() and not os.path.isdir(loc.root):
         raise StoreMismatchError(f"{url} is a file, not a MARIA feature store; use another --out")
     # Only our own layout may be there already (a create that crashed before writing the manifest).
@@ -109,13 +75,23 @@ def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] |
                                  f"use another --out or delete it")
     manifest["has_init"] = init_weights is not None
     if init_weights is not None:
-        for name, array in _check_init_weights(init_weights, manifest).items():
-            zarr.create_array(store=loc.zarr_store, name=f"init/{name}", data=array, overwrite=True, config=ARRAY_CONFIG,
-                              chunks=_chunk_shape(array))
+        _write_init(loc, _check_init_weights(init_weights, manifest), manifest)
+    loc.write_atomic(layout.group_json({"description": "the blocks; see the root's maria_layout.blocks"}), "blocks", "zarr.json")
     # The manifest goes in last: a store is "there" only once everything create_store writes is complete.
-    root = zarr.open_group(loc.zarr_store, mode="a")
-    root.attrs[MANIFEST_KEY] = manifest
+    loc.write_atomic(layout.group_json(layout.root_attributes(manifest)), "zarr.json")
     return FeatureStore(loc, manifest)
+
+
+def _write_init(loc: Location, weights: dict[str, np.ndarray], manifest: dict) -> None:
+    """init/ as one group; its attributes hold each array's sha256 (verify checks them)."""
+    metas = {name: layout.init_array_metadata(name, a, manifest) for name, a in weights.items()}
+    checksums = {name: sha256_of(a) for name, a in weights.items()}
+    group = layout.GroupMetadata(
+        attributes={"description": "PoE init: logits = h_mlm @ W1.T + b1 + h_ar @ W2.T + b2, in AR ids",
+                    "maria_checksums": checksums},
+        consolidated_metadata=layout.ConsolidatedMetadata(metadata=dict(metas)))
+    loc.remove_tree("init")  # what a create that crashed half-way left
+    commit.write_hierarchy(loc.sub_store("init"), group, weights, metas)
 
 
 def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
@@ -136,11 +112,11 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
 
 def open_store(url: str, storage_options: dict | None = None) -> "FeatureStore":
     loc = Location(url, storage_options)
-    manifest = _read_manifest(loc)
-    if manifest is None:
+    root = read_root(loc)
+    if root is None:
         raise StoreNotFoundError(f"no MARIA feature store at {url}; check the path or run extraction with --out {url}")
-    _check_format_version(manifest, url)
-    return FeatureStore(loc, manifest)
+    check_format_version(root[MANIFEST_KEY], url)
+    return FeatureStore(loc, root[MANIFEST_KEY])
 
 
 class FeatureStore:
@@ -196,65 +172,80 @@ class FeatureStore:
         """Rows in `blocks` (default: every committed block), from their commit markers."""
         return sum(self.commit_info(b)["rows"] for b in (self.committed_blocks() if blocks is None else blocks))
 
-    # --- writing ---------------------------------------------------------------------------------
+    # --- the plan: which blocks make the store complete ----------------------------------------------
 
-    def _validate(self, arrays: dict) -> dict[str, np.ndarray]:
-        """Check and convert everything before the first byte is written."""
-        missing = [k for k in BLOCK_ARRAYS if k not in arrays]
-        unknown = [k for k in arrays if k not in BLOCK_ARRAYS]
-        if missing or unknown:
-            raise StoreError(f"block arrays: missing {missing}, unknown {unknown}; pass exactly {list(BLOCK_ARRAYS)}")
-        out = {"features": to_store_features(arrays["features"], self.manifest)}
-        for name, dtype in BLOCK_ARRAYS.items():
-            if name != "features":
-                a = np.asarray(arrays[name])
-                if a.dtype.kind not in "iuf" or (a.dtype.kind == "f" and name != "mask_rates"):
-                    raise StoreError(f"block array {name} has dtype {a.dtype}; it must be {dtype.name}-compatible")
-                out[name] = np.ascontiguousarray(a, dtype=dtype)
-        f = out["features"]
-        if f.ndim != 2 or f.shape[1] != self.feature_dim:
-            raise StoreError(f"features have shape {f.shape}, expected (N, {self.feature_dim}) = (N, d_mlm + d_ar)")
-        n = f.shape[0]
-        for name, a in out.items():
-            if name != "features" and a.shape != (n,):
-                raise StoreError(f"block array {name} has shape {a.shape}, expected ({n},) like features' rows")
-        if not features_finite(f):
-            raise StoreError("features contain NaN or inf (before or after conversion to "
-                             f"{self.manifest['feature_dtype']}); check the extraction (fp16 overflow?)")
-        t = out["targets"]
-        if n and (t.min() < 0 or t.max() >= self.vocab_size):
-            raise StoreError(f"targets must be AR token ids in [0, {self.vocab_size}); got [{t.min()}, {t.max()}]")
-        return out
+    def _root(self) -> dict:
+        root = read_root(self._loc)
+        if root is None:
+            raise StoreNotFoundError(f"the root metadata of {self.url} has gone; re-create the store")
+        return root
+
+    def _write_root(self, manifest: dict, plan: dict | None) -> None:
+        self._loc.write_atomic(layout.group_json(layout.root_attributes(manifest, plan)), "zarr.json")
+
+    def write_plan(self, block_ids: list[str], command: str) -> None:
+        """Record the blocks a complete store holds and the command that finishes the job (driver only; one
+        atomic write of the root metadata). Idempotent; a new command replaces the recorded one (a re-run may
+        change run-time flags); other blocks are refused."""
+        if not isinstance(command, str) or not command.strip():
+            raise StoreError("write_plan needs the command that runs the extraction, e.g. 'maria extract ...'")
+        blocks = sorted({check_block_id(b) for b in block_ids})
+        old, plan = self.plan(), {"blocks": blocks, "command": command}
+        if old == plan:
+            return
+        if old is not None and old["blocks"] != blocks:
+            raise StoreMismatchError(f"{self.url} was planned with {len(old['blocks'])} other blocks; "
+                                     f"an extraction with the same settings plans the same blocks: use another --out "
+                                     f"or delete that store")
+        self._write_root(self._root()[MANIFEST_KEY], plan)
+
+    def plan(self) -> dict | None:
+        """{"blocks": [...], "command": str} as recorded by write_plan, or None (no plan: completeness unknown)."""
+        plan = self._root().get(PLAN_KEY)
+        if plan is None:
+            return None
+        if not (isinstance(plan, dict) and isinstance(plan.get("blocks"), list) and isinstance(plan.get("command"), str)):
+            raise CorruptStoreError(f"{self.url}/zarr.json has a malformed {PLAN_KEY}; re-extract into a new --out")
+        return plan
+
+    def planned_blocks(self) -> list[str] | None:
+        plan = self.plan()
+        return None if plan is None else list(plan["blocks"])
+
+    def missing_blocks(self, committed: list[str] | None = None) -> list[str]:
+        """Planned blocks not committed yet ([] when no plan is recorded)."""
+        planned = self.planned_blocks() or []
+        done = set(self.committed_blocks() if committed is None else committed)
+        return [b for b in planned if b not in done]
+
+    def require_complete(self) -> None:
+        """IncompleteStoreError unless every planned block is committed and the job finalized (for train/eval).
+        A store without a plan (hand-made, or format 1) passes: nothing says what it should hold."""
+        plan = self.plan()
+        if plan is None:
+            return
+        missing, command = self.missing_blocks(), plan["command"]
+        if missing:
+            raise IncompleteStoreError(f"{self.url} is incomplete: {len(missing)} of {len(plan['blocks'])} "
+                                       f"planned blocks are missing; finish it with `{command}`")
+        if "rows" not in self._root()[MANIFEST_KEY]:
+            raise IncompleteStoreError(f"{self.url} is incomplete: its extraction never finished (not finalized); "
+                                       f"finish it with `{command}`")
+
+    # --- writing ---------------------------------------------------------------------------------
 
     def write_block(self, block_id: str, arrays: dict[str, np.ndarray], stats: dict | None = None,
                     overwrite: bool = False) -> bool:
         """Write and commit one block; False (and nothing written) when it is already committed. Safe to retry
         and to run concurrently: each attempt writes its own group, the marker written last decides."""
         check_block_id(block_id)
+        check_format_version(self.manifest, self.url, writing=True)
         if not overwrite and self.is_committed(block_id):
             return False
-        data = self._validate(arrays)
-        try:
-            stats = json.loads(json.dumps(stats or {}))
-        except (TypeError, ValueError) as e:
-            raise StoreError(f"block {block_id}: stats are not JSON-serialisable ({e})") from e
-        attempt = uuid.uuid4().hex[:16]
-        # All metadata in one concurrent batch (create_hierarchy), not array by array: on S3, per-array creation
-        # costs ~8 requests of existence checks each.
-        nodes = {"": GroupMetadata(attributes={"block_id": block_id, "attempt": attempt})}
-        nodes.update({name: _array_metadata(name, a) for name, a in data.items()})
-        created = dict(zarr.create_hierarchy(store=self._loc.sub_store(f"blocks/{block_id}/{attempt}"), nodes=nodes))
-        # Hash in a thread while zarr writes: hashlib releases the GIL, so the checksums are nearly free.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            hashes = {name: pool.submit(sha256_of, a) for name, a in data.items()}
-            for name, a in data.items():
-                if len(a):
-                    created[name].with_config(ARRAY_CONFIG)[...] = a
-            checksums = {name: h.result() for name, h in hashes.items()}
-        marker = {"block_id": block_id, "attempt": attempt, "rows": int(len(data["features"])),
-                  "feature_dtype": self.manifest["feature_dtype"], "checksums": checksums, "stats": stats,
-                  "written_at": time.time()}
+        data = commit.validate_block(self, arrays)
+        marker, block_group = commit.write_attempt(self, block_id, data, commit.jsonable_stats(block_id, stats))
         self._write_marker(block_id, json.dumps(marker, indent=1).encode())
+        self._loc.write_atomic(block_group, "blocks", block_id, "zarr.json")  # publish it for plain Zarr readers
         return True
 
     def _write_marker(self, block_id: str, data: bytes) -> None:  # separate so tests can simulate a crash here
@@ -262,21 +253,23 @@ class FeatureStore:
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def block_arrays(self, block_id: str, info: dict | None = None) -> dict[str, zarr.Array]:
-        """Lazy zarr arrays of a committed block (for row-range reads); CorruptBlockError when any is missing."""
+    def block_arrays(self, block_id: str, info: dict | None = None) -> dict[str, BlockArray]:
+        """Lazy arrays of a committed block (row-range reads); CorruptBlockError when one is missing or a read
+        meets a chunk that cannot be decoded."""
         info = info or self.commit_info(block_id)
         store = self._loc.sub_store(f"blocks/{block_id}/{info['attempt']}", read_only=True)
         out = {}
         for name in BLOCK_ARRAYS:
             try:
-                out[name] = zarr.open_array(store, path=name, mode="r", zarr_format=3)  # 3: no v2 probes
+                array = zarr.open_array(store, path=name, mode="r", zarr_format=3)  # 3: no v2 probes
             except _ZARR_MISSING:
                 raise CorruptBlockError(block_id, f"array {name} of attempt {info['attempt']} is missing",
                                         self.url) from None
+            out[name] = BlockArray(array, block_id, self.url, name)
         return out
 
     def read_block(self, block_id: str, verify: bool = False) -> dict[str, np.ndarray]:
-        """All arrays of a block; features in the stored dtype (see as_float32)."""
+        """All arrays of a block; features in the stored dtype (bf16 as uint16 bits, see as_float32)."""
         info = self.commit_info(block_id)
         data = {name: arr[...] for name, arr in self.block_arrays(block_id, info).items()}
         if verify:
@@ -285,7 +278,7 @@ class FeatureStore:
                 raise CorruptBlockError(block_id, problem, self.url)
         return data
 
-    def init_weights(self) -> dict[str, np.ndarray]:
+    def init_weights(self, verify: bool = False) -> dict[str, np.ndarray]:
         if not self.manifest.get("has_init", True):
             raise StoreError(f"{self.url} was created without init weights; re-create it with them, "
                              f"or train from a random init")
@@ -294,31 +287,51 @@ class FeatureStore:
             try:
                 out[name] = zarr.open_array(self._loc.zarr_store, path=f"init/{name}", mode="r", zarr_format=3)[...]
             except _ZARR_MISSING:
-                raise StoreError(f"{self.url} lacks init/{name}; run `maria verify {self.url}` and re-extract") from None
+                raise CorruptStoreError(f"{self.url} lacks init/{name}; run `maria verify --store {self.url}` "
+                                        f"and re-extract into a new --out") from None
+            except Exception as e:
+                if decode_problem(e) is None:
+                    raise
+                raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: {decode_problem(e)}; "
+                                        f"re-extract into a new --out") from e
+        if verify:
+            for name, want in self.init_checksums().items():
+                if name in out and sha256_of(out[name]) != want:
+                    raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: its checksum does not match; "
+                                            f"re-extract into a new --out")
         return out
+
+    def init_checksums(self) -> dict[str, str]:
+        """sha256 of each init array recorded at create time ({} for format-1 stores, which had none)."""
+        attrs = layout.group_attributes(self._loc.read_optional("init", "zarr.json")) or {}
+        return dict(attrs.get("maria_checksums") or {})
 
     # --- maintenance (driver only) -----------------------------------------------------------------
 
     def gc_uncommitted(self) -> int:
-        """Delete attempts no marker names. Only while no writer runs: an in-flight attempt looks uncommitted."""
-        keep = {b: self.commit_info(b)["attempt"] for b in self.committed_blocks()}
+        """Delete attempts no marker names, and point every block group at its committed attempt. Only while
+        no writer runs: an in-flight attempt looks uncommitted."""
+        markers = {b: self.commit_info(b) for b in self.committed_blocks()}
+        if self.manifest.get("format_version") == FORMAT_VERSION:
+            commit.repair_block_groups(self, markers)  # before deleting: a stale group may name a loser
         removed = 0
         for block_id in self._loc.listdir("blocks"):
             if block_id == "zarr.json":
                 continue
-            attempts = [a for a in self._loc.listdir("blocks", block_id) if a != keep.get(block_id)]
-            for attempt in attempts:
+            keep = {"zarr.json", markers[block_id]["attempt"]} if block_id in markers else set()
+            for attempt in sorted(set(self._loc.listdir("blocks", block_id)) - keep):
                 self._loc.remove_tree("blocks", block_id, attempt)
-                removed += 1
-            if block_id not in keep:
+                removed += attempt != "zarr.json"
+            if block_id not in markers:
                 self._loc.remove_tree("blocks", block_id)
         return removed
 
     def finalize(self) -> None:
         """Record the totals in the manifest (driver only, after all blocks are written)."""
         blocks = self.committed_blocks()
+        plan = self._root().get(PLAN_KEY)
         self.manifest = dict(self.manifest, rows=self.num_rows(blocks), blocks=len(blocks))
-        zarr.open_group(self._loc.zarr_store, mode="r+").attrs[MANIFEST_KEY] = self.manifest
+        self._write_root(self.manifest, plan)
 
 
 def block_problem(data: dict[str, np.ndarray], info: dict, store: FeatureStore) -> str | None:

@@ -1,4 +1,8 @@
-"""`maria verify STORE`: every committed block checked; a non-zero exit names what is wrong."""
+"""`maria verify --store URL`: every committed block checked, and the plan: a non-zero exit names what is wrong.
+
+Raises CorruptStoreError (damaged data: CLIs exit with their "corrupt data" code), IncompleteStoreError
+(the extraction has not finished: the message names the command that finishes it), or the StoreError that
+opening raised (no store there: bad input)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,11 +17,11 @@ class VerifyConfig:
 
 
 def run_verify(cfg: VerifyConfig) -> list[str]:
-    problems = verify_store(cfg.store, check_data=cfg.check_data)
-    if problems:
-        for p in problems:
+    report = verify_store(cfg.store, check_data=cfg.check_data)
+    if report:
+        for p in report:
             print(f"FAIL {p}")
-        raise ValueError(f"store {cfg.store} has {len(problems)} problem(s), first: {problems[0]}; re-run `maria extract` with the same config after deleting the named block's commit marker")
+        raise report.error()
     store = open_store(cfg.store)
     print(f"OK {cfg.store}: {len(store.committed_blocks())} blocks, {store.num_rows()} rows verified")
-    return problems
+    return report

@@ -11,6 +11,9 @@ import torch
 from tiny import CORPUS
 
 
+FINISH_COMMAND = "maria extract --corpus tiny.jsonl --out {path}"  # recorded by make_store(plan=True)
+
+
 def make_windows(bb, n_windows: int, seed: int, window_length: int = 24):
     """(ids (N, T) int64, mask (N, T) bool, lengths (N,), rates (N,)): random slices of the tiny
     corpus, every 4th one shorter than T (right-padded), masks at rates ~ U(0.05, 1)."""
@@ -38,9 +41,10 @@ def manifest_of(bb, window_length: int = 24, feature_dtype: str = "float16") -> 
 
 
 def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, windows_per_block: int = 16,
-               feature_dtype: str = "float16"):
+               feature_dtype: str = "float16", plan: bool = False, missing: int = 0):
     """Write a store of the aligned features of `make_windows(bb, n_windows, seed)`; one block per
-    `windows_per_block` windows. Returns the opened FeatureStore."""
+    `windows_per_block` windows. Returns the opened FeatureStore. plan=True records a plan as extraction does
+    (FINISH_COMMAND) and finalizes; `missing` more planned blocks are never written (an incomplete store)."""
     from storage import create_store
 
     from maria.features import aligned_features
@@ -56,4 +60,10 @@ def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, win
         store.write_block(f"b{j:06d}", {"features": af.features.numpy(), "targets": af.targets.numpy().astype(np.int32),
                                         "doc_ids": rows.astype(np.int64), "window_ids": np.zeros(len(rows), np.int64),
                                         "positions": af.positions.numpy().astype(np.int32), "mask_rates": rates.numpy()[rows]})
+    if plan:
+        written = store.committed_blocks()
+        store.write_plan(written + [f"b{len(written) + i:06d}" for i in range(missing)], FINISH_COMMAND.format(path=path))
+        if not missing:
+            store.gc_uncommitted()
+            store.finalize()
     return store

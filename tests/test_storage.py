@@ -63,7 +63,7 @@ def test_roundtrip_float16(tmp_path):
     np.testing.assert_array_equal(w["b2"], 0)
     again.finalize()
     assert open_store(url).manifest["rows"] == again.num_rows() and open_store(url).manifest["blocks"] == len(blocks)
-    assert open_store(url).manifest["format_version"] == 1
+    assert open_store(url).manifest["format_version"] == 2
     everything = load_all(url)
     assert everything["features"].dtype == np.float32 and len(everything["targets"]) == again.num_rows()
     assert verify_store(url) == []
@@ -125,7 +125,7 @@ def test_uncommitted_attempt_is_invisible_then_completed(tmp_path, monkeypatch):
     assert retry.write_block("b7", block(40)) is True
     assert retry.committed_blocks() == ["b7"]
     assert retry.gc_uncommitted() == 1 and retry.gc_uncommitted() == 0
-    assert len(glob.glob(f"{url}/blocks/b7/*")) == 1
+    assert len(glob.glob(f"{url}/blocks/b7/*/")) == 1 and os.path.isfile(f"{url}/blocks/b7/zarr.json")
     assert len(retry.read_block("b7", verify=True)["targets"]) == 40
 
 
@@ -170,7 +170,7 @@ def test_invalid_blocks_refused_before_writing(tmp_path):
         store.write_block("b0", {**block(30), "targets": np.arange(29)})
     with pytest.raises(StoreError, match="block id"):
         store.write_block("../evil", block(3))
-    assert not os.path.exists(f"{url}/blocks") and store.committed_blocks() == []
+    assert os.listdir(f"{url}/blocks") == ["zarr.json"] and store.committed_blocks() == []
 
 
 def test_create_store_identity(tmp_path):

@@ -25,7 +25,7 @@ class DataError(ValueError):
 
 def check_complete(store, url: str, allow_incomplete: bool) -> None:
     """An extraction that was killed or hit a full disk leaves a store that looks fine but is short."""
-    missing = store.missing_blocks() if hasattr(store, "missing_blocks") else []
+    missing = store.missing_blocks()
     if missing and not allow_incomplete:
         raise DataError(f"store {url} is incomplete: {len(missing)} planned block(s) were never written; finish it by "
                         f"re-running its `maria extract` command (see `maria verify --store {url}`), or pass --allow-incomplete")
