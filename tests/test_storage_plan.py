@@ -82,7 +82,7 @@ def test_corrupt_beats_incomplete_and_unplanned_blocks_are_corrupt(tmp_path):
     assert [(p.where, p.kind) for p in report.problems] == [("block b000000", CORRUPT), ("plan", INCOMPLETE),
                                                              ("plan", CORRUPT)]
     assert any("not in the plan (first: x9)" in p for p in report)
-    assert isinstance(report.error(), CorruptStoreError) and f"(and 1 more); delete the damaged" in str(report.error())
+    assert isinstance(report.error(), CorruptStoreError) and "(and 1 more); delete the damaged" in str(report.error())
     assert f"re-run `{CMD}`" in str(report.error())
 
 
