@@ -1,9 +1,13 @@
-"""The checkpoint is a Hugging Face model: the tokenizer at the root, a model card, safetensors
+"""The checkpoint is a Hugging Face model: Auto classes after `import maria` in either import order
+(no remote code), hub ids from the local cache, the tokenizer at the root, a model card, safetensors
 named like the module with standard metadata, --dtype, portable references (the folder moves), and
 one line with exit code 3 for a damaged file."""
 import json
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +22,9 @@ from maria.head import load_head, save_head
 from maria.io import CorruptDataError
 from maria.model import MariaConfig, MariaModel, export
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Paris is the {{3}} of France.", "A {{2}} sat on the {{}} by the door."]
+SHA = "0123456789abcdef0123456789abcdef01234567"
 TRAINED = {"store": "stores/train", "init": "poe", "steps": 5, "total_steps": 5, "best_step": 4, "init_val_loss": 3.25,
            "best_val_loss": 2.5, "complete": True, "window_length": 24}
 
@@ -180,3 +186,80 @@ def test_push_to_hub_uploads_the_checkpoint_with_its_card(trained, monkeypatch):
     assert calls["repo"] == "someone/tiny" and calls["token"] == "t"
     assert {"config.json", "head.safetensors", "tokenizer.json", "ar/model.safetensors"} <= calls["files"]
     assert "# tiny: a MARIA infilling model" in calls["card"]
+
+
+def _cache(root: Path, repo: str, src: Path) -> None:
+    """A hub snapshot as huggingface_hub lays it out in its cache (refs/main -> snapshots/<commit>)."""
+    d = root / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(src, d / "snapshots" / SHA)
+    (d / "refs").mkdir()
+    (d / "refs" / "main").write_text(SHA)
+
+
+def _run(body: str, cache: Path) -> dict:
+    """`body` in a fresh interpreter (an import order is only tested in one), with the hub cache at `cache`."""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    script = PRELUDE.format(texts=TEXTS) + textwrap.dedent(body)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PRELUDE = """
+import json, shutil, sys, warnings
+import torch
+torch.set_num_threads(1)
+def infills(model):
+    return [r["text"] for r in model.infill_text({texts!r})]
+"""
+
+
+def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, trained, ckpt, tmp_path):
+    cache = tmp_path / "hub"
+    mlm, ar = pairs["modernbert-olmo"]
+    _cache(cache, "maria-test/tiny-ar", Path(ar))
+    _cache(cache, "maria-test/tiny-maria", ckpt)
+    want = [r["text"] for r in trained[0].infill_text(TEXTS)]
+    # maria first: `import maria` alone loads no transformers; the hook registers when it comes.
+    # Export references the hub AR (id + commit) and copies the local MLM; the folder then moves.
+    a = _run(f"""
+        import maria
+        assert "transformers" not in sys.modules
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from maria.model import export
+        out = export({mlm!r}, "maria-test/tiny-ar", {str(trained[1])!r}, {str(tmp_path / "ref")!r}, reference=True)
+        moved = shutil.move(str(out), {str(tmp_path / "moved")!r})
+        config = AutoConfig.from_pretrained(moved)
+        model = AutoModel.from_pretrained(moved)
+        hub = AutoModel.from_pretrained("maria-test/tiny-maria")
+        tok = AutoTokenizer.from_pretrained("maria-test/tiny-maria")
+        print(json.dumps(dict(config=type(config).__name__, cls=type(model).__module__ + "." + type(model).__name__,
+                              ar=config.ar, mlm=config.mlm, ref=infills(model), hub=infills(hub), tok=len(tok))))
+    """, cache)
+    assert a["config"] == "MariaConfig" and a["cls"] == "maria.hf.MariaModel"
+    assert a["ar"]["id"] == "maria-test/tiny-ar" and a["ar"]["revision"] == SHA and "path" not in a["ar"]
+    assert a["mlm"]["path"] == "mlm" and a["mlm"]["id"] is None
+    assert a["ref"] == want and a["hub"] == want and a["tok"] == len(trained[0].bb.ar_tokenizer)
+    assert not (tmp_path / "moved" / "ar").exists() and (tmp_path / "moved" / "mlm" / "model.safetensors").exists()
+    # transformers first: the tokenizer needs no maria; the model type is unknown until `import maria`
+    b = _run("""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        n = len(AutoTokenizer.from_pretrained("maria-test/tiny-maria"))
+        try:
+            AutoConfig.from_pretrained("maria-test/tiny-maria")
+            unknown = False
+        except ValueError:
+            unknown = True
+        import maria
+        model = AutoModel.from_pretrained("maria-test/tiny-maria")
+        print(json.dumps(dict(n=n, unknown=unknown, cls=type(model).__name__, hub=infills(model))))
+    """, cache)
+    assert b["unknown"] and b["cls"] == "MariaModel" and b["hub"] == want and b["n"] == len(trained[0].bb.ar_tokenizer)
+    # transformers first imported by a maria module (the import-cycle case), and after `import maria.head`
+    for first in ("import maria.backbones", "import maria.head; import transformers"):  # maria.backbones imports transformers, not maria.hf
+        c = _run(f"""
+        {first}
+        from transformers import AutoConfig
+        print(json.dumps(dict(config=type(AutoConfig.from_pretrained("maria-test/tiny-maria")).__name__)))
+        """, cache)
+        assert c["config"] == "MariaConfig", first
