@@ -106,6 +106,21 @@ def test_dtype_on_export_and_on_load(pairs, trained, ckpt, tmp_path, capsys):
         export(*pairs["modernbert-olmo"], str(trained[1]), str(tmp_path / "x"), dtype="int8")
 
 
+def test_eval_results_go_into_the_card(pairs, trained, tmp_path, capsys):
+    result = {"store": "stores/val", "rows": 1234, "models": {
+        "trained": {"label": "MARIA (trained head)", "nll": 2.25, "ppl": 9.4877},
+        "ar_only": {"label": "AR only (past context)", "nll": 3.5, "ppl": 33.1155}}}
+    (tmp_path / "eval.json").write_text(json.dumps(result))
+    mlm, ar = pairs["modernbert-olmo"]
+    args = ["export", "--mlm", mlm, "--ar", ar, "--head", str(trained[1]), "--out", str(tmp_path / "ck")]
+    assert main(args + ["--eval", str(tmp_path / "eval.json")]) == 0
+    card = (tmp_path / "ck" / "README.md").read_text()
+    assert "`stores/val` (1234 masked tokens)" in card and "| MARIA (trained head) | 2.2500 | 9.49 |" in card
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(args[:-1] + [str(tmp_path / "ck2"), "--eval", str(tmp_path / "bad.json")]) == 2
+    assert "maria eval --json" in capsys.readouterr().err and not (tmp_path / "ck2").exists()
+
+
 def test_a_head_recorded_from_a_bf16_extraction_exports(pairs, trained, tmp_path):
     """Extraction on a GPU loads the backbones in bfloat16, so the head's record carries bf16
     fingerprints; export loads float32 and must still recognise them."""
