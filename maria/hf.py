@@ -31,7 +31,7 @@ from maria.identity import backbone_identity, check_same_backbones
 from maria.text import parse_masked_text
 
 # from_pretrained arguments that transformers' loaders pass along and that mean nothing here
-_IGNORED = {"_from_auto", "adapter_kwargs", "code_revision", "force_download", "proxies", "low_cpu_mem_usage", "subfolder"}
+_IGNORED = {"_from_auto", "adapter_kwargs", "code_revision", "force_download", "proxies", "low_cpu_mem_usage"}
 
 
 @dataclass
