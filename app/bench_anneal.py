@@ -22,7 +22,7 @@ def bench_anneal(cfg) -> dict:
         model = MariaModel.from_pretrained(cfg.model, device=device, dtype=dtype)
     else:
         bb = random_backbones(cfg.preset, device, dtype, cfg.seed)
-        model = MariaModel(bb, poe_head(bb))
+        model = MariaModel.from_parts(bb, poe_head(bb))
     length, chains = 64, 4
     g = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()

@@ -23,16 +23,19 @@ class ExportConfig:
     ar: str  # causal LM: hub id or local folder
     head: str  # head folder written by `maria train` (head.safetensors + head.json)
     out: str  # checkpoint folder to write (a new folder, or an older checkpoint with --overwrite)
-    reference: bool = False  # store the backbones as id + revision instead of copying them in
+    reference: bool = False  # store hub backbones as id + commit instead of copying them in (local folders are always copied)
     overwrite: bool = False  # replace an existing MARIA checkpoint at --out
     allow_unfinished: bool = False  # export a head whose training run did not finish
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
+    dtype: str = "float32"  # dtype of every stored weight (backbones and head): float32 | bfloat16 | float16
+    eval: str | None = None  # a `maria eval --json` result, shown in the model card's evaluation table
 
 
 def run_export(cfg: ExportConfig) -> Path:
     with tqdm(total=1, desc="export", unit="checkpoint") as bar:
         out = export(cfg.mlm, cfg.ar, cfg.head, cfg.out, reference=cfg.reference, overwrite=cfg.overwrite,
-                     allow_unfinished=cfg.allow_unfinished, trust_remote_code=cfg.trust_remote_code)
+                     allow_unfinished=cfg.allow_unfinished, dtype=cfg.dtype, eval_json=cfg.eval,
+                     trust_remote_code=cfg.trust_remote_code)
         bar.update(1)
     print(f"exported MARIA checkpoint to {out}")
     return out
@@ -40,7 +43,7 @@ def run_export(cfg: ExportConfig) -> Path:
 
 @dataclass
 class InfillConfig:
-    model: str  # a MARIA checkpoint folder (from `maria export`)
+    model: str  # a MARIA checkpoint: the folder `maria export` wrote, or its hub id
     text: str | None = None  # text with masked spans written {{N}} (N tokens), e.g. "Paris is the {{2}} of France."
     jsonl: str | None = None  # input JSONL, one {"text": ...} per line (instead of --text)
     out: str | None = None  # output JSONL (default: print to stdout)
@@ -109,7 +112,7 @@ def run_infill(cfg: InfillConfig) -> list[dict]:
 
 @dataclass(kw_only=True)
 class GenerateConfig(AnnealConfig):
-    model: str  # a MARIA checkpoint folder (from `maria export`)
+    model: str  # a MARIA checkpoint: the folder `maria export` wrote, or its hub id
     out: str | None = None  # JSONL of samples (default: print them)
     overwrite: bool = False  # replace an --out file written by an earlier `maria generate`
     device: str = "auto"  # auto (cuda if visible) | cpu | cuda

@@ -63,10 +63,24 @@ class Backbones:
     def device(self) -> torch.device:
         return next(self.ar.parameters()).device
 
-    def describe(self) -> dict:
-        """Identity (ids, revisions, fingerprints) and sizes: what stores, heads and checkpoints record."""
-        return {**self.identity, "d_mlm": self.d_mlm, "d_ar": self.d_ar, "vocab_size": self.vocab_size,
+    def describe(self, as_dtype: torch.dtype | None = None) -> dict:
+        """Identity (ids, revisions, fingerprints) and sizes: what stores, heads and checkpoints record.
+        With `as_dtype`, the fingerprints are those a load in that dtype would give (see weights_fingerprint)."""
+        identity = self.identity
+        if as_dtype is not None:
+            identity = {**identity, **{k: {**identity[k], "fingerprint": weights_fingerprint(m, as_dtype)}
+                                       for k, m in (("mlm", self.mlm), ("ar", self.ar))}}
+        return {**identity, "d_mlm": self.d_mlm, "d_ar": self.d_ar, "vocab_size": self.vocab_size,
                 "start_token_id": self.start_id}
+
+    def max_window(self) -> int | None:
+        """Longest window both backbones can read (the MLM also reads its special tokens)."""
+        limits = []
+        for model, extra in ((self.mlm, len(self.mlm_prefix) + len(self.mlm_suffix)), (self.ar, 1)):
+            limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+            if limit is not None:
+                limits.append(limit - extra)
+        return min(limits) if limits else None
 
     def expert_weights(self) -> dict[str, torch.Tensor]:
         """W1/b1 (MLM, rows mapped into AR ids, zero where the MLM lacks a token) and W2/b2 (AR), fp32 on CPU."""
@@ -138,14 +152,21 @@ def check_logit_parity(model: torch.nn.Module, input_ids: torch.Tensor, name: st
     return diff
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A cheap, stable fingerprint: names, shapes and a strided sample of every tensor."""
+def weights_fingerprint(model: torch.nn.Module, as_dtype: torch.dtype | None = None) -> str:
+    """A cheap, stable fingerprint: names, shapes, dtypes and a strided sample of every tensor.
+
+    It depends on the dtype the model was loaded in. `as_dtype` gives the fingerprint the same weights
+    would have if loaded in that dtype: exactly so from a float32 load (a bfloat16 or float16 load is
+    the same rounding of the file's values), not the other way round."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(flat[::step][:4096].float().cpu().numpy().tobytes())
+        sample = flat[::step][:4096]
+        if as_dtype is not None and t.is_floating_point():
+            sample = sample.to(as_dtype)
+        h.update(f"{name}:{tuple(t.shape)}:{sample.dtype}".encode())
+        h.update(sample.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -229,8 +250,11 @@ def load_backbones(
     mlm_revision: str | None = None,
     ar_revision: str | None = None,
     check_parity: bool = True,
+    safetensors_only: bool = False,
 ) -> Backbones:
-    """Load both backbones (hub id or local folder), frozen and in eval mode, and align them."""
+    """Load both backbones (hub id or local folder), frozen and in eval mode, and align them.
+    Local folders are always read from safetensors only; `safetensors_only` asks it of hub ids too
+    (a checkpoint's references: never a pickle, even one sitting in the cache)."""
     hf_logging.disable_progress_bar()  # "Loading weights" bars for two small folders are noise in every log
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -243,7 +267,7 @@ def load_backbones(
         config = _load(AutoConfig, path, kind, **kw)
         _check_kind(config, kind, name)
         extra = {"attn_implementation": "sdpa"} if config.model_type in ("modernbert",) else {}
-        model = _load(auto_cls, path, kind, dtype=dtype, use_safetensors=True if Path(path).exists() else None, **extra, **kw)
+        model = _load(auto_cls, path, kind, dtype=dtype, use_safetensors=True if safetensors_only or Path(path).exists() else None, **extra, **kw)
         models[kind] = model.to(device).eval().requires_grad_(False)
         toks[kind] = _load(AutoTokenizer, path, kind, **kw)
     mlm_model, ar_model, mlm_tok, ar_tok = models["MLM"], models["AR"], toks["MLM"], toks["AR"]

@@ -7,6 +7,7 @@ A head folder (what `maria train` writes and `maria export` reads):
     head.safetensors   proj.weight (V, d_mlm + d_ar), proj.bias (V,): the module's state_dict names
     head.json          sizes, backbone identity, how it was trained, and `complete` (the run finished)
 head.json is written last, so a folder with it is whole. Only safetensors is loaded: no pickle.
+A MARIA checkpoint's root is also a head folder (maria/checkpoint.py): load_head reads its head.
 """
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from maria.io import atomic_file, atomic_write
+from maria.io import CorruptDataError, atomic_file, atomic_write
 
 INITS = ("poe", "mix", "ar-only", "random")
 
 
 class HeadError(ValueError):
     """A head folder that cannot be used; the message names the fix."""
+
+
+class CorruptHeadError(HeadError, CorruptDataError):
+    """A head folder whose files are damaged (truncated, garbled): corrupt data, exit code 3."""
 
 
 class FusionHead(nn.Module):
@@ -36,6 +41,16 @@ class FusionHead(nn.Module):
         # skip_init when the weights are about to be overwritten: no wasted work, and the global torch
         # RNG is not consumed (an exact resume depends on it)
         self.proj = nn.Linear(d_mlm + d_ar, vocab_size) if random_init else nn.utils.skip_init(nn.Linear, d_mlm + d_ar, vocab_size)
+
+    @classmethod
+    def around(cls, proj: nn.Linear, d_mlm: int) -> "FusionHead":
+        """A head over an existing Linear (shared, not copied): the HF model (maria/hf.py) owns the
+        Linear as its own `proj`, so its state_dict names equal head.safetensors' keys."""
+        head = cls.__new__(cls)
+        nn.Module.__init__(head)
+        head.d_mlm, head.d_ar, head.vocab_size = d_mlm, proj.in_features - d_mlm, proj.out_features
+        head.proj = proj
+        return head
 
     @classmethod
     def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor, d_mlm: int) -> "FusionHead":
@@ -97,10 +112,11 @@ def expert_logits(features: torch.Tensor, d_mlm: int, w1, b1, w2, b2) -> tuple[t
     return f[:, :d_mlm] @ w1.T + b1, f[:, d_mlm:] @ w2.T + b2
 
 
-def save_head(folder: str | Path, head: FusionHead, meta: dict) -> Path:
-    """Write a head folder: weights first, head.json (with the sizes) last."""
+def save_head(folder: str | Path, head: FusionHead, meta: dict, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a head folder: weights first (in `dtype`: training keeps float32, an export may ask for
+    less), head.json (with the sizes) last."""
     folder = Path(folder)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in head.state_dict().items()}
     with atomic_file(folder / "head.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     sizes = {"d_mlm": head.d_mlm, "d_ar": head.d_ar, "vocab_size": head.vocab_size}
@@ -119,5 +135,5 @@ def load_head(folder: str | Path) -> tuple[FusionHead, dict]:
         head = FusionHead(int(meta["d_mlm"]), int(meta["d_ar"]), int(meta["vocab_size"]), random_init=False)
         head.load_state_dict(tensors)
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError, OSError) as e:
-        raise HeadError(f"head {d} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); re-run `maria train`") from None
+        raise CorruptHeadError(f"head {d} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); re-run `maria train`") from None
     return head, meta

@@ -18,6 +18,11 @@ class OutputExistsError(ValueError):
     """An output path holds something we must not replace; the message names the fix."""
 
 
+class CorruptDataError(ValueError):
+    """Data on disk is damaged (a truncated or garbled file). The CLI exits with code 3 for it (and
+    for the store's CorruptBlockError), not 2: the input was right, its bytes are not."""
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` atomically (temp file in the same folder, then os.replace)."""
     path = Path(path)

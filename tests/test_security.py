@@ -1,4 +1,6 @@
 """Security: safetensors only, no remote code unless asked, Ray's dashboard never public."""
+import shutil
+
 import pytest
 import torch
 
@@ -7,8 +9,6 @@ from maria.backbones import BackboneError, load_backbones
 
 def test_pickle_weights_are_never_loaded(pairs, tmp_path):
     """A backbone folder holding only a pickled pytorch_model.bin is refused, not unpickled."""
-    import shutil
-
     from safetensors.torch import load_file
 
     mlm, ar = pairs["modernbert-olmo"]
@@ -38,6 +38,42 @@ def test_trust_remote_code_is_off_unless_asked(pairs, monkeypatch):
     seen.clear()
     load_backbones(*pairs["modernbert-olmo"], trust_remote_code=True)
     assert seen and all(v is True for v in seen)
+
+
+def test_loading_a_checkpoint_never_unpickles_nor_runs_remote_code(pairs, tmp_path, monkeypatch):
+    """Every weight comes from safetensors (torch.load is never called), every backbone load asks for
+    safetensors only and no remote code, and a pickle standing in for a backbone's weights is refused."""
+    import json
+
+    import transformers
+
+    from maria.checkpoint import CorruptCheckpointError
+    from maria.model import MariaModel
+
+    ckpt = MariaModel.from_backbones(*pairs["modernbert-olmo"]).save_pretrained(tmp_path / "ckpt")
+    assert "auto_map" not in json.loads((ckpt / "config.json").read_text())
+    pickled = tmp_path / "pickled"
+    shutil.copytree(ckpt, pickled)
+    torch.save({"x": torch.zeros(1)}, pickled / "ar" / "pytorch_model.bin")
+    (pickled / "ar" / "model.safetensors").unlink()
+
+    def refuse(*args, **kw):
+        raise AssertionError("torch.load was called while loading a checkpoint")
+
+    seen = []
+    for cls in (transformers.AutoModelForMaskedLM, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _orig=original, **kw):
+            seen.append((kw.get("use_safetensors"), kw.get("trust_remote_code")))
+            return _orig(klass, *args, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    monkeypatch.setattr(torch, "load", refuse)
+    MariaModel.from_pretrained(ckpt)
+    assert seen == [(True, False), (True, False)]
+    with pytest.raises(CorruptCheckpointError, match="missing ar/model.safetensors"):
+        MariaModel.from_pretrained(pickled)
 
 
 def test_extract_config_defaults_are_safe():
