@@ -12,7 +12,7 @@ from tqdm import tqdm
 from maria.anneal import AnnealConfig, anneal
 from maria.device import resolve_device, resolve_dtype
 from maria.io import atomic_write, guard_output_file, jsonl_with_keys
-from maria.limits import check_fits, max_window
+from maria.limits import check_fits
 from maria.model import MariaModel, export
 from maria.text import parse_masked_text
 
@@ -91,7 +91,7 @@ def run_infill(cfg: InfillConfig) -> list[dict]:
     model = MariaModel.from_pretrained(cfg.model, device=device, dtype=resolve_dtype(cfg.dtype, device))
     sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed)
     # every text is checked before the first is decoded: a bad line 900 must not cost 899 infills
-    lengths = [len(parse_masked_text(t, model.bb.ar_tokenizer, max_window(model.bb))[0]) for t in texts]
+    lengths = [len(parse_masked_text(t, model.bb.ar_tokenizer, model.bb.max_window())[0]) for t in texts]
     for i in range(0, len(texts), cfg.batch_size):
         check_fits(model.bb, len(lengths[i : i + cfg.batch_size]), max(lengths[i : i + cfg.batch_size]))
     results = []

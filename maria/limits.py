@@ -11,16 +11,6 @@ from maria.backbones import Backbones
 MEMORY_SHARE = 0.5  # of the free memory one infill/generate call may plan to use
 
 
-def max_window(bb: Backbones) -> int | None:
-    """Longest window both backbones can read (the MLM also reads its special tokens, the AR its start token)."""
-    limits = []
-    for model, extra in ((bb.mlm, len(bb.mlm_prefix) + len(bb.mlm_suffix)), (bb.ar, 1)):
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if limit is not None:
-            limits.append(int(limit) - extra)
-    return min(limits) if limits else None
-
-
 def _size(config, *names, default=0) -> int:
     return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), default)
 
@@ -48,7 +38,7 @@ def free_bytes(device: torch.device | str) -> int:
 
 def check_fits(bb: Backbones, batch: int, length: int, what: str = "infill") -> None:
     """Refuse, in one line, a window the models cannot read or a batch the machine cannot hold."""
-    limit = max_window(bb)
+    limit = bb.max_window()
     if limit is not None and length > limit:
         raise ValueError(f"{what}: {length} tokens is over the models' limit of {limit}; shorten the text (or --length)")
     need, free = infill_bytes(bb, batch, length), free_bytes(bb.device)

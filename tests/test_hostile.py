@@ -50,7 +50,7 @@ def world(pairs, tmp_path_factory):
     bb = load_backbones(mlm, ar)
     make_store(root / "store", bb, 32, seed=1, windows_per_block=8)
     save_head(root / "head", init_head("poe", bb.expert_weights()), {**bb.describe(), "complete": True})
-    MariaModel(bb, init_head("poe", bb.expert_weights())).save_pretrained(root / "ckpt")
+    MariaModel.from_parts(bb, init_head("poe", bb.expert_weights())).save_pretrained(root / "ckpt")
     (root / "corpus.jsonl").write_text('{"text": "hello world, a short document."}\n')
     (root / "texts.jsonl").write_text('{"text": "Paris is the {{2}} of France."}\n{"text": "{{3}}"}\n')
     (root / "empty.jsonl").write_text("")
