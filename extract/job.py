@@ -195,6 +195,9 @@ def _pipeline(cfg: ExtractConfig, corpus: Corpus, rows: list[int], todo: list, r
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True  # our one-line errors, not a wrapper
     ctx.enable_progress_bars = False  # the job's own progress lines; Ray's would log a page per 10 s
+    # one MARIA block per Ray block: Ray would otherwise pack a file's blocks into one bundle, which one
+    # task tokenizes and one actor computes while the rest of the pool idles
+    ctx.target_max_block_size = 1
     if cfg.actor_memory_gb is None:  # no reservation asked for: Ray's high-memory detector would log a page every 30 s
         ctx.issue_detectors_config.detectors = [d for d in ctx.issue_detectors_config.detectors if "HighMemory" not in d.__name__]
     offsets, starts = doc_offsets(rows), {}

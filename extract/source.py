@@ -115,4 +115,4 @@ def read_corpus(corpus: Corpus, file_ids: list[int], column: str, mode: str = "s
     import ray
 
     source = CorpusSource(corpus, file_ids, column, mode, docs_per_block, plan)
-    return ray.data.read_datasource(source, ray_remote_args={"num_cpus": num_cpus})
+    return ray.data.read_datasource(source, num_cpus=num_cpus)

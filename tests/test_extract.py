@@ -2,17 +2,15 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from extract.corpus import CorpusError, cut_windows, iter_documents
-from extract.masking import MaskingConfig, sample_mask
 from extract.job import run_extract
-from extract_fixtures import ARRAYS, config, read_all  # fixtures ray_local, corpus, store_a: conftest.py
+from extract.masking import MaskingConfig, sample_mask
+from extract_fixtures import ARRAYS, config, maria_command, read_all  # fixtures ray_local, corpus, store_a: conftest.py
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -73,13 +71,13 @@ def test_two_runs_identical_and_resume_after_partial(store_a, pairs, corpus, tmp
 def test_verify_cli_good_and_corrupt(store_a, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(store_a, bad)
-    ok = subprocess.run([sys.executable, "-m", "maria.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    ok = subprocess.run(maria_command("verify", "--store", bad), capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     chunk = sorted(p for p in (bad / "blocks" / "f000000-r0000000006").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    res = subprocess.run([sys.executable, "-m", "maria.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    res = subprocess.run(maria_command("verify", "--store", bad), capture_output=True, text=True)
     assert res.returncode != 0 and "f000000-r0000000006" in res.stdout + res.stderr
 
 
@@ -117,17 +115,3 @@ def test_masking_modes_are_deterministic():
             assert all(len(set(a[words == w])) == 1 for w in np.unique(words))
         if mode == "span":
             assert a.sum() == 20
-
-
-def test_ray_cluster_yaml_matches_rays_schema():
-    import os
-
-    import jsonschema
-    import ray
-
-    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "ray_cluster.yaml")))
-    schema = json.load(open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")))
-    jsonschema.validate(cfg, schema)
-    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
-    assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
-    assert "0.0.0.0" not in open(os.path.join(os.path.dirname(__file__), "..", "ray_cluster.yaml")).read()

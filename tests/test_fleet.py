@@ -1,0 +1,218 @@
+"""Fleet extraction: corpora read on the workers, stable ids, Ray conventions, cluster configs, and a
+multi-node cluster on one machine (head runs no work, two 1-CPU worker nodes) that loses a node
+mid-job and still commits exactly the rows of an uninterrupted embedded run."""
+import gzip
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from extract.cluster import ActorRequest, RayClusterError, check_temp_dir, init_ray, resolve_address, unsatisfiable
+from extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows,
+                            list_corpus, plan_blocks)
+from extract.job import ExtractConfig, command_line, run_extract
+from extract_fixtures import ARRAYS, config, config_from_args, maria_command, read_all
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.timeout(300)
+
+
+def write_parquet(path, texts, column="text"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({column: texts, "n": list(range(len(texts)))}), path)
+    return path
+
+
+def same_store(a, b):
+    first, second = read_all(str(a)), read_all(str(b))
+    assert first.keys() == second.keys()
+    for blk in first:
+        for name in ARRAYS:
+            np.testing.assert_array_equal(first[blk][name], second[blk][name], err_msg=f"{blk}/{name}")
+
+
+@pytest.fixture(scope="module")
+def parquet_corpus(tmp_path_factory):
+    """Three parquet files; the last one's second block holds only documents too short for a window."""
+    from tiny import CORPUS
+
+    root = tmp_path_factory.mktemp("fleet-corpus")
+    docs = [" ".join(CORPUS[i : i + 2 + i % 3]) for i in range(11)]
+    write_parquet(root / "part-0.parquet", docs[:5])
+    write_parquet(root / "part-1.parquet", docs[5:9])
+    write_parquet(root / "part-2.parquet", docs[9:] + ["hi", "ok", ""])
+    (root / "_SUCCESS").write_text("")  # bookkeeping files are skipped, as Ray Data does
+    return str(root)
+
+
+# --- the corpus: formats, ids and errors, without Ray -------------------------------------------
+
+def test_formats_one_rule_each_and_stable_ids(tmp_path):
+    import datasets
+
+    (tmp_path / "j").mkdir()
+    with gzip.open(tmp_path / "j" / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "gz one"}) + "\n" + json.dumps({"text": "gz two"}) + "\n")
+    (tmp_path / "j" / "a.jsonl").write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"text": " "}) + "\n")
+    assert list(iter_documents(str(tmp_path / "j"))) == ["plain", "gz one", "gz two"]  # sorted files, empty rows skipped
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "book.txt").write_text("line one\n\nline two\n")  # .txt: one file is one document
+    assert list(iter_documents(str(tmp_path / "t"))) == ["line one\n\nline two\n"]
+    (tmp_path / "c.csv").write_text('text,n\n"a, quoted",1\n123,2\n')
+    assert list(iter_documents(str(tmp_path / "c.csv"))) == ["a, quoted", "123"]  # the text column stays text
+    write_parquet(tmp_path / "p1.parquet", ["p one"])
+    write_parquet(tmp_path / "p2.parquet", ["p two"])
+    assert list(iter_documents(str(tmp_path / "p*.parquet"))) == ["p one", "p two"]  # a glob
+    datasets.disable_progress_bars()
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["tr"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["te"]})}).save_to_disk(str(tmp_path / "ds"))
+    assert list(iter_documents(str(tmp_path / "ds"))) == ["tr"]
+    assert list(iter_documents(str(tmp_path / "ds"), split="test")) == ["te"]
+    # ids and blocks are pure functions of (rows per file, docs_per_block)
+    rows = [5, 0, 3]
+    assert plan_blocks(rows, 2) == [(block_id(0, 0), 0, 0, 2), (block_id(0, 2), 0, 2, 4), (block_id(0, 4), 0, 4, 5),
+                                    (block_id(2, 0), 2, 0, 2), (block_id(2, 2), 2, 2, 3)]
+    assert doc_offsets(rows) == [0, 5, 5] and limit_rows(rows, 6) == [5, 0, 1]
+    assert corpus_fingerprint([(5, "a"), (3, "b")], None) != corpus_fingerprint([(5, "a"), (3, "c")], None)
+
+
+def test_corpus_errors_are_one_line_naming_the_fix(tmp_path):
+    cases = {
+        "missing": (tmp_path / "nope", "does not exist"),
+        "mixed": (tmp_path / "mixed", "mixes file kinds"),
+        "split": (tmp_path / "ds", "no split 'dev'"),
+    }
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "x"}\n')
+    write_parquet(tmp_path / "mixed" / "b.parquet", ["y"])
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["tr"]})}).save_to_disk(str(tmp_path / "ds"))
+    for name, (path, message) in cases.items():
+        with pytest.raises(CorpusError, match=message) as err:
+            list_corpus(str(path), split="dev" if name == "split" else None)
+        assert "\n" not in str(err.value)
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp_path / "bad.csv").write_bytes(b"text\ncaf\xe9\n")
+    (tmp_path / "num.jsonl").write_text('{"text": 1}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    for path, message in (("bad.jsonl", "not valid UTF-8"), ("bad.csv", "not valid UTF-8"), ("num.jsonl", "not text")):
+        with pytest.raises(CorpusError, match=message):
+            list(iter_documents(str(tmp_path / path)))
+    assert list(iter_documents(str(tmp_path / "empty.jsonl"))) == []  # the job then says "no non-empty documents"
+
+
+# --- Ray conventions, requests the cluster cannot satisfy, configs -------------------------------
+
+def test_address_temp_dir_and_unsatisfiable_requests(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert resolve_address(None) == "10.0.0.1:6379" and resolve_address("auto") == "auto"
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert resolve_address(None) is None  # embedded
+    with pytest.raises(RayClusterError, match="must fit 107 bytes"):
+        check_temp_dir("/tmp/" + "x" * 80)
+    cpu_nodes = [{"CPU": 2.0, "memory": 8e9}, {"memory": 8e9}]  # a worker and a head with num-cpus 0
+    gpu = ActorRequest(num_cpus=0.5, num_gpus=1, memory=None)
+    msg = unsatisfiable(gpu, cpu_nodes, None, embedded=True)
+    assert "1 GPU" in msg and "0 GPU, 2 CPU" in msg and "--device cpu" in msg
+    assert unsatisfiable(gpu, cpu_nodes, [{"GPU": 1, "CPU": 8}], embedded=False) is None  # the autoscaler can add one
+    assert unsatisfiable(gpu, cpu_nodes, None, embedded=False) is None  # unknown autoscaler: the bounded wait decides
+    assert "--actor-cpus" in unsatisfiable(ActorRequest(100, 0, None), cpu_nodes, [], embedded=False)
+
+
+def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_path):
+    (tmp_path / "ray").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)  # no cluster recorded there: "auto" finds none (and never someone else's)
+    mlm, ar = pairs["modernbert-olmo"]
+    base = ["extract", "--mlm", mlm, "--ar", ar, "--corpus", parquet_corpus, "--out", tmp_path / "s"]
+    for extra, message in ((["--address", "auto"], "cannot connect to the Ray cluster at 'auto'"),
+                           (["--ray-temp-dir", "/tmp/" + "y" * 90], "must fit 107 bytes")):
+        res = subprocess.run(maria_command(*base, *extra), capture_output=True, text=True, env=env, timeout=120)
+        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+
+
+def test_command_line_round_trips():
+    cfg = ExtractConfig(mlm="m", ar="a", corpus="s3://b/c/", out="s3://b/s", max_docs=10, mask_rate=0.5,
+                        actor_gpus=0.5, max_actors=8, trust_remote_code=True)
+    line = command_line(cfg)
+    assert line.startswith("maria extract --mlm m --ar a") and "--actor-gpus 0.5" in line and "--window-length" not in line
+    assert config_from_args(shlex.split(line)[2:]) == cfg
+
+
+def test_ray_cluster_yaml_matches_rays_schema_and_installs_the_stack():
+    import jsonschema
+    import ray
+
+    text = (ROOT / "ray_cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(cfg, schema)
+    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
+    assert "0.0.0.0" not in text and "github.com" not in text  # no public dashboard, no placeholder URL
+    setup = " ".join(cfg["setup_commands"])
+    pins = {line.split("==")[0].lower(): line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
+    assert "torch==2.13.0" in setup and "requirements.txt" in setup and "ray[data,default]==" in setup
+    assert pins["ray"].split("==")[1] in setup and "transformers" in pins  # the lock pins what the nodes install
+    assert "-e ~/maria" in setup and cfg["file_mounts"]["~/maria"] == "."
+
+
+def test_kuberay_rayjob_structure_and_entrypoint():
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups and gpu_groups[0]["maxReplicas"] >= 1
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["maria", "extract"] and "--address" not in argv  # KubeRay sets RAY_ADDRESS
+    cfg = config_from_args(argv[2:])
+    assert cfg.corpus.startswith("s3://") and cfg.out.startswith("s3://") and cfg.device == "auto"
+
+
+# --- embedded Ray: the reader on the workers, and fast refusals --------------------------------
+
+@pytest.mark.ray
+def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
+    from extract.job import _scan
+    from extract.source import read_corpus
+
+    corpus = list_corpus(parquet_corpus)
+    assert [Path(f).name for f in corpus.files] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
+    cfg = ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, out="o", docs_per_block=3)
+    rows, fingerprint = _scan(cfg, corpus)
+    assert rows == [5, 4, 5]
+    offsets = doc_offsets(rows)
+    plan = {f: (offsets[f], rows[f], list(range(0, rows[f], 3))) for f in range(3)}
+    got = sorted(read_corpus(corpus, [0, 1, 2], "text", "blocks", 3, plan).take_all(), key=lambda r: r["block_id"])
+    assert [r["block_id"] for r in got] == [b for b, *_ in plan_blocks(rows, 3)]
+    texts = [t for r in got for t in r["texts"] if t]
+    assert texts == list(iter_documents(parquet_corpus))
+    assert [int(d) for r in got for d in r["doc_ids"]] == list(range(14))  # every row keeps its id, empty ones too
+    _, limited = _scan(ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, out="o", max_docs=6), corpus)
+    assert limited != fingerprint
+
+
+@pytest.mark.ray
+def test_impossible_requests_fail_at_once_on_embedded_ray(ray_local, pairs, parquet_corpus, tmp_path):
+    t = time.monotonic()
+    with pytest.raises(RayClusterError, match=r"asks for 1 GPU .* the cluster has .* 0 GPU"):
+        run_extract(config(pairs, parquet_corpus, tmp_path / "a", device="cuda"))
+    with pytest.raises(RayClusterError, match="100 CPU per backbone actor.*--actor-cpus"):
+        run_extract(config(pairs, parquet_corpus, tmp_path / "b", actor_cpus=100))
+    assert time.monotonic() - t < 60 and not (tmp_path / "a").exists()
