@@ -42,12 +42,15 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
 
     if ray.is_initialized():
         return False
-    address = resolve_address(address)
+    given, address = address, resolve_address(address)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress lines say it; Ray's text log floods CI
     try:
         if address:  # worker output goes to this driver, so `ray job logs` shows progress and errors
+            _check_reachable(address)
             ray.init(address=address, log_to_driver=True, configure_logging=False)
+            source = "--address" if address == given else "RAY_ADDRESS"
+            print(f"maria extract: on the Ray cluster at {address} (from {source})", flush=True)
         else:
             temp = check_temp_dir(temp_dir)
             ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
@@ -57,6 +60,20 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
     except Exception as e:  # noqa: BLE001 -- Ray's start/connect errors are pages; name the fix in one line
         raise RayClusterError(_start_failure(address, temp_dir, e)) from None
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """ray.init waits minutes on an address where no cluster listens; a TCP connect says so in seconds.
+    "auto" is resolved as Ray resolves it (the last `ray start` on this machine, else a running one)."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if "://" in address:  # Ray Client (ray://) and the like: ray.init's own checks
+        return
+    host, port = canonicalize_bootstrap_address(address).rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s):
+        pass
 
 
 def _start_failure(address: str | None, temp_dir: str | None, e: Exception) -> str:

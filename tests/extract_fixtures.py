@@ -32,11 +32,6 @@ def maria_command(*args) -> list[str]:
     return [sys.executable, "-m", "maria.cli", *map(str, args)]
 
 
-def maria_entrypoint(*args) -> str:
-    """The same, as a shell entrypoint for `ray job submit`."""
-    return shlex.join(["python", "-m", "maria.cli", *map(str, args)])
-
-
 def config_from_args(argv: list[str]) -> ExtractConfig:
     """`maria extract` arguments -> ExtractConfig without argparse: --flag value pairs and boolean
     --flag / --no-flag, typed by the dataclass's annotations (to be re-pointed at the real CLI parser)."""

@@ -1,6 +1,7 @@
 """Fleet extraction: corpora read on the workers, stable ids, Ray conventions, cluster configs, and a
 multi-node cluster on one machine (head runs no work, two 1-CPU worker nodes) that loses a node
 mid-job and still commits exactly the rows of an uninterrupted embedded run."""
+import dataclasses
 import gzip
 import json
 import os
@@ -133,16 +134,18 @@ def test_address_temp_dir_and_unsatisfiable_requests(monkeypatch):
 
 
 def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_path):
-    (tmp_path / "ray").mkdir()
+    # not "--address auto": on a shared machine Ray's auto-discovery finds any running cluster
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(tmp_path)  # no cluster recorded there: "auto" finds none (and never someone else's)
     mlm, ar = pairs["modernbert-olmo"]
     base = ["extract", "--mlm", mlm, "--ar", ar, "--corpus", parquet_corpus, "--out", tmp_path / "s"]
-    for extra, message in ((["--address", "auto"], "cannot connect to the Ray cluster at 'auto'"),
-                           (["--ray-temp-dir", "/tmp/" + "y" * 90], "must fit 107 bytes")):
+    nobody = f"127.0.0.1:{_free_port()}"
+    for extra, said in ((["--address", nobody], (f"cannot connect to the Ray cluster at '{nobody}'", "ray start --head")),
+                        (["--ray-temp-dir", "/tmp/" + "y" * 90], ("must fit 107 bytes", "/tmp/ray-maria"))):
+        t = time.monotonic()
         res = subprocess.run(maria_command(*base, *extra), capture_output=True, text=True, env=env, timeout=120)
-        assert res.returncode == 2 and message in res.stderr, res.stderr[-2000:]
-        assert len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+        assert res.returncode == 2 and all(m in res.stderr for m in said), res.stderr[-2000:]
+        assert len(res.stderr.strip().splitlines()) == 1 and time.monotonic() - t < 60, res.stderr[-2000:]
+    assert not (tmp_path / "s").exists()
 
 
 def test_command_line_round_trips():
@@ -216,3 +219,116 @@ def test_impossible_requests_fail_at_once_on_embedded_ray(ray_local, pairs, parq
     with pytest.raises(RayClusterError, match="100 CPU per backbone actor.*--actor-cpus"):
         run_extract(config(pairs, parquet_corpus, tmp_path / "b", actor_cpus=100))
     assert time.monotonic() - t < 60 and not (tmp_path / "a").exists()
+
+
+# --- a multi-node cluster on one machine ----------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    """Head (no work, dashboard for job submission on 127.0.0.1) + two 1-CPU worker nodes. RAY_TMPDIR
+    is private, so the cluster never registers as this machine's default ("auto") cluster."""
+    import shutil
+    from types import SimpleNamespace
+
+    from ray._private.utils import get_dashboard_dependency_error
+
+    if get_dashboard_dependency_error():
+        pytest.skip("`ray job submit` needs Ray's dashboard: pip install 'ray[default]==2.60.0'")
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    os.makedirs(f"{tmp}/ray")
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    agent = lambda: {"dashboard_agent_listen_port": _free_port()}  # noqa: E731 -- Ray's default 52365 may be taken
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "temp_dir": tmp,
+                                                            "dashboard_host": "127.0.0.1", "dashboard_port": port, **agent(),
+                                                            # a killed node is declared dead in ~3 s, not ~30 s
+                                                            "_system_config": {"health_check_period_ms": 1000,
+                                                                               "health_check_timeout_ms": 1000,
+                                                                               "health_check_failure_threshold": 2}})
+    try:
+        workers = [cluster.add_node(num_cpus=1, **agent()) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield SimpleNamespace(cluster=cluster, workers=workers, address=cluster.address, dashboard=f"http://127.0.0.1:{port}")
+    finally:
+        cluster.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _actor_node(fleet):
+    """The worker node whose raylet started the backbone actor (Ray titles the process after it)."""
+    import psutil
+
+    raylets = {w.all_processes["raylet"][0].process.pid: w for w in fleet.workers}
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        if "FeatureActor" in " ".join(p.info["cmdline"] or []) and p.info["ppid"] in raylets:
+            return raylets[p.info["ppid"]]
+    return None
+
+
+def _preempt_actor_node(fleet, commits: Path, done: threading.Event, log: list):
+    """Spot preemption: once the first block is committed, remove the worker node that hosts the
+    backbone actor, without a graceful shutdown."""
+    while not done.is_set() and not list(commits.glob("*.json")):
+        time.sleep(0.2)
+    victim = None if done.is_set() else _actor_node(fleet)
+    if victim is not None:
+        log.append(len(list(commits.glob("*.json"))))
+        fleet.cluster.remove_node(victim, allow_graceful=False)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, parquet_corpus, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
+    reference = config(pairs, parquet_corpus, tmp_path / "embedded")
+    run_extract(reference)  # the uninterrupted run, on embedded Ray
+    out = tmp_path / "fleet"
+    args = shlex.split(command_line(dataclasses.replace(reference, out=str(out))))[1:]
+    assert "--address" not in args  # the job finds the cluster through RAY_ADDRESS only
+    sid = f"maria-{os.getpid()}-{int(time.time())}"
+    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", fleet.dashboard, "--submission-id", sid,
+              "--runtime-env-json", json.dumps({"env_vars": {"MARIA_FAULT_SLEEP_S": "2"}}), "--", *maria_command(*args)]
+    done, preempted = threading.Event(), []
+    killer = threading.Thread(target=_preempt_actor_node, args=(fleet, out / "commits", done, preempted), daemon=True)
+    killer.start()
+    try:
+        res = subprocess.run(submit, capture_output=True, text=True, timeout=360)
+    finally:
+        done.set()
+        killer.join(60)
+    assert "succeeded" in res.stdout, res.stdout[-3000:] + res.stderr[-1500:]
+    status = JobSubmissionClient(fleet.dashboard).get_job_status(sid)
+    logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", fleet.dashboard, sid],
+                          capture_output=True, text=True, timeout=120).stdout
+    assert str(status).endswith("SUCCEEDED"), res.stdout[-3000:] + res.stderr[-2000:]
+    assert preempted and preempted[0] < 6, f"the actor's node was not removed mid-job ({preempted})"
+    assert "(from RAY_ADDRESS)" in logs and "backbone actor on cpu" in logs  # worker output reaches `ray job logs`
+    assert "blocks, " in logs and "maria extract: done" in logs
+    verify = subprocess.run(maria_command("verify", "--store", out), capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    same_store(reference.out, out)
+
+
+@pytest.mark.ray
+def test_cluster_that_cannot_place_an_actor_fails_in_bounded_time(fleet, pairs, parquet_corpus, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": fleet.address}
+    args = shlex.split(command_line(config(pairs, parquet_corpus, tmp_path / "s", device="cuda", actor_start_timeout_s=5)))[1:]
+    t = time.monotonic()
+    res = subprocess.run(maria_command(*args), capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 2 and "placed no backbone actor within" in res.stderr and "1 GPU" in res.stderr, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and time.monotonic() - t < 90
