@@ -44,7 +44,6 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
         return False
     given, address = address, resolve_address(address)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our progress lines say it; Ray's text log floods CI
     try:
         if address:  # worker output goes to this driver, so `ray job logs` shows progress and errors
             _check_reachable(address)
@@ -60,6 +59,16 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
     except Exception as e:  # noqa: BLE001 -- Ray's start/connect errors are pages; name the fix in one line
         raise RayClusterError(_start_failure(address, temp_dir, e)) from None
     return True
+
+
+def quiet_ray_data() -> None:
+    """Our progress lines say what Ray Data's info log would; and a failed task is logged with its
+    traceback before the error reaches the driver, which re-raises it as one line (or, for a bug,
+    with its traceback)."""
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did that
+    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:

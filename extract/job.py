@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 
 from extract import faults
-from extract.cluster import ActorRequest, cluster_shapes, gpus_available, init_ray, resolve_address, wait_for_placement
+from extract.cluster import (ActorRequest, cluster_shapes, gpus_available, init_ray, quiet_ray_data, resolve_address,
+                             wait_for_placement)
 from extract.corpus import Corpus, CorpusError, corpus_fingerprint, doc_offsets, limit_rows, list_corpus, plan_blocks
 from extract.masking import MaskingConfig
 from extract.source import read_corpus
@@ -115,6 +116,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     corpus = list_corpus(cfg.corpus, cfg.split)  # file names only: a missing corpus fails before Ray starts
     embedded = resolve_address(cfg.address) is None
     started = init_ray(cfg.address, cfg.ray_temp_dir)
+    quiet_ray_data()
     try:
         return _run(cfg, corpus, embedded)
     finally:
