@@ -19,8 +19,9 @@ def bench_extract(cfg) -> dict:
     --store naming the corpus (default: the demo's wiki train split)."""
     import torch
 
-    from extract.corpus import load_corpus
-    from extract.job import ExtractConfig, FeatureActor, make_windows, plan_blocks, run_extract
+    from extract.corpus import iter_documents
+    from extract.job import ExtractConfig, run_extract
+    from extract.stages import FeatureActor, make_windows
     from maria.config import cpu_threads
     from maria.defaults import default_cache_dir
     from maria.features import ar_states, mlm_states
@@ -46,12 +47,13 @@ def bench_extract(cfg) -> dict:
     t_job = time.perf_counter() - t0
     tokens = summary["new_tokens"]
     # 2. bare forward passes: the same windows, micro-batches and masks, no Ray, no store
-    docs = load_corpus(corpus, max_docs=ecfg.max_docs)
+    docs = list(iter_documents(corpus, max_docs=ecfg.max_docs))
     actor = FeatureActor(ecfg)
     torch.set_num_threads(cpu_threads())  # as the actor does
     t_fwd = 0.0
-    for block_id, s, e in plan_blocks(len(docs), ecfg.docs_per_block):
-        w = make_windows({"block_id": [block_id], "doc_start": [s], "texts": [docs[s:e]]}, ecfg)
+    for s in range(0, len(docs), ecfg.docs_per_block):
+        e = min(s + ecfg.docs_per_block, len(docs))
+        w = make_windows({"block_id": [f"b{s}"], "doc_ids": [np.arange(s, e)], "texts": [docs[s:e]]}, ecfg)
         # one block per batch, stored as object arrays (ragged across blocks): back to plain dtypes
         ids, lengths, masks = (np.asarray(w[k][0]).astype(t) for k, t in (("ids", np.int64), ("lengths", np.int64), ("masks", bool)))
         order = np.argsort(-lengths, kind="stable")

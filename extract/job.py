@@ -209,16 +209,27 @@ def _pipeline(cfg: ExtractConfig, corpus: Corpus, rows: list[int], todo: list, r
     # on GPUs the pool grows with the cluster (unbounded: Ray Data adds an actor per free GPU share); on CPUs one
     # actor already uses every core through torch's threads
     max_actors = cfg.max_actors or (None if request.num_gpus else cfg.min_actors)
+    pool = ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=max_actors,
+                                      initial_size=initial_actors(cfg.min_actors, max_actors, request, cluster_shapes()[0]))
     helpers = ray.data.TaskPoolStrategy(size=2 * max_actors) if max_actors else None  # CPU stages keep pace, no more
     fault = faults.remote_args()
     ds = read_corpus(corpus, sorted(plan), cfg.text_column, "blocks", cfg.docs_per_block, plan)
     ds = ds.map_batches(make_windows, fn_kwargs={"cfg": cfg}, batch_size=1, num_cpus=0.25, batch_format="numpy", compute=helpers)
     ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=max_actors),
+                        compute=pool,
                         **request.ray_args(), **fault)
     ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.out}, batch_size=1, num_cpus=0.25, batch_format="numpy",
                         compute=helpers, **fault)
     return _drain(ds, len(todo))
+
+
+def initial_actors(min_actors: int, max_actors: int | None, request: ActorRequest, nodes: list[dict]) -> int:
+    """Start with one actor per GPU share the cluster has now (the pool then grows as GPUs join),
+    so a GPU cluster is busy from the first minute instead of after the autoscaler's ramp-up."""
+    if not request.num_gpus:
+        return min_actors
+    now = int(sum(n.get("GPU", 0) // request.num_gpus for n in nodes))
+    return max(min_actors, min(now, max_actors or now))
 
 
 def _drain(ds, n_blocks: int) -> tuple[int, int, dict]:

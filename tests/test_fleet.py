@@ -20,7 +20,7 @@ import yaml
 from extract.cluster import ActorRequest, RayClusterError, check_temp_dir, init_ray, resolve_address, unsatisfiable
 from extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows,
                             list_corpus, plan_blocks)
-from extract.job import ExtractConfig, command_line, run_extract
+from extract.job import ExtractConfig, command_line, initial_actors, run_extract
 from extract_fixtures import ARRAYS, config, config_from_args, maria_command, read_all
 
 ROOT = Path(__file__).parent.parent
@@ -131,6 +131,10 @@ def test_address_temp_dir_and_unsatisfiable_requests(monkeypatch):
     assert unsatisfiable(gpu, cpu_nodes, [{"GPU": 1, "CPU": 8}], embedded=False) is None  # the autoscaler can add one
     assert unsatisfiable(gpu, cpu_nodes, None, embedded=False) is None  # unknown autoscaler: the bounded wait decides
     assert "--actor-cpus" in unsatisfiable(ActorRequest(100, 0, None), cpu_nodes, [], embedded=False)
+    # the pool starts with one actor per GPU share the cluster has now, within --min/--max-actors
+    gpu_nodes = [{"GPU": 4.0, "CPU": 16}, {"GPU": 2.0, "CPU": 8}, {"CPU": 0}]
+    assert initial_actors(1, None, gpu, gpu_nodes) == 6 and initial_actors(1, 4, gpu, gpu_nodes) == 4
+    assert initial_actors(1, None, ActorRequest(1, 0.5, None), gpu_nodes) == 12 and initial_actors(2, None, gpu, []) == 2
 
 
 def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_path):
@@ -322,6 +326,7 @@ def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, par
     verify = subprocess.run(maria_command("verify", "--store", out), capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     same_store(reference.out, out)
+    assert len(read_all(str(out))[block_id(2, 3)]["targets"]) == 0  # documents too short for a window: an empty block
 
 
 @pytest.mark.ray
