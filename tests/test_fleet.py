@@ -216,6 +216,28 @@ def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
 
 
 @pytest.mark.ray
+def test_corpus_on_object_storage_reads_as_the_local_copy(ray_local, s3_endpoint, parquet_corpus):
+    import s3fs
+
+    from extract.job import _scan
+    from extract.source import read_corpus
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
+    for f in Path(parquet_corpus).iterdir():
+        fs.put_file(str(f), f"maria-test/corpus/{f.name}")
+    url = "s3://maria-test/corpus/"
+    corpus = list_corpus(url)
+    assert corpus.files == tuple(f"s3://maria-test/corpus/part-{i}.parquet" for i in range(3))
+    assert list(iter_documents(url)) == list(iter_documents(parquet_corpus))
+    cfg = ExtractConfig(mlm="m", ar="a", corpus=url, out="o", docs_per_block=3)
+    rows, fingerprint = _scan(cfg, corpus)  # read tasks on the workers, through s3fs with the test endpoint
+    assert (rows, fingerprint) == _scan(dataclasses.replace(cfg, corpus=parquet_corpus), list_corpus(parquet_corpus))
+    plan = {f: (offset, rows[f], [0]) for f, offset in enumerate(doc_offsets(rows))}
+    first = sorted(read_corpus(corpus, [0, 1, 2], "text", "blocks", 3, plan).take_all(), key=lambda r: r["block_id"])
+    assert [list(r["texts"]) for r in first][0] == list(iter_documents(parquet_corpus))[:3]
+
+
+@pytest.mark.ray
 def test_impossible_requests_fail_at_once_on_embedded_ray(ray_local, pairs, parquet_corpus, tmp_path):
     t = time.monotonic()
     with pytest.raises(RayClusterError, match=r"asks for 1 GPU .* the cluster has .* 0 GPU"):
