@@ -54,7 +54,7 @@ class ExtractConfig:
     actor_gpus: float | None = None  # GPUs per backbone actor (0.5 = two actors share a GPU); unset = 1 if the cluster has or can add GPUs and --device is not cpu, else 0
     actor_cpus: float = 0.5  # CPUs per backbone actor (fractional: on small nodes whole CPUs can starve the pipeline)
     actor_memory_gb: float | None = None  # RAM Ray reserves per backbone actor (set it on a fleet: about 3x both backbones' weights)
-    min_actors: int = 1  # backbone actors started up front; the pool never shrinks below this
+    min_actors: int = 1  # fewest backbone actors (the pool starts with one per GPU share present and never shrinks below this)
     max_actors: int | None = None  # most backbone actors; unset = as many as the cluster's GPUs allow, growing as nodes join (1 without GPUs)
     actor_start_timeout_s: float = 600.0  # fail if the cluster places no backbone actor within this time (autoscalers take minutes)
     address: str | None = None  # Ray cluster: unset = $RAY_ADDRESS if set (ray job submit, KubeRay), else an embedded local Ray; "auto" = the cluster running on this machine

@@ -59,27 +59,37 @@ def parquet_corpus(tmp_path_factory):
 
 # --- the corpus: formats, ids and errors, without Ray -------------------------------------------
 
-def test_formats_one_rule_each_and_stable_ids(tmp_path):
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory):
+    """One small corpus per reader: JSONL (plain and gzip), .txt, CSV, a parquet glob, a datasets split."""
     import datasets
 
-    (tmp_path / "j").mkdir()
-    with gzip.open(tmp_path / "j" / "b.jsonl.gz", "wt") as f:
+    root = tmp_path_factory.mktemp("formats")
+    (root / "j").mkdir()
+    with gzip.open(root / "j" / "b.jsonl.gz", "wt") as f:
         f.write(json.dumps({"text": "gz one"}) + "\n" + json.dumps({"text": "gz two"}) + "\n")
-    (tmp_path / "j" / "a.jsonl").write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"text": " "}) + "\n")
-    assert list(iter_documents(str(tmp_path / "j"))) == ["plain", "gz one", "gz two"]  # sorted files, empty rows skipped
-    (tmp_path / "t").mkdir()
-    (tmp_path / "t" / "book.txt").write_text("line one\n\nline two\n")  # .txt: one file is one document
-    assert list(iter_documents(str(tmp_path / "t"))) == ["line one\n\nline two\n"]
-    (tmp_path / "c.csv").write_text('text,n\n"a, quoted",1\n123,2\n')
-    assert list(iter_documents(str(tmp_path / "c.csv"))) == ["a, quoted", "123"]  # the text column stays text
-    write_parquet(tmp_path / "p1.parquet", ["p one"])
-    write_parquet(tmp_path / "p2.parquet", ["p two"])
-    assert list(iter_documents(str(tmp_path / "p*.parquet"))) == ["p one", "p two"]  # a glob
+    (root / "j" / "a.jsonl").write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"text": " "}) + "\n")
+    (root / "t").mkdir()
+    (root / "t" / "book.txt").write_text("line one\n\nline two\n")
+    (root / "c.csv").write_text('text,n\n"a, quoted",1\n123,2\n')
+    write_parquet(root / "p1.parquet", ["p one"])
+    write_parquet(root / "p2.parquet", ["p two"])
     datasets.disable_progress_bars()
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["tr"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["te"]})}).save_to_disk(str(tmp_path / "ds"))
-    assert list(iter_documents(str(tmp_path / "ds"))) == ["tr"]
-    assert list(iter_documents(str(tmp_path / "ds"), split="test")) == ["te"]
+                          "test": datasets.Dataset.from_dict({"text": ["te"]})}).save_to_disk(str(root / "ds"))
+    return {  # (source, split): the documents, in corpus order
+        (str(root / "j"), None): ["plain", "gz one", "gz two"],  # sorted files, empty rows skipped
+        (str(root / "t"), None): ["line one\n\nline two\n"],  # .txt: one file is one document
+        (str(root / "c.csv"), None): ["a, quoted", "123"],  # the text column stays text
+        (str(root / "p*.parquet"), None): ["p one", "p two"],  # a glob
+        (str(root / "ds"), None): ["tr"],
+        (str(root / "ds"), "test"): ["te"],
+    }
+
+
+def test_formats_one_rule_each_and_stable_ids(formats):
+    for (source, split), docs in formats.items():
+        assert list(iter_documents(source, split=split)) == docs, source
     # ids and blocks are pure functions of (rows per file, docs_per_block)
     rows = [5, 0, 3]
     assert plan_blocks(rows, 2) == [(block_id(0, 0), 0, 0, 2), (block_id(0, 2), 0, 2, 4), (block_id(0, 4), 0, 4, 5),
@@ -213,6 +223,19 @@ def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
     assert [int(d) for r in got for d in r["doc_ids"]] == list(range(14))  # every row keeps its id, empty ones too
     _, limited = _scan(ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, out="o", max_docs=6), corpus)
     assert limited != fingerprint
+
+
+@pytest.mark.ray
+def test_every_format_reads_the_same_on_the_workers(ray_local, formats):
+    from extract.job import _scan
+    from extract.source import read_corpus
+
+    for (source, split), docs in formats.items():
+        corpus = list_corpus(source, split)
+        rows, _ = _scan(ExtractConfig(mlm="m", ar="a", corpus=source, split=split, out="o"), corpus)
+        plan = {f: (offset, rows[f], [0]) for f, offset in enumerate(doc_offsets(rows)) if rows[f]}
+        got = sorted(read_corpus(corpus, sorted(plan), "text", "blocks", 8, plan).take_all(), key=lambda r: r["block_id"])
+        assert [t for r in got for t in r["texts"] if t.strip()] == docs, source
 
 
 @pytest.mark.ray
