@@ -12,8 +12,9 @@ import torch
 
 from app.corpus_wiki import prepare_wiki_corpus
 from app.defaults import default_cache_dir
-from extract.corpus import load_corpus
-from extract.job import ExtractConfig, FeatureActor, make_windows, plan_blocks, run_extract
+from extract.corpus import iter_documents
+from extract.job import ExtractConfig, run_extract
+from extract.stages import FeatureActor, make_windows
 from maria.device import cpu_threads
 from maria.features import ar_states, mlm_states
 from maria.plots import bar_plot
@@ -45,12 +46,13 @@ def bench_extract(cfg) -> dict:
     t_job = time.perf_counter() - t0
     tokens = summary["new_tokens"]
     # 2. bare forward passes: the same windows, micro-batches and masks, no Ray, no store
-    docs = load_corpus(corpus, max_docs=ecfg.max_docs)
+    docs = list(iter_documents(corpus, max_docs=ecfg.max_docs))
     actor = FeatureActor(ecfg)
     torch.set_num_threads(cpu_threads())  # as the actor does
     t_fwd = 0.0
-    for block_id, s, e in plan_blocks(len(docs), ecfg.docs_per_block):
-        w = make_windows({"block_id": [block_id], "doc_start": [s], "texts": [docs[s:e]]}, ecfg)
+    for s in range(0, len(docs), ecfg.docs_per_block):
+        e = min(s + ecfg.docs_per_block, len(docs))
+        w = make_windows({"block_id": [f"b{s}"], "doc_ids": [np.arange(s, e)], "texts": [docs[s:e]]}, ecfg)
         # one block per batch, stored as object arrays (ragged across blocks): back to plain dtypes
         ids, lengths, masks = (np.asarray(w[k][0]).astype(t) for k, t in (("ids", np.int64), ("lengths", np.int64), ("masks", bool)))
         order = np.argsort(-lengths, kind="stable")
@@ -81,9 +83,6 @@ def bench_extract(cfg) -> dict:
             f.write(np.ascontiguousarray(v).tobytes())
     t_raw = time.perf_counter() - t
     steady = summary["steady_tokens"] / summary["steady_seconds"] if summary.get("steady_seconds") else None
-    bar_plot(Path(cfg.json).with_suffix(".png"), {"job end to end": tokens / t_job, "job steady state": steady or 0.0,
-                                                  "bare backbone forwards": tokens / t_fwd},
-             "window tokens / s", f"Extraction throughput ({len(docs)} documents)")
     return {"benchmark": "extract", "mlm": mlm, "ar": ar, "documents": len(docs), "window_tokens": tokens, "rows": rows,
             "job_seconds_total": t_job, "job_tok_s": tokens / t_job, "forward_seconds": t_fwd, "forward_tok_s": tokens / t_fwd,
             "pipeline_over_forward": t_fwd / t_job, "store_write_mb_s": nbytes / t_store / 1e6, "raw_write_mb_s": nbytes / t_raw / 1e6,

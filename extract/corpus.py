@@ -1,100 +1,291 @@
-"""Corpora in, masked windows out: loading, windowing and masking (METHOD.md, "Masking").
+"""The project's one corpus reader: which files a corpus is, how each file parses into documents,
+the stable id of every document, and how documents are cut into windows.
 
-Everything here is deterministic from (seed, document, window, mask index), so a re-run of the
-job produces identical windows and masks, and any block can be recomputed alone.
+A corpus is a sorted list of files of one kind (parquet, JSON/JSONL, CSV, .txt, or the arrow
+shards of a saved `datasets` folder), given as a file, a folder, a glob, or any fsspec URL
+(s3://, gs://). A document's id is (file index in that sorted list, row in the file); its global
+id is the rows of the files before it plus its row. Empty rows keep their row number (they make
+no windows), so ids, masks and block ids are pure functions of the corpus, whoever reads it and in
+whatever order. Rule for .txt: one file is one document (a book or an article stays whole;
+corpora of many short documents belong in JSONL, CSV or parquet, one row per document).
+
+The Ray job reads files on the workers through extract/source.py; `iter_documents` reads a
+local corpus in-process (MLM pretraining, tests) with the same parsing.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from pathlib import Path
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
 
-import numpy as np
+from storage.location import resolve_storage_options
+
+KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text",
+         ".arrow": "arrow"}
+COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4", ".br")  # Ray Data (and fsspec) decompress these by suffix
+DATASETS_MARKERS = ("dataset_dict.json", "state.json")
 
 
 class CorpusError(ValueError):
     """A corpus the job cannot use; the message names the fix."""
 
 
-@dataclass
-class MaskingConfig:
-    mode: str = "token"  # token (independent) | word (all tokens of a word) | span (contiguous spans)
-    rate: float | None = None  # fixed mask rate; None = a rate r ~ Uniform(min_rate, max_rate) per window
-    min_rate: float = 0.0  # lower end of the uniform rate
-    max_rate: float = 1.0  # upper end of the uniform rate
-    span_mean: float = 3.0  # mean span length in tokens (mode span)
-    masks_per_window: int = 1  # K masks of each window; the AR runs once for all K
+@dataclass(frozen=True)
+class Corpus:
+    """The driver's view of a corpus: its files and how to reach them, never its documents."""
 
-    def __post_init__(self):
-        if self.mode not in ("token", "word", "span"):
-            raise CorpusError(f"masking mode {self.mode!r} is unknown; use token, word or span")
-        for name in ("rate", "min_rate", "max_rate"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v <= 1.0:
-                raise CorpusError(f"mask {name.replace('_', ' ')} {v} is outside [0, 1]; pick a rate between 0 and 1")
-        if self.min_rate > self.max_rate:
-            raise CorpusError(f"mask min rate {self.min_rate} is above max rate {self.max_rate}")
-        if self.masks_per_window < 1 or self.span_mean < 1:
-            raise CorpusError("masks per window and span mean must be >= 1")
+    source: str  # what the user passed
+    kind: str  # parquet | json | csv | text | arrow
+    files: tuple[str, ...]  # sorted full paths or URLs; the index is the file id
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.source and not self.source.startswith("file://")
 
 
-def load_corpus(path: str, text_column: str = "text", max_docs: int | None = None) -> list[str]:
-    """Documents from a `datasets` folder (save_to_disk), parquet, JSONL/JSON, or .txt files.
+def _kind(name: str) -> str | None:
+    base = name.lower()
+    for c in COMPRESSIONS:
+        if base.endswith(c):
+            base = base[: -len(c)]
+    return KINDS.get(os.path.splitext(base)[1])
 
-    Empty and whitespace-only documents are dropped; an empty corpus, a missing or non-text
-    column, and undecodable bytes are refused."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CorpusError(f"corpus {path} does not exist; pass a datasets folder, parquet, JSONL or .txt files")
-    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-        import datasets
 
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+def _fs(source: str):
+    import fsspec
+
+    options = resolve_storage_options(source, None)  # the store's S3 endpoint rules apply to corpora too
+    fs, root = fsspec.core.url_to_fs(os.path.expanduser(source), **options)
+    return fs, root, options
+
+
+def _url(fs, path: str, source: str) -> str:
+    """A listed path back in the user's form: scheme kept for remote corpora, absolute for local ones."""
+    if "://" in source and not source.startswith("file://"):
+        return fs.unstrip_protocol(path)
+    return os.path.abspath(path)
+
+
+def list_corpus(source: str, split: str | None = None) -> Corpus:
+    """The corpus's files, sorted, all of one kind; one-line errors for what cannot be a corpus."""
+    fs, root, options = _fs(source)
+    try:
+        if any(ch in source for ch in "*?["):
+            paths = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        elif fs.isdir(root):
+            paths = _datasets_files(fs, root, split) or sorted(fs.find(root))
+        elif fs.exists(root):
+            paths = [root]
+        else:
+            paths = None
+    except (OSError, ValueError) as e:  # unreachable bucket, bad credentials: one line, not a traceback
+        raise CorpusError(f"cannot list corpus {source}: {str(e).splitlines()[0][:200]}") from None
+    if not paths:
+        raise CorpusError(f"corpus {source} does not exist or matches no files; pass a datasets folder, parquet, "
+                          f"JSON(L), CSV or .txt files (a file, a folder, a glob or an s3:// or gs:// URL)")
+    # names starting with "_" or "." are bookkeeping (_SUCCESS, .crc, .cache): skipped, as Ray Data does
+    visible = [p for p in paths if not any(part[:1] in "_." for part in p[len(root):].split("/") if part)] or paths
+    kinds = {p: _kind(p) for p in visible}
+    found = sorted({k for k in kinds.values() if k})
+    if not found:
+        raise CorpusError(f"corpus {source} holds no .parquet, .jsonl, .json, .csv or .txt files")
+    if len(found) > 1:
+        examples = ", ".join(f"{os.path.basename(next(p for p in visible if kinds[p] == k))} ({k})" for k in found)
+        raise CorpusError(f"corpus {source} mixes file kinds: {examples}; keep one kind per corpus or pass a glob "
+                          f"such as {source.rstrip('/')}/*.parquet")
+    files = tuple(_url(fs, p, source) for p in visible if kinds[p])
+    return Corpus(source, found[0], files, options)
+
+
+def _datasets_files(fs, root: str, split: str | None) -> list[str] | None:
+    """The arrow shards of a `datasets.save_to_disk` folder (one split of a DatasetDict), in order."""
+    if fs.exists(f"{root}/dataset_dict.json"):
+        splits = json.loads(fs.cat_file(f"{root}/dataset_dict.json"))["splits"]
+        chosen = split or ("train" if "train" in splits else splits[0])
+        if chosen not in splits:
+            raise CorpusError(f"datasets folder {root} has no split {chosen!r} (splits: {splits}); pass --split")
+        root = f"{root}/{chosen}"
+    elif not fs.exists(f"{root}/state.json"):
+        return None
+    elif split is not None:
+        raise CorpusError(f"datasets folder {root} holds a single split; drop --split {split}")
+    state = json.loads(fs.cat_file(f"{root}/state.json"))
+    return [f"{root}/{f['filename']}" for f in state["_data_files"]]
+
+
+# --- parsing: one open file -> lists of texts (None for a missing value) ----------------------------
+
+def file_texts(kind: str, f, name: str, column: str) -> Iterator[list]:
+    """Texts of one file in row order, in chunks. `f` is a binary file, already decompressed
+    (random-access for parquet). Every parse error is one line naming the file and the fix."""
+    if kind == "parquet":
+        yield from _parquet_texts(f, name, column)
+        return
+    if kind == "arrow":
+        import pyarrow as pa
+
+        reader = pa.ipc.open_stream(f)
+        _check_column(reader.schema, name, column)
+        for batch in reader:
+            yield batch.column(column).to_pylist()
+        return
+    data = _utf8(f.read(), name)
+    if kind == "text":
+        yield [data.decode("utf-8")]
+    elif kind == "json":
+        yield from _json_texts(data, name, column)
     else:
-        files = sorted(p.rglob("*")) if p.is_dir() else [p]
-        files = [f for f in files if f.is_file() and f.suffix in (".parquet", ".jsonl", ".json", ".txt")]
-        if not files:
-            raise CorpusError(f"corpus {path} holds no .parquet, .jsonl, .json or .txt files")
-        if all(f.suffix == ".txt" for f in files):
-            texts = []
-            for f in files:
-                try:
-                    texts.append(f.read_bytes().decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise CorpusError(f"{f} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from None
-            return _clean(texts, path, max_docs)
-        import datasets
+        yield from _csv_texts(data, name, column)
 
-        datasets.disable_progress_bars()  # a corpus loads in seconds; its bars would bury our one-line errors
-        kind = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}[files[0].suffix]
+
+def _utf8(data: bytes, name: str) -> bytes:
+    """Checked up front: the arrow parsers silently turn bad bytes into U+FFFD."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{name} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from None
+    return data
+
+
+def _check_column(schema, name: str, column: str) -> None:
+    import pyarrow as pa
+
+    if column not in schema.names:
+        raise CorpusError(f"corpus file {name} has no column {column!r} (columns: {schema.names}); pass --text-column")
+    t = schema.field(column).type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t)):
+        raise CorpusError(f"column {column!r} of {name} holds {t}, not text; pass --text-column naming a text column")
+
+
+def _parquet_texts(f, name: str, column: str) -> Iterator[list]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # noqa: BLE001 -- arrow's errors are long; keep the first line
+        raise CorpusError(f"cannot read {name} as parquet: {str(e).splitlines()[0][:200]}") from None
+    _check_column(pf.schema_arrow, name, column)
+    for batch in pf.iter_batches(batch_size=4096, columns=[column]):
+        yield batch.column(0).to_pylist()
+
+
+def _json_texts(data: bytes, name: str, column: str) -> Iterator[list]:
+    """JSON Lines with pyarrow (as Ray's read_json), falling back to a JSON array of objects."""
+    import pyarrow as pa
+    import pyarrow.json as pajson
+
+    if not data.strip():
+        return  # an empty file is a file with no documents
+    try:
+        options = pajson.ReadOptions(use_threads=False, block_size=min(max(len(data), 1 << 20), 2**31 - 1))
+        table = pajson.read_json(io.BytesIO(data), read_options=options)
+    except pa.ArrowInvalid as e:
         try:
-            ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-        except Exception as e:  # noqa: BLE001 -- arrow/json errors: name the file problem on one line
-            raise CorpusError(f"cannot read corpus {path} as {kind}: {str(e).splitlines()[0][:200]}") from None
-    if text_column not in ds.column_names:
-        raise CorpusError(f"corpus {path} has no column {text_column!r} (columns: {ds.column_names}); pass --text-column")
-    feature = ds.features[text_column]
-    if getattr(feature, "dtype", None) not in ("string", "large_string"):
-        raise CorpusError(f"column {text_column!r} of {path} holds {feature}, not text; pass --text-column naming a text column")
-    n = len(ds) if max_docs is None else min(len(ds), max_docs)
-    return _clean(ds.select(range(n))[text_column], path, None)
+            rows = json.loads(data)
+            table = pa.Table.from_pylist(rows if isinstance(rows, list) else [rows])
+        except Exception:  # noqa: BLE001 -- neither JSON Lines nor a JSON array: report arrow's reason
+            raise CorpusError(f"cannot read {name} as JSON Lines: {str(e).splitlines()[0][:200]}; "
+                              f"write one JSON object per line") from None
+    _check_column(table.schema, name, column)
+    yield table.column(column).to_pylist()
 
 
-def _clean(texts: list, path: str, max_docs: int | None) -> list[str]:
-    docs = [t for t in texts if isinstance(t, str) and t.strip()]
-    if max_docs is not None:
-        docs = docs[:max_docs]
-    if not docs:
-        raise CorpusError(f"corpus {path} has no non-empty documents; check the path and --text-column")
-    return docs
+def _csv_texts(data: bytes, name: str, column: str) -> Iterator[list]:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if not data.strip():
+        return
+    try:  # the text column is text whatever it looks like ("123" stays a document)
+        table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),
+                               convert_options=pacsv.ConvertOptions(column_types={column: pa.string()}))
+    except pa.ArrowInvalid as e:
+        raise CorpusError(f"cannot read {name} as CSV: {str(e).splitlines()[0][:200]}") from None
+    _check_column(table.schema, name, column)
+    yield table.column(column).to_pylist()
 
 
-def corpus_fingerprint(docs: list[str]) -> str:
+def is_document(text) -> bool:
+    return isinstance(text, str) and bool(text.strip())
+
+
+# --- local reading, no Ray ---------------------------------------------------------------------
+
+def open_local(corpus: Corpus, i: int):
+    """File i of the corpus opened for `file_texts`: decompressed by suffix, seekable for parquet."""
+    import fsspec
+
+    compression = None if corpus.kind == "parquet" else "infer"
+    return fsspec.open(corpus.files[i], "rb", compression=compression, **corpus.storage_options).open()
+
+
+def iter_documents(source: str, text_column: str = "text", split: str | None = None,
+                   max_docs: int | None = None) -> Iterator[str]:
+    """Non-empty documents of a corpus in corpus order, read in this process (for small corpora:
+    MLM pretraining, tests, benchmarks). `max_docs` counts rows, empty ones included, as the job does."""
+    corpus = list_corpus(source, split)
+    seen = 0
+    for i in range(len(corpus.files)):
+        with open_local(corpus, i) as f:
+            for texts in file_texts(corpus.kind, f, corpus.files[i], text_column):
+                for t in texts:
+                    if max_docs is not None and seen >= max_docs:
+                        return
+                    seen += 1
+                    if is_document(t):
+                        yield t
+
+
+# --- ids, blocks and the fingerprint: pure functions of (rows per file, docs_per_block) ----------
+
+def block_id(file: int, row_start: int) -> str:
+    """A block is docs_per_block consecutive rows of one file; its id names the file and first row."""
+    return f"f{file:06d}-r{row_start:010d}"
+
+
+def plan_blocks(rows: list[int], docs_per_block: int) -> list[tuple[str, int, int, int]]:
+    """(block_id, file, first row, end row) of every block, in corpus order."""
+    return [(block_id(i, s), i, s, min(s + docs_per_block, n)) for i, n in enumerate(rows)
+            for s in range(0, n, docs_per_block)]
+
+
+def doc_offsets(rows: list[int]) -> list[int]:
+    """Global id of each file's row 0: documents are numbered across files in corpus order."""
+    out, total = [], 0
+    for n in rows:
+        out.append(total)
+        total += n
+    return out
+
+
+def limit_rows(rows: list[int], max_docs: int | None) -> list[int]:
+    """Rows used per file when only the first max_docs rows of the corpus are wanted."""
+    if max_docs is None:
+        return list(rows)
+    out, left = [], max_docs
+    for n in rows:
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
+
+
+def text_digest(texts_digest, texts: list) -> None:
+    """Fold one chunk of a file's texts into its digest (order-sensitive, missing values included)."""
+    for t in texts:
+        texts_digest.update(hashlib.sha256(t.encode()).digest() if isinstance(t, str) else b"\0" * 32)
+
+
+def corpus_fingerprint(files: list[tuple[int, str]], max_docs: int | None) -> str:
+    """From each file's (rows, digest of its texts): independent of file names and of where the
+    corpus lives (a local copy and its s3:// upload agree), changed by any edit to a text."""
     h = hashlib.sha256()
-    for d in docs:
-        h.update(hashlib.sha256(d.encode()).digest())
+    for n, digest in files:
+        h.update(f"{n}:{digest};".encode())
+    h.update(f"max_docs={max_docs}".encode())
     return h.hexdigest()[:16]
 
 
@@ -103,34 +294,3 @@ def cut_windows(ids: list[int], window_length: int, min_length: int = 8) -> list
     window is kept if it has at least min_length tokens."""
     windows = [ids[i : i + window_length] for i in range(0, len(ids), window_length)]
     return [w for w in windows if len(w) >= min(min_length, window_length)]
-
-
-def word_starts(tokenizer, vocab_size: int) -> np.ndarray:
-    """starts[v] = True when token v begins a new word (a leading space marker or whitespace)."""
-    starts = np.zeros(vocab_size, dtype=bool)
-    for v, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab_size, len(tokenizer)))))):
-        starts[v] = tok is not None and (tok[:1] in ("Ġ", "▁", " ", "Ċ", "\n") or not tok[:1].isalnum())
-    return starts
-
-
-def sample_mask(ids: np.ndarray, cfg: MaskingConfig, seed: int, doc: int, window: int, k: int,
-                starts: np.ndarray | None = None, first_maskable: int = 0) -> tuple[np.ndarray, float]:
-    """(mask, rate) for one window, from its own RNG stream (seed, doc, window, k)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, doc, window, k]))
-    n = len(ids)
-    rate = cfg.rate if cfg.rate is not None else float(rng.uniform(cfg.min_rate, cfg.max_rate))
-    if cfg.mode == "token":
-        mask = rng.random(n) < rate
-    elif cfg.mode == "word":
-        word = np.cumsum(starts[ids] if starts is not None else np.ones(n, dtype=bool)) - 1
-        word -= word.min() if n else 0
-        mask = (rng.random(int(word.max()) + 1 if n else 0) < rate)[word]
-    else:  # span: place geometric-length spans until the rate is reached
-        mask = np.zeros(n, dtype=bool)
-        target = int(round(rate * n))
-        while mask.sum() < target:
-            length = min(int(rng.geometric(1.0 / cfg.span_mean)), target - int(mask.sum()))
-            start = int(rng.integers(0, max(1, n - length + 1)))
-            mask[start : start + length] = True
-    mask[:first_maskable] = False
-    return mask, rate

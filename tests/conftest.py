@@ -57,7 +57,7 @@ def ray_local(tmp_path_factory, s3_endpoint):
     """One embedded Ray (2 CPUs, no dashboard, logs in the test's temp folder) for the session."""
     import ray
 
-    from extract.job import init_ray
+    from extract.cluster import init_ray
 
     init_ray(None, str(tmp_path_factory.mktemp("ray")), num_cpus=2)
     yield
@@ -71,7 +71,7 @@ def corpus(tmp_path_factory):
     from tiny import CORPUS
 
     path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    docs = [" ".join(CORPUS[i : i + 1 + i % 3]) for i in range(12)] + ["   "]  # one whitespace doc, dropped
+    docs = [" ".join(CORPUS[i : i + 1 + i % 3]) for i in range(12)] + ["   "]  # a whitespace doc: an empty last block
     path.write_text("".join(json.dumps({"text": d, "n": i}) + "\n" for i, d in enumerate(docs)))
     return str(path)
 
@@ -84,5 +84,5 @@ def store_a(ray_local, pairs, corpus, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("stores") / "a"
     summary = run_extract(config(pairs, corpus, out))
-    assert summary["blocks"] == 4 and summary["rows"] > 0
+    assert summary["blocks"] == 5 and summary["rows"] > 0
     return out

@@ -2,16 +2,15 @@
 import json
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from extract.corpus import CorpusError, MaskingConfig, cut_windows, load_corpus, sample_mask
+from extract.corpus import CorpusError, cut_windows, iter_documents
 from extract.job import run_extract
-from extract_fixtures import ARRAYS, config, read_all  # fixtures ray_local, corpus, store_a: conftest.py
+from extract.masking import MaskingConfig, sample_mask
+from extract_fixtures import ARRAYS, config, maria_command, read_all  # fixtures ray_local, corpus, store_a: conftest.py
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -25,9 +24,9 @@ def test_stored_features_equal_the_aligned_feature_function(store_a, pairs, corp
     bb = load_backbones(*pairs["modernbert-olmo"])
     assert store.manifest["mlm"]["fingerprint"] == bb.identity["mlm"]["fingerprint"]
     np.testing.assert_array_equal(store.init_weights()["W2"], bb.expert_weights()["W2"].numpy())
-    docs = load_corpus(corpus)
+    docs = list(iter_documents(corpus))  # the whitespace row is the last one: row numbers are list indices
     masking = MaskingConfig(masks_per_window=2)
-    block = store.read_block("b000001")  # documents 3, 4, 5
+    block = store.read_block("f000000-r0000000003")  # rows 3, 4, 5 of the corpus's one file
     feats, targets = [], []
     for d in (3, 4, 5):
         for w, ids in enumerate(cut_windows(bb.ar_tokenizer(docs[d], add_special_tokens=False).input_ids, 24)):
@@ -53,12 +52,12 @@ def test_two_runs_identical_and_resume_after_partial(store_a, pairs, corpus, tmp
     # resume: one block never started, one half-written (its data present, no commit marker)
     c = tmp_path / "c"
     shutil.copytree(b, c)
-    (c / "commits" / "b000002.json").unlink()
-    for attempt in (c / "blocks" / "b000003").iterdir():  # its attempt folders and its group's zarr.json
+    (c / "commits" / "f000000-r0000000006.json").unlink()
+    for attempt in (c / "blocks" / "f000000-r0000000009").iterdir():  # its attempt folders and its group's zarr.json
         shutil.rmtree(attempt) if attempt.is_dir() else attempt.unlink()
-    (c / "commits" / "b000003.json").unlink()
+    (c / "commits" / "f000000-r0000000009.json").unlink()
     summary = run_extract(config(pairs, corpus, c))
-    assert summary["blocks"] == 4
+    assert summary["blocks"] == 5
     resumed = read_all(str(c))
     for blk in first:
         for name in ARRAYS:
@@ -72,14 +71,14 @@ def test_two_runs_identical_and_resume_after_partial(store_a, pairs, corpus, tmp
 def test_verify_cli_good_and_corrupt(store_a, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(store_a, bad)
-    ok = subprocess.run([sys.executable, "-m", "app.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
+    ok = subprocess.run(maria_command("verify", "--store", bad), capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    chunk = sorted(p for p in (bad / "blocks" / "b000002").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
+    chunk = sorted(p for p in (bad / "blocks" / "f000000-r0000000006").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    res = subprocess.run([sys.executable, "-m", "app.cli", "verify", "--store", str(bad)], capture_output=True, text=True)
-    assert res.returncode != 0 and "b000002" in res.stdout + res.stderr
+    res = subprocess.run(maria_command("verify", "--store", bad), capture_output=True, text=True)
+    assert res.returncode != 0 and "f000000-r0000000006" in res.stdout + res.stderr
 
 
 def test_clear_errors(ray_local, store_a, pairs, corpus, tmp_path):
@@ -116,17 +115,3 @@ def test_masking_modes_are_deterministic():
             assert all(len(set(a[words == w])) == 1 for w in np.unique(words))
         if mode == "span":
             assert a.sum() == 20
-
-
-def test_ray_cluster_yaml_matches_rays_schema():
-    import os
-
-    import jsonschema
-    import ray
-
-    cfg = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "ray_cluster.yaml")))
-    schema = json.load(open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")))
-    jsonschema.validate(cfg, schema)
-    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
-    assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
-    assert "0.0.0.0" not in open(os.path.join(os.path.dirname(__file__), "..", "ray_cluster.yaml")).read()

@@ -3,7 +3,6 @@ import errno
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.job import kill_marker, run_extract
-from extract_fixtures import ARRAYS, config, read_all
+from extract.faults import kill_marker
+from extract.job import run_extract
+from extract_fixtures import ARRAYS, block, config, maria_command, read_all
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -25,21 +25,23 @@ def assert_same_store(a, b, **kw):
             np.testing.assert_array_equal(first[blk][name], second[blk][name], err_msg=f"{blk}/{name}")
 
 
-def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, tmp_path):
+def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, tmp_path, monkeypatch):
     out = tmp_path / "killed"
-    run_extract(config(pairs, corpus, out, fault_kill_block="b000001"))
-    assert Path(kill_marker(str(out), "b000001")).exists(), "the actor was never killed"
+    monkeypatch.setenv("MARIA_FAULT_KILL_BLOCK", block(0, 3))  # test-only hooks are environment variables
+    run_extract(config(pairs, corpus, out))
+    assert Path(kill_marker(str(out), block(0, 3))).exists(), "the actor was never killed"
     assert_same_store(store_a, out)
 
 
 def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "driver"
     mlm, ar = pairs["modernbert-olmo"]
-    cmd = [sys.executable, "-m", "app.cli", "extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--out", str(out),
-           "--window-length", "24", "--docs-per-block", "3", "--batch-size", "4", "--masks-per-window", "2",
-           "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")]  # Ray's socket paths must stay under 107 bytes
+    cmd = maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--out", out,
+                        "--window-length", 24, "--docs-per-block", 3, "--batch-size", 4, "--masks-per-window", 2,
+                        "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     log = open(tmp_path / "driver.log", "w")
-    proc = subprocess.Popen(cmd + ["--fault-sleep-s", "3"], start_new_session=True, stdout=log, stderr=log)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=log, env={**env, "MARIA_FAULT_SLEEP_S": "3"})
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list(out.glob("commits/*.json")):
         time.sleep(0.2)
@@ -47,19 +49,21 @@ def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
     proc.wait()
     committed = len(list((out / "commits").glob("*.json")))
-    assert 1 <= committed < 4, f"{committed} blocks committed when the driver died"
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert 1 <= committed < 5, f"{committed} blocks committed when the driver died"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"{committed} blocks already committed" in rerun.stdout
     assert_same_store(store_a, out)
 
 
-def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, corpus, tmp_path):
+def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, corpus, tmp_path, monkeypatch):
     out = tmp_path / "full"
+    monkeypatch.setenv("MARIA_FAULT_ENOSPC_BLOCK", block(0, 6))
     with pytest.raises(OSError) as err:
-        run_extract(config(pairs, corpus, out, fault_enospc_block="b000002"))
+        run_extract(config(pairs, corpus, out))
     assert err.value.errno == errno.ENOSPC
-    assert not (out / "commits" / "b000002.json").exists()
+    assert not (out / "commits" / f"{block(0, 6)}.json").exists()
+    monkeypatch.delenv("MARIA_FAULT_ENOSPC_BLOCK")
     from app.cli import one_line as _friendly
 
     assert "no space left on device" in _friendly(err.value)
@@ -76,7 +80,7 @@ def test_extract_to_s3_then_resume_and_verify(store_a, pairs, corpus, s3_endpoin
     run_extract(config(pairs, corpus, url))
     assert_same_store(store_a, url)
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
-    fs.rm("maria-test/store/commits/b000003.json")  # as if the job had died before this block's commit
+    fs.rm(f"maria-test/store/commits/{block(0, 9)}.json")  # as if the job had died before this block's commit
     summary = run_extract(config(pairs, corpus, url))
     assert summary["new_rows"] > 0
     assert_same_store(store_a, url)
@@ -91,15 +95,15 @@ def test_flipped_byte_verify_names_block_training_refuses_unless_skipped(store_a
 
     bad = tmp_path / "bad"
     shutil.copytree(store_a, bad)
-    chunk = sorted(p for p in (bad / "blocks" / "b000001").rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
+    chunk = sorted(p for p in (bad / "blocks" / block(0, 3)).rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 3] ^= 0x01
     chunk.write_bytes(bytes(data))
     problems = verify_store(str(bad))
-    assert problems and all("b000001" in p for p in problems)
+    assert problems and all(block(0, 3) in p for p in problems)
     cfg = dict(store=str(bad), out=str(tmp_path / "head"), val_store=str(store_a), max_steps=3, batch_size=64, eval_every=100, device="cpu")
     for mode in ("stream", "ram"):
-        with pytest.raises(ValueError, match="b000001.*skip-corrupt"):
+        with pytest.raises(ValueError, match=f"{block(0, 3)}.*skip-corrupt"):
             run_train(TrainConfig(**cfg, data_mode=mode))
     result = run_train(TrainConfig(**cfg, data_mode="ram", skip_corrupt=True))
     assert (tmp_path / "head" / "head.safetensors").exists(), result
