@@ -125,6 +125,8 @@ def test_tensorstore_reads_features_and_targets(finished):
 
 
 def test_readme_snippet_runs_verbatim_without_this_project(finished):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert "```python\n" + SNIPPET.read_text().rstrip() + "\n```" in readme, "the README's snippet drifted from " + str(SNIPPET)
     url, store, blocks = finished
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-W", "error", "-c", SNIPPET.read_text() + "\nimport sys\n"
