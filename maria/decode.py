@@ -1,21 +1,28 @@
 """KV-cached infilling (METHOD.md, "Decoding"): one MLM pass, then one cached AR pass.
 
-For a batch of windows with different masks, the decoder walks the columns where *any* window
-is masked. At such a column each masked window samples from the fusion head on
-[h_mlm[i] ; h_ar_last]; windows where it is known keep their token. The filled token plus the
-run of columns that are known in every window go into the AR as one chunked forward.
+Ragged batching. Each window advances on its own: one AR step gives every row its own chunk, the
+token it just filled plus the run of known tokens after it up to its next masked position, so a
+batch takes about max over rows of its masked count steps (walking the union of the masked
+columns took about T steps for B independent masks). Chunks are right-padded into one (rows, C)
+forward with explicit position ids (a row's own AR positions, which padding must not shift:
+RoPE and learned position embeddings both read them) and a 2-D attention mask over every cached
+slot, so padded slots never enter attention. The schedule depends on the mask only, so it is
+planned up front (`plan`); the loop then runs it without any host round trip per step. Finished
+rows leave the cache in bulk and padding slots are squeezed out when they pile up, so attention
+and cache copies stay close to plain AR generation's.
 The features the head sees are, teacher-forced, exactly the extracted ones (tests prove it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from maria.backbones import Backbones, projection_input
-from maria.features import ar_states, check_mask, mlm_states, valid_positions
+from maria.features import check_mask, mlm_states, valid_positions
 from maria.head import FusionHead
 
 
@@ -50,10 +57,79 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
-def _ar_last_state(bb: Backbones, ids: torch.Tensor, cache: DynamicCache | None) -> torch.Tensor:
-    """Feed `ids` (B, n) to the AR (continuing `cache` if given) and return its last state (B, d_ar)."""
-    kw = dict(cache=cache, use_cache=True) if cache is not None else dict(use_cache=False)
-    return projection_input(bb.ar, input_ids=ids, logits_to_keep=1, **kw)[:, -1]
+@dataclass
+class Step:
+    """One AR step of the ragged schedule, over the rows currently in the cache."""
+
+    keep: np.ndarray | None  # before the step: cache rows to keep (finished rows leave in bulk)
+    compact: bool  # before the step: squeeze the padding slots out of the cache
+    sample: np.ndarray  # cache rows that fill their next masked position with the current state
+    start: np.ndarray  # (rows,) AR index (= position id) of each row's chunk
+    count: np.ndarray  # (rows,) tokens each row feeds (0: finished)
+
+
+@dataclass
+class Plan:
+    rows: np.ndarray  # the window of each cache row at the start (windows with a masked position)
+    steps: list[Step]
+    event_rows: np.ndarray  # (N,) window of each fill, in the order they happen
+    event_pos: np.ndarray  # (N,) its position in the window
+    event_offsets: np.ndarray  # (steps + 1,) the fills of step s are events [o[s], o[s+1])
+
+
+def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None) -> Plan:
+    """The ragged schedule of a (B, T) boolean mask (already cut to each window's length).
+
+    `offset` = 1 when the AR reads a start token first (window position p is AR index p + 1).
+    A chunk is cut at `max_chunk` tokens (None: never); a cut row feeds the rest of its known run in
+    the next steps before it fills again. Every other row is unaffected, so results never depend on it."""
+    B, T = mask.shape
+    cap = max_chunk or T + offset
+    rows = np.flatnonzero(mask.any(1))
+    nxt = np.where(mask, np.arange(T), T)  # nxt[r, j] = first masked position >= j (T if none)
+    nxt = np.concatenate([np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1], np.full((B, 1), T)], 1)
+    cur = rows
+    fed = nxt[cur, 0] + offset  # AR tokens each row has in the cache: the prefill reads the start token and the known prefix
+    steps = [Step(None, False, np.zeros(0, np.int64), np.zeros_like(fed), fed.copy())]
+    slots = int(fed.max(initial=0))  # cache slots, padding included
+    alive = np.ones(len(cur), bool)
+    ev_rows, ev_pos, offsets = [], [], [0, 0]
+    while alive.any():
+        keep = None
+        if 4 * int((~alive).sum()) >= len(cur):  # each drop copies the cache once, so drop a quarter at a time
+            keep = np.flatnonzero(alive)
+            cur, fed, alive = cur[keep], fed[keep], alive[keep]
+        p = fed - offset  # the window position each row reads next
+        fills = alive & mask[cur, np.minimum(p, T - 1)]
+        end = nxt[cur, np.minimum(p + 1, T)]  # the next masked position after p: the chunk stops there
+        done = fills & (end == T)  # its last masked position: fill it and stop (the known tail is never read)
+        count = np.where(alive & ~done, np.minimum(end - p, cap), 0)
+        most = int(fed.max())
+        compact = slots - most > max(32, most // 2)  # a third of the cache is padding: squeeze it out
+        steps.append(Step(keep, compact, np.flatnonzero(fills), fed.copy(), count))
+        ev_rows.append(cur[fills]), ev_pos.append(p[fills]), offsets.append(offsets[-1] + int(fills.sum()))
+        slots = (most if compact else slots) + int(count.max())
+        fed = fed + count
+        alive &= ~done
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    return Plan(rows, steps, cat(ev_rows), cat(ev_pos), np.asarray(offsets))
+
+
+def _compact(cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor:
+    """Move each row's valid slots to the front, in order, and cut the cache to the longest row.
+    Attention does not care where a slot sits (positions were applied when it was written); only
+    the causal rule does, and it still holds: every new token comes after all of them."""
+    n = int(attn.sum(1).max())
+    order = torch.sort((~attn).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # valid slots first, in order
+    for layer in cache.layers:
+        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+    return torch.arange(n, device=attn.device)[None, :] < attn.sum(1, keepdim=True)
+
+
+def _has_sliding_window(bb: Backbones) -> bool:
+    """A sliding window counts cache slots, not positions: padding inside the cache would move it."""
+    return any(DynamicCache(config=bb.ar.config).is_sliding)
 
 
 @torch.no_grad()
@@ -67,46 +143,98 @@ def infill(
     use_cache: bool = True,
     teacher_force: bool = False,
     return_features: bool = False,
+    max_chunk: int | None = None,
 ):
     """Fill the masked positions of right-padded windows `ids` (B, T) in AR token ids.
 
     Known tokens appear unchanged in the output. With `teacher_force` the true tokens are fed
     instead of the samples (for the train/serve parity test); `return_features` also returns the
     (N, d_mlm + d_ar) features the head saw, in row-major (window, position) order.
-    With use_cache=False the AR re-reads the whole prefix at every masked column (the slow
-    reference the cached path is tested against)."""
+    With use_cache=False each window is decoded alone and the AR re-reads the whole prefix at every
+    masked position (the slow reference the ragged cached path is tested against).
+    `max_chunk` cuts the tokens a row feeds per step (None: a cost model picks it, see `auto_chunk`)."""
     dev = bb.device
     ids, mask = ids.to(dev), mask.to(dev)
     B, T = ids.shape
     lengths = torch.full((B,), T, device=dev) if lengths is None else lengths.to(dev)
     mask = mask & valid_positions(ids, lengths)
     check_mask(bb, mask)
-    out = ids.clone()
-    columns = mask.any(0).nonzero().squeeze(1).tolist()
     seen = torch.zeros(B, T, bb.d_mlm + bb.d_ar, device=dev) if return_features else None
-    if not columns:
-        return (out, seen[mask]) if return_features else out
+    has_masks = mask.any(1).cpu()
+    if not has_masks.any():
+        return (ids.clone(), seen[mask]) if return_features else ids.clone()
+    if use_cache and int(has_masks.sum()) > 1 and _has_sliding_window(bb):  # no padding when each window decodes alone
+        parts = [infill(bb, head, ids[r : r + 1], mask[r : r + 1], lengths[r : r + 1], sampling, True, teacher_force, True, max_chunk) for r in range(B)]
+        out = torch.cat([o for o, _ in parts])
+        return (out, torch.cat([f for _, f in parts])) if return_features else out
+    o = int(bb.start_id is not None)
+    ar_ids = torch.cat([torch.full_like(ids[:, :1], bb.start_id), ids], 1) if o else ids.clone()  # what the AR reads; fills land here
     h_mlm = mlm_states(bb, ids, mask, lengths)
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    start = torch.full((B, 1), bb.start_id if bb.start_id is not None else 0, dtype=ids.dtype, device=dev)
-    with_start = (lambda x: torch.cat([start, x], 1)) if bb.start_id is not None else (lambda x: x)
-    cache = DynamicCache(config=bb.ar.config) if use_cache else None
-    fed = 0  # window tokens already in the cache
-    h_ar = _ar_last_state(bb, start, cache) if bb.start_id is not None else None
-    w_mlm, w_ar, bias = head.split()
-    chunk = max(1, (1 << 24) // (B * head.vocab_size))  # columns whose MLM logits are precomputed at once (<= 64 MB fp32)
-    for i, col in enumerate(columns):
-        if i % chunk == 0 and not teacher_force:  # the MLM half of the logits for the next `chunk` columns: one GEMM, not one GEMV per step
-            mlm_logits = F.linear(h_mlm[:, columns[i : i + chunk]].float().to(w_mlm.dtype), w_mlm, bias)
-        if cache is None:
-            h_ar = _ar_last_state(bb, with_start(out[:, :col]), None)
-        elif col > fed:  # the filled token and the run of known tokens after it, in one chunk
-            h_ar = _ar_last_state(bb, out[:, fed:col], cache)
-            fed = col
-        if seen is not None:  # the features the head sees at this column
-            seen[:, col] = torch.cat([h_mlm[:, col].float(), h_ar.float()], dim=-1)
-        if not teacher_force:
-            logits = mlm_logits[:, i % chunk] + F.linear(h_ar.float().to(w_ar.dtype), w_ar)  # == head(features), split
-            token = sample(logits, sampling, generator)
-            out[:, col] = torch.where(mask[:, col], token.to(out.dtype), out[:, col])
+    run = _ragged if use_cache else _uncached
+    run(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force, seen, max_chunk)
+    out = ar_ids[:, o:]
     return (out, seen[mask]) if return_features else out
+
+
+def _ragged(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force, seen, max_chunk) -> None:
+    dev = ar_ids.device
+    if max_chunk is None:
+        max_chunk = auto_chunk(dev, int(mask.any(1).sum()))
+    pl = plan(mask.cpu().numpy(), o, max_chunk)
+    w_mlm, w_ar, bias = head.split()
+    ev_rows, ev_pos = torch.as_tensor(pl.event_rows, device=dev), torch.as_tensor(pl.event_pos, device=dev)
+    budget = max(1, (1 << 24) // head.vocab_size)  # fills whose MLM half of the logits is computed at once (<= 64 MB fp32)
+    blk, blk_lo, blk_hi = None, 0, 0
+    cache = DynamicCache(config=bb.ar.config)
+    cur = torch.as_tensor(pl.rows, device=dev)  # window of each cache row
+    attn = torch.zeros(len(pl.rows), 0, dtype=torch.bool, device=dev)  # which cache slots hold a token (not padding)
+    h = None  # (rows, d_ar): each row's AR state after its last fed token
+    for s, st in enumerate(pl.steps):
+        if st.keep is not None:
+            keep = torch.as_tensor(st.keep, device=dev)
+            cache.batch_select_indices(keep)
+            cur, attn, h = cur[keep], attn[keep], h[keep]
+        if st.compact:
+            attn = _compact(cache, attn)
+        lo, hi = int(pl.event_offsets[s]), int(pl.event_offsets[s + 1])
+        if hi > lo:
+            r, p, h_fill = ev_rows[lo:hi], ev_pos[lo:hi], h[torch.as_tensor(st.sample, device=dev)]
+            if seen is not None:  # the features the head sees for these fills
+                seen[r, p] = torch.cat([h_mlm[r, p].float(), h_fill.float()], dim=-1)
+            if not teacher_force:
+                if hi > blk_hi:  # the MLM half of the logits for many fills in one GEMM, not one GEMV per step
+                    blk_lo, blk_hi = lo, min(len(ev_rows), max(hi, lo + budget))
+                    blk = F.linear(h_mlm[ev_rows[blk_lo:blk_hi], ev_pos[blk_lo:blk_hi]].float().to(w_mlm.dtype), w_mlm, bias)
+                logits = blk[lo - blk_lo : hi - blk_lo] + F.linear(h_fill.float().to(w_ar.dtype), w_ar)  # == head(features), split
+                ar_ids[r, p + o] = sample(logits, sampling, generator).to(ar_ids.dtype)
+        n = int(st.count.max(initial=0))
+        if n == 0:
+            continue
+        j = np.arange(n)[None, :]
+        last = np.maximum(st.count - 1, 0)
+        index = torch.as_tensor(st.start[:, None] + np.minimum(j, last[:, None]), device=dev)  # padding repeats the row's last token
+        attn = torch.cat([attn, torch.as_tensor(j < st.count[:, None], device=dev)], 1)
+        hidden = projection_input(bb.ar, input_ids=ar_ids[cur[:, None], index], attention_mask=attn, position_ids=index,
+                                  cache=cache, use_cache=True)
+        h = hidden[torch.arange(len(last), device=dev), torch.as_tensor(last, device=dev)]
+
+
+def _uncached(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force, seen, max_chunk) -> None:
+    """The reference: window by window, position by position, the full prefix each time, the unsplit head."""
+    for r, p in mask.nonzero().tolist():
+        h = projection_input(bb.ar, input_ids=ar_ids[r : r + 1, : p + o], use_cache=False)[0, -1]
+        f = torch.cat([h_mlm[r, p].float(), h.float()])
+        if seen is not None:
+            seen[r, p] = f
+        if not teacher_force:
+            ar_ids[r, p + o] = sample(head(f[None]), sampling, generator)[0].to(ar_ids.dtype)
+
+
+def auto_chunk(device: torch.device | str, rows: int) -> int | None:
+    """The chunk cut when none is given. One row has no padding, so its chunks are never cut. On a GPU
+    a step costs about the same for 1 or 100 tokens a row: fewest steps win, no cut. On a CPU the
+    cost grows with rows x chunk, and padding every row to the longest known run wastes work."""
+    if rows <= 1 or str(device).startswith("cuda"):
+        return None
+    return 4
