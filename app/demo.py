@@ -52,6 +52,51 @@ class DemoConfig:
     seed: int = 0  # masks, training order, sampling
 
 
+# Natural prompts where the AR alone (left context only, greedy) already answers sensibly: MARIA,
+# which also sees the right context, must answer them too (tests/test_text.py, and the demo prints
+# them). One masked token per span: SmolLM2 writes each of these answers as one token, with its space.
+NATURAL_PROMPTS: list[tuple[str, list[set[str]]]] = [
+    ("The capital of France is {{1}}.", [{"paris"}]),
+    ("Albert Einstein was a German-born {{1}} who developed the theory of {{1}}.", [{"physicist"}, {"relativity"}]),
+    ("William Shakespeare wrote the play Romeo and {{1}}.", [{"juliet"}]),
+    ("Water freezes at zero degrees {{1}}.", [{"celsius"}]),
+    ("Once upon a {{1}}, there lived a king.", [{"time"}]),
+    ("The Eiffel Tower is in {{1}}.", [{"paris"}]),
+    ("Barack Obama was the 44th President of the United {{1}}.", [{"states"}]),
+    ("The Statue of Liberty is in New {{1}}.", [{"york"}]),
+    ("Leonardo da Vinci painted the Mona {{1}}.", [{"lisa"}]),
+    ("The Earth revolves around the {{1}}.", [{"sun"}]),
+    ("Good morning, how are {{1}} today?", [{"you"}]),
+    ("The chemical symbol for gold is {{1}}.", [{"au"}]),
+    ("Neil Armstrong was the first person to walk on the {{1}}.", [{"moon"}]),
+    ("She opened the door and walked into the {{1}}.", [{"room", "house", "kitchen", "hall", "office", "bedroom", "garden"}]),
+    ("The Mississippi River flows into the Gulf of {{1}}.", [{"mexico"}]),
+]
+
+
+def span_texts(result: dict, tokenizer) -> list[str]:
+    """The text written into each masked span (contiguous masked runs) of one infill_text result."""
+    spans, run = [], []
+    for tok_id, masked in zip(result["ids"] + [None], result["mask"] + [False]):
+        if masked:
+            run.append(tok_id)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans
+
+
+def check_prompts(model, prompts=NATURAL_PROMPTS) -> list[dict]:
+    """Greedy answers to the natural prompts; ok when every span's text is one of its accepted answers."""
+    results = model.infill_text([text for text, _ in prompts], temperature=0)
+    rows = []
+    for (text, accepted), result in zip(prompts, results):
+        spans = span_texts(result, model.bb.ar_tokenizer)
+        ok = len(spans) == len(accepted) and all(s.strip().lower() in a for s, a in zip(spans, accepted))
+        rows.append({"prompt": text, "spans": spans, "ok": ok})
+    return rows
+
+
 def _stage(name: str):
     print(f"\n=== {name} ===", flush=True)
     return time.perf_counter()
