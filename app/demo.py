@@ -3,7 +3,7 @@
 defaults -> extract (train + validation stores, embedded Ray) -> train head -> eval table ->
 export -> infilling examples -> one annealed sample. Every stage is cached or resumable, so a
 re-run reuses what is done. The sizes are fields of one config: the same command scales up
-on a GPU (bigger --train-docs, --mlm-minutes, --train-steps; --device cuda).
+on a GPU (bigger --train-docs, --mlm-steps, --train-steps; --device cuda).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class DemoConfig:
     cache: str | None = None  # built defaults (AR, MLM, corpus); default $MARIA_CACHE or ~/.cache/maria
     mlm: str | None = None  # use this MLM folder instead of pre-training the default one
     ar: str | None = None  # use this AR folder instead of the converted SmolLM2-135M
-    mlm_minutes: float = 8.0  # wall-clock budget of the default MLM's pre-training (cached after the first run)
+    mlm_steps: int = 400  # training steps of the default MLM (cached after the first run; steps, not minutes, so every machine trains the same MLM)
     window_length: int = 128  # tokens per window
     train_docs: int | None = 18  # training articles used (~6k tokens each; None: all 95), 2 per store block
     select_fraction: float = 0.12  # training blocks held out to pick the best step (the validation articles stay untouched until eval)
@@ -110,8 +110,11 @@ def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
     mlm = cfg.mlm
     if mlm is None:
         out = cache / "mlm-smollm2-init"
+        # the head trains on the first train_docs articles: the MLM never sees them, so its features there are
+        # those of new text, as on the validation articles (an MLM that memorised them would be over-trusted)
         metrics = pretrain_mlm(PretrainMLMConfig(tokenizer_from=ar, corpus=str(train), val_corpus=str(val), out=str(out),
-                                                 max_minutes=cfg.mlm_minutes, seed=cfg.seed))
+                                                 steps=cfg.mlm_steps, skip_docs=cfg.train_docs or 0, seed=cfg.seed,
+                                                 device=resolve_device(cfg.device)))
         print(f"default MLM: held-out masked-token accuracy at 50% masking = {100 * metrics['accuracy']:.1f}%")
         mlm = str(out)
     return mlm, ar, Path(train), Path(val)
