@@ -5,6 +5,7 @@ decode   app/bench_decode.py   infilling tokens/s against plain AR generation an
 extract  app/bench_extract.py  the extraction job against bare backbone forwards; store write speed
 train    app/bench_train.py    head training rows/s against its read and head-step bounds
 anneal   app/bench_anneal.py   generative perplexity against wall-clock time (Figure 5)
+quality  app/bench_quality.py  MARIA's gain over the AR alone against MLM strength
 Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ PEAK_TFLOPS_BF16 = 790.0  # H200 dense bf16, for the fraction-of-peak line on a 
 
 @dataclass
 class BenchConfig:
-    what: str  # decode | extract | train | anneal
+    what: str  # decode | extract | train | anneal | quality
     json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
     overwrite: bool = False  # replace a --json written by an earlier `maria bench`
     preset: str = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
@@ -47,10 +48,11 @@ class BenchConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
+    windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain)
 
     def __post_init__(self):
-        if self.what not in ("decode", "extract", "train", "anneal"):
-            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train or anneal")
+        if self.what not in ("decode", "extract", "train", "anneal", "quality"):
+            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train, anneal or quality")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
 

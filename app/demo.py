@@ -3,7 +3,7 @@
 defaults -> extract (train + validation stores, embedded Ray) -> train head -> eval table ->
 export -> infilling examples -> one annealed sample. Every stage is cached or resumable, so a
 re-run reuses what is done. The sizes are fields of one config: the same command scales up
-on a GPU (bigger --train-docs, --mlm-minutes, --train-steps; --device cuda).
+on a GPU (bigger --train-docs, --mlm-steps, --train-steps; --device cuda).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class DemoConfig:
     cache: str | None = None  # built defaults (AR, MLM, corpus); default $MARIA_CACHE or ~/.cache/maria
     mlm: str | None = None  # use this MLM folder instead of pre-training the default one
     ar: str | None = None  # use this AR folder instead of the converted SmolLM2-135M
-    mlm_minutes: float = 8.0  # wall-clock budget of the default MLM's pre-training (cached after the first run)
+    mlm_steps: int = 400  # training steps of the default MLM (cached after the first run; steps, not minutes, so every machine trains the same MLM)
     window_length: int = 128  # tokens per window
     train_docs: int | None = 18  # training articles used (~6k tokens each; None: all 95), 2 per store block
     select_fraction: float = 0.12  # training blocks held out to pick the best step (the validation articles stay untouched until eval)
@@ -52,6 +52,51 @@ class DemoConfig:
     seed: int = 0  # masks, training order, sampling
 
 
+# Natural prompts where the AR alone (left context only, greedy) already answers sensibly: MARIA,
+# which also sees the right context, must answer them too (tests/test_text.py, and the demo prints
+# them). One masked token per span: SmolLM2 writes each of these answers as one token, with its space.
+NATURAL_PROMPTS: list[tuple[str, list[set[str]]]] = [
+    ("The capital of France is {{1}}.", [{"paris"}]),
+    ("Albert Einstein was a German-born {{1}} who developed the theory of {{1}}.", [{"physicist"}, {"relativity"}]),
+    ("William Shakespeare wrote the play Romeo and {{1}}.", [{"juliet"}]),
+    ("Water freezes at zero degrees {{1}}.", [{"celsius"}]),
+    ("Once upon a {{1}}, there lived a king.", [{"time"}]),
+    ("The Eiffel Tower is in {{1}}.", [{"paris"}]),
+    ("Barack Obama was the 44th President of the United {{1}}.", [{"states"}]),
+    ("The Statue of Liberty is in New {{1}}.", [{"york"}]),
+    ("Leonardo da Vinci painted the Mona {{1}}.", [{"lisa"}]),
+    ("The Earth revolves around the {{1}}.", [{"sun"}]),
+    ("Good morning, how are {{1}} today?", [{"you"}]),
+    ("The chemical symbol for gold is {{1}}.", [{"au"}]),
+    ("Neil Armstrong was the first person to walk on the {{1}}.", [{"moon"}]),
+    ("She opened the door and walked into the {{1}}.", [{"room", "house", "kitchen", "hall", "office", "bedroom", "garden"}]),
+    ("The Mississippi River flows into the Gulf of {{1}}.", [{"mexico"}]),
+]
+
+
+def span_texts(result: dict, tokenizer) -> list[str]:
+    """The text written into each masked span (contiguous masked runs) of one infill_text result."""
+    spans, run = [], []
+    for tok_id, masked in zip(result["ids"] + [None], result["mask"] + [False]):
+        if masked:
+            run.append(tok_id)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    return spans
+
+
+def check_prompts(model, prompts=NATURAL_PROMPTS) -> list[dict]:
+    """Greedy answers to the natural prompts; ok when every span's text is one of its accepted answers."""
+    results = model.infill_text([text for text, _ in prompts], temperature=0)
+    rows = []
+    for (text, accepted), result in zip(prompts, results):
+        spans = span_texts(result, model.bb.ar_tokenizer)
+        ok = len(spans) == len(accepted) and all(s.strip().lower() in a for s, a in zip(spans, accepted))
+        rows.append({"prompt": text, "spans": spans, "ok": ok})
+    return rows
+
+
 def _stage(name: str):
     print(f"\n=== {name} ===", flush=True)
     return time.perf_counter()
@@ -65,8 +110,11 @@ def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
     mlm = cfg.mlm
     if mlm is None:
         out = cache / "mlm-smollm2-init"
+        # the head trains on the first train_docs articles: the MLM never sees them, so its features there are
+        # those of new text, as on the validation articles (an MLM that memorised them would be over-trusted)
         metrics = pretrain_mlm(PretrainMLMConfig(tokenizer_from=ar, corpus=str(train), val_corpus=str(val), out=str(out),
-                                                 max_minutes=cfg.mlm_minutes, seed=cfg.seed))
+                                                 steps=cfg.mlm_steps, skip_docs=cfg.train_docs or 0, seed=cfg.seed,
+                                                 device=resolve_device(cfg.device)))
         print(f"default MLM: held-out masked-token accuracy at 50% masking = {100 * metrics['accuracy']:.1f}%")
         mlm = str(out)
     return mlm, ar, Path(train), Path(val)

@@ -1,25 +1,23 @@
 """Pre-train a small ModernBERT masked LM that shares the AR's tokenizer (the demo's MLM expert).
 
 MARIA needs an MLM and an AR with one vocabulary. For the offline demo there is no such MLM to
-download, so we build one: the AR's tokenizer plus a mask token, a small ModernBERT, trained
-with masked-token prediction on CPU for a few minutes.
+download, so we build one: the AR's tokenizer plus a mask token, a small ModernBERT started from
+the AR's embeddings and first blocks (app/mlm_from_ar.py), trained by masked-token prediction
+for a fixed number of steps. The budget is steps and a seed, never minutes: the same command
+trains the same model on a busy or a quiet machine (up to float rounding across thread counts).
 
 Tokenizer (decision): the MLM tokenizer is the AR tokenizer with one added special token,
 `<|mask|>`; ordinary text gets exactly the AR's ids. It wraps input in nothing (SmolLM2's
 tokenizer adds no BOS/EOS): no [CLS]/[SEP], so MLM position i is token i and training windows
 look exactly like the windows MARIA feeds at extraction time.
 
-Initialisation from the AR (init_from_ar): a from-scratch 8-minute MLM reaches only ~10%
-masked-token accuracy (METHOD.md), so by default the MLM starts from the AR: its token
-embeddings (the MLM decoder is tied to them, so the output layer starts with the AR's lexical
-knowledge) and, for Llama-style ARs, its first `num_layers` transformer blocks, now run with
-bidirectional attention. ModernBERT's blocks are the same computation as Llama's except for
-LayerNorm in place of RMSNorm (mean subtraction), so the copied blocks start close to the AR's.
-
 Measured on 2 CPU cores, same token budget (150k tokens, wiki sample, 50% masking held out):
 AR-initialised 576x4 9.4% at batch 32 vs 14.3% at batch 8; from scratch ~4.8% (barely above the
 unigram start). Freezing the tied embeddings costs nothing in accuracy and makes steps cheaper;
 training at 50% masking beats 30% slightly (15.0% vs 14.3%). Hence the defaults below.
+
+The loop (pretrain_mlm) is: load data, build the model, then `train_step` on an MLMTrainState
+until the step budget, evaluating held-out masked-token accuracy before, at snapshots and after.
 """
 from __future__ import annotations
 
@@ -32,15 +30,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertConfig, ModernBertForMaskedLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertForMaskedLM
 from tqdm.auto import tqdm
 
 from app.corpus_wiki import prepare_wiki_corpus
 from app.defaults import default_cache_dir
-from maria.device import cpu_threads
+from app.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
+from maria.device import cpu_threads, resolve_device
 
 MASK_TOKEN = "<|mask|>"
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2")  # q/k/v/o + gate/up/down, rotary, silu
 
 
 @dataclass
@@ -50,27 +48,32 @@ class PretrainMLMConfig:
     tokenizer_from: str  # AR folder (save_pretrained): its tokenizer, and its weights when init_from_ar
     corpus: str  # parquet file/dir (column "text"), text file/dir, or "wiki" (the offline Wikipedia sample)
     out: str  # output folder: model + tokenizer (save_pretrained), metrics.json, pretrain_config.json
+    steps: int = 1200  # training steps (the budget: steps, not minutes, so a re-run anywhere trains the same model)
     hidden_size: int | None = None  # None: the AR's hidden size when init_from_ar (exact embedding copy), else 256
-    num_layers: int = 4  # encoder blocks; with init_from_ar these are the AR's first blocks
+    num_layers: int = 4  # encoder blocks; with init_from_ar these are AR blocks first_ar_layer .. first_ar_layer + num_layers - 1
+    first_ar_layer: int = 0  # with init_from_ar: the first AR block copied
     num_heads: int | None = None  # None: the AR's head count when its blocks are copied, else 4
     intermediate_size: int | None = None  # None: the AR's MLP width when its blocks are copied, else 2 * hidden_size
     seq_len: int = 128  # training window in tokens; windows never mix two documents
     mask_prob: float = 0.5  # fraction masked per training window; 0.5 = MARIA's mean rate (r ~ U(0,1)) and the eval rate
+    mask_prob_low: float | None = None  # if set, each window's rate is drawn from U(mask_prob_low, mask_prob): a mix of rates
     batch_size: int = 8  # windows per step; on a CPU budget more small steps beat fewer big ones (measured)
     lr: float = 1e-3  # peak AdamW learning rate for new weights
     ar_lr_scale: float = 0.3  # weights copied from the AR train at lr * this, so they are adapted, not erased
-    max_minutes: float = 8.0  # wall-clock training budget; the cosine schedule follows time or steps, whichever ends first
-    max_steps: int | None = None  # step budget (None: time only)
+    schedule: str = "cosine"  # cosine (warm-up, then cosine to 10% of peak) | constant (warm-up, then flat: snapshots are comparable)
+    warmup_steps: int = 20  # linear warm-up steps
+    snapshots: list[int] = field(default_factory=list)  # also save the model (and its held-out accuracy) after these steps, in out/step-N
+    skip_docs: int = 0  # leave out the first N training documents (the demo's head trains on them: an MLM that memorised them would look stronger there than on new text)
     seed: int = 0  # model init, batch order, masks
     init_from_ar: bool = True  # start from the AR's embeddings (+ blocks, see copy_ar_layers); False: from scratch
-    copy_ar_layers: bool = True  # with init_from_ar, also copy the AR's first num_layers blocks when shapes allow
+    copy_ar_layers: bool = True  # with init_from_ar, also copy AR blocks when shapes allow
     freeze_embeddings: bool = True  # with init_from_ar, keep the copied (tied) embeddings fixed: cheaper steps, AR output space
     val_corpus: str | None = None  # held-out corpus; None: the wiki val split for "wiki", else val_fraction of documents
     val_fraction: float = 0.1  # documents held out when val_corpus is None
     eval_mask_prob: float = 0.5  # masking rate of the held-out accuracy measurement
     eval_windows: int = 256  # held-out windows evaluated (keeps evaluation under a minute on CPU)
     weight_decay: float = 0.01  # AdamW weight decay (not on norms, biases or embeddings)
-    warmup_steps: int = 20  # linear warm-up steps before the cosine decay
+    device: str = "cpu"  # cpu | cuda | auto; results are compared across machines on cpu
 
     def __post_init__(self):
         if not Path(self.tokenizer_from).expanduser().exists():
@@ -79,11 +82,15 @@ class PretrainMLMConfig:
             raise ValueError(f"corpus {self.corpus!r} does not exist; pass a parquet/text file or folder, or 'wiki'")
         if not 0.0 < self.mask_prob < 1.0 or not 0.0 < self.eval_mask_prob < 1.0:
             raise ValueError(f"mask_prob and eval_mask_prob must be in (0, 1), got {self.mask_prob}, {self.eval_mask_prob}")
-        if self.max_minutes <= 0 or (self.max_steps is not None and self.max_steps < 1):
-            raise ValueError("max_minutes must be > 0 and max_steps >= 1 (or None)")
-        for name in ("num_layers", "seq_len", "batch_size", "eval_windows"):
+        if self.mask_prob_low is not None and not 0.0 < self.mask_prob_low <= self.mask_prob:
+            raise ValueError(f"mask_prob_low must be in (0, mask_prob], got {self.mask_prob_low}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; use cosine or constant")
+        for name in ("steps", "num_layers", "seq_len", "batch_size", "eval_windows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.first_ar_layer < 0 or self.skip_docs < 0 or any(not 0 < s <= self.steps for s in self.snapshots):
+            raise ValueError("first_ar_layer and skip_docs must be >= 0, and snapshots within 1..steps")
         if self.hidden_size is not None and self.num_heads is not None and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_heads {self.num_heads}")
 
@@ -112,11 +119,12 @@ def _read_documents(path: str) -> list[str]:
 def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
     """(train documents, held-out documents), split by document and deterministic in cfg.seed."""
     if cfg.corpus == "wiki":
-        train, val = prepare_wiki_corpus(default_cache_dir() / "wiki", seed=cfg.seed)
-        return _read_documents(str(train)), _read_documents(str(cfg.val_corpus or val))
+        train, val = prepare_wiki_corpus(default_cache_dir() / "wiki")  # the demo's split (seed 0), whatever cfg.seed
+        return _read_documents(str(train))[cfg.skip_docs :], _read_documents(str(cfg.val_corpus or val))
     docs = _read_documents(cfg.corpus)
     if cfg.val_corpus:
-        return docs, _read_documents(cfg.val_corpus)
+        return docs[cfg.skip_docs :], _read_documents(cfg.val_corpus)
+    docs = docs[cfg.skip_docs :]
     if len(docs) < 2:  # a single document: hold out its tail
         cut = int(len(docs[0]) * (1 - cfg.val_fraction))
         return [docs[0][:cut]], [docs[0][cut:]]
@@ -139,11 +147,16 @@ def make_windows(docs: list[str], tokenizer, seq_len: int, pad_id: int, min_len:
     return torch.tensor(windows, dtype=torch.long)
 
 
-def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: int, gen: torch.Generator):
+def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: int, gen: torch.Generator,
+               prob_low: float | None = None):
     """Replace a random `prob` of real tokens by the mask token (at least one per window); labels -100 elsewhere.
+    With prob_low, each window draws its own rate from U(prob_low, prob).
 
     Always the mask token, never BERT's 80/10/10: MARIA only ever shows the MLM mask tokens."""
-    masked = (torch.rand(windows.shape, generator=gen) < prob) & attn.bool()
+    rate = torch.full((len(windows), 1), prob)
+    if prob_low is not None:
+        rate = prob_low + (prob - prob_low) * torch.rand(len(windows), 1, generator=gen)
+    masked = (torch.rand(windows.shape, generator=gen) < rate) & attn.bool()
     first = torch.zeros_like(masked)
     first[:, 0] = True
     masked |= first & ~masked.any(1, keepdim=True)  # never a window with nothing to predict
@@ -153,106 +166,14 @@ def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: 
 
 
 # ---------------------------------------------------------------------------------------------
-# model
-
-
-def resolve_sizes(cfg: PretrainMLMConfig, ar_config) -> dict:
-    """Fill the None sizes from the AR, and decide whether its blocks can be copied."""
-    d_ar = ar_config.hidden_size
-    ar_inter = getattr(ar_config, "intermediate_size", None)  # GPT-2 style configs call it n_inner
-    hidden = cfg.hidden_size or (d_ar if cfg.init_from_ar else 256)
-    llama_like = getattr(ar_config, "model_type", "") in LLAMA_LIKE
-    want_layers = cfg.init_from_ar and cfg.copy_ar_layers and llama_like and cfg.num_layers <= ar_config.num_hidden_layers
-    heads = cfg.num_heads or (ar_config.num_attention_heads if want_layers else 4)
-    inter = cfg.intermediate_size or (ar_inter if want_layers else 2 * hidden)
-    head_dim_ok = getattr(ar_config, "head_dim", d_ar // ar_config.num_attention_heads) * ar_config.num_attention_heads == d_ar
-    copy_layers = (want_layers and hidden == d_ar and heads == ar_config.num_attention_heads
-                   and inter == ar_inter and head_dim_ok)
-    if cfg.init_from_ar and cfg.copy_ar_layers and not copy_layers:
-        print(f"note: not copying AR blocks ({ar_config.model_type}, hidden {d_ar}, heads {ar_config.num_attention_heads}, "
-              f"mlp {ar_inter} vs MLM {hidden}/{heads}/{inter}); copying embeddings only")
-    if hidden % heads:
-        raise ValueError(f"hidden_size {hidden} is not a multiple of num_heads {heads}; set num_heads")
-    return dict(hidden=hidden, heads=heads, inter=inter, copy_layers=copy_layers)
-
-
-def build_mlm(cfg: PretrainMLMConfig, sizes: dict, tokenizer, ar_config):
-    rope_theta = float(getattr(ar_config, "rope_parameters", None) and ar_config.rope_parameters.get("rope_theta") or 160000.0)
-    config = ModernBertConfig(
-        vocab_size=math.ceil(len(tokenizer) / 64) * 64,  # rows past len(tokenizer) are never targets
-        hidden_size=sizes["hidden"], num_hidden_layers=cfg.num_layers, num_attention_heads=sizes["heads"],
-        intermediate_size=sizes["inter"],
-        hidden_activation="silu" if sizes["copy_layers"] else "gelu",  # Llama's MLP is SiLU-gated
-        layer_types=["full_attention"] * cfg.num_layers,  # short windows: global attention everywhere
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": rope_theta}},
-        max_position_embeddings=max(cfg.seq_len, getattr(ar_config, "max_position_embeddings", 0) or 0, 512),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id,
-        sparse_prediction=True,  # logits only at masked positions while training: the (V x d) head dominates otherwise
-        tie_word_embeddings=True,
-    )
-    return ModernBertForMaskedLM(config).float()
-
-
-@torch.no_grad()
-def init_from_ar(mlm, ar, tokenizer, copy_layers: bool, unigram_logp: torch.Tensor) -> set[str]:
-    """Copy the AR's embeddings (and first blocks) into the MLM; return the names of copied parameters."""
-    copied = set()
-    emb = ar.get_input_embeddings().weight.float()
-    n, d_ar = emb.shape
-    target = mlm.model.embeddings.tok_embeddings.weight
-    d = target.shape[1]
-    if d <= d_ar:  # keep the d directions of largest variance (exact copy when d == d_ar)
-        basis = torch.eye(d_ar) if d == d_ar else torch.linalg.svd(emb - emb.mean(0), full_matrices=False).Vh[:d].T
-        new = emb @ basis
-    else:  # pad with zeros: the extra dimensions start unused
-        new = torch.cat([emb, torch.zeros(n, d - d_ar)], 1)
-    n = min(n, target.shape[0])
-    target[:n] = new[:n]
-    target[tokenizer.mask_token_id] = new[:n].mean(0)  # the mask token starts as "an average token"
-    copied.add("model.embeddings.tok_embeddings.weight")
-    mlm.decoder.bias.copy_(unigram_logp)  # start the tied output at the unigram distribution
-    # the AR's embedding rows are ~15x larger than a fresh init's: damp the random head at first,
-    # or its noise (logit std ~ row norm) swamps the unigram start
-    mlm.head.norm.weight.fill_(0.1)
-    if not copy_layers:
-        return copied
-    layers = ar.model.layers
-    rms = emb.pow(2).mean(1).sqrt().mean()  # typical embedding norm: the AR's residual stream starts at this scale
-    mlm.model.embeddings.norm.weight.fill_(rms)  # so the MLM's (normalised) stream starts at the AR's scale
-    for i, block in enumerate(mlm.model.layers):
-        src = layers[i].self_attn
-        n_rep = src.q_proj.weight.shape[0] // src.k_proj.weight.shape[0]
-        head_dim = src.q_proj.weight.shape[0] // ar.config.num_attention_heads
-
-        def expand(w):  # grouped-query k/v heads -> one k/v head per query head, as repeat_kv does
-            return w.view(-1, head_dim, w.shape[1]).repeat_interleave(n_rep, 0).reshape(-1, w.shape[1])
-
-        wqkv = torch.cat([src.q_proj.weight, expand(src.k_proj.weight), expand(src.v_proj.weight)], 0)
-        norm_w = layers[i].input_layernorm.weight
-        if i == 0:  # ModernBERT's first block has no attention norm: fold the AR's into Wqkv
-            wqkv = wqkv * (norm_w / rms)[None, :]
-        else:
-            block.attn_norm.weight.copy_(norm_w)
-        block.attn.Wqkv.weight.copy_(wqkv)
-        block.attn.Wo.weight.copy_(src.o_proj.weight)
-        block.mlp_norm.weight.copy_(layers[i].post_attention_layernorm.weight)
-        mlp = layers[i].mlp
-        block.mlp.Wi.weight.copy_(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0))  # act(first half) * second
-        block.mlp.Wo.weight.copy_(mlp.down_proj.weight)
-        copied |= {f"model.layers.{i}.{k}" for k, _ in block.named_parameters()}
-    copied.add("model.embeddings.norm.weight")
-    return copied
-
-
-# ---------------------------------------------------------------------------------------------
 # training
 
 
 @torch.no_grad()
 def evaluate(model, windows: torch.Tensor, pad_id: int, mask_id: int, prob: float, seed: int, batch_size: int) -> dict:
-    """Masked-token accuracy and loss on held-out windows at a fixed masking rate (fixed masks)."""
+    """Masked-token accuracy and loss on held-out windows at a fixed masking rate (the same masks every call)."""
     model.eval()
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + 12345)
     correct = total = 0
     loss_sum = 0.0
@@ -260,8 +181,8 @@ def evaluate(model, windows: torch.Tensor, pad_id: int, mask_id: int, prob: floa
         x = windows[start : start + batch_size]
         attn = (x != pad_id).long()
         inputs, labels = mask_batch(x, attn, prob, mask_id, gen)
-        out = model(input_ids=inputs, attention_mask=attn, labels=labels)
-        target = labels[labels != -100]  # sparse prediction: logits are only the masked positions, in order
+        out = model(input_ids=inputs.to(device), attention_mask=attn.to(device), labels=labels.to(device))
+        target = labels[labels != -100].to(device)  # sparse prediction: logits are only the masked positions, in order
         correct += (out.logits.argmax(-1) == target).sum().item()
         loss_sum += out.loss.item() * target.numel()
         total += target.numel()
@@ -269,57 +190,72 @@ def evaluate(model, windows: torch.Tensor, pad_id: int, mask_id: int, prob: floa
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "masked_tokens": total}
 
 
-def _config_key(cfg: PretrainMLMConfig) -> dict:
-    key = asdict(cfg)
-    key.pop("out")
-    return key
+@dataclass
+class MLMData:
+    """Token windows of the training and held-out documents, and the ids training needs."""
+
+    tokenizer: object
+    train: torch.Tensor  # (N, seq_len) training windows
+    val: torch.Tensor  # (eval_windows, seq_len) held-out windows, a fixed sample
+    pad_id: int
+    mask_id: int
+    train_tokens: int  # real (non-pad) tokens in one epoch
 
 
-def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
-    """Train (or reuse) the MLM described by cfg; save it to cfg.out and return its metrics."""
-    out = Path(cfg.out).expanduser()
-    key = _config_key(cfg)
-    if (out / "metrics.json").exists() and (out / "pretrain_config.json").exists():
-        if json.loads((out / "pretrain_config.json").read_text()) == key:
-            print(f"reusing the MLM in {out} (same config; delete the folder to retrain)")
-            return json.loads((out / "metrics.json").read_text())
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(cpu_threads())
+@dataclass
+class MLMTrainState:
+    """Everything one training step reads and changes."""
 
+    model: ModernBertForMaskedLM
+    opt: torch.optim.Optimizer
+    gen: torch.Generator  # batch order and masks, seeded: a re-run draws the same batches
+    order: torch.Tensor  # this epoch's window order
+    pos: int = 0  # next index into order
+    step: int = 0
+    tokens: int = 0  # real tokens read so far
+
+
+def load_data(cfg: PretrainMLMConfig) -> MLMData:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_from)
     if tokenizer.mask_token is None:
         tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
     if tokenizer.pad_token is None:  # padding only fills a document's last window; any special token will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.mask_token
-    ar_config = AutoConfig.from_pretrained(cfg.tokenizer_from)
-    sizes = resolve_sizes(cfg, ar_config)
-
     train_docs, val_docs = load_corpora(cfg)
-    pad_id, mask_id = tokenizer.pad_token_id, tokenizer.mask_token_id
+    pad_id = tokenizer.pad_token_id
     train = make_windows(train_docs, tokenizer, cfg.seq_len, pad_id)
     val = make_windows(val_docs, tokenizer, cfg.seq_len, pad_id)
     val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_windows]]
-    n_train_tokens = int((train != pad_id).sum())
-    print(f"MLM corpus: {len(train_docs)} train docs ({n_train_tokens:,} tokens, {len(train)} windows), "
+    data = MLMData(tokenizer, train, val, pad_id, tokenizer.mask_token_id, int((train != pad_id).sum()))
+    print(f"MLM corpus: {len(train_docs)} train docs ({data.train_tokens:,} tokens, {len(train)} windows), "
           f"{len(val_docs)} held-out docs ({len(val)} windows evaluated)")
+    return data
 
-    model = build_mlm(cfg, sizes, tokenizer, ar_config)
-    counts = torch.bincount(train[train != pad_id], minlength=model.config.vocab_size).float()
+
+def build_model(cfg: PretrainMLMConfig, data: MLMData) -> tuple[ModernBertForMaskedLM, set[str], str]:
+    """(model, names of parameters copied from the AR, init description)."""
+    ar_config = AutoConfig.from_pretrained(cfg.tokenizer_from)
+    sizes = resolve_sizes(cfg, ar_config)
+    model = build_mlm(cfg, sizes, data.tokenizer, ar_config)
+    counts = torch.bincount(data.train[data.train != data.pad_id], minlength=model.config.vocab_size).float()
     unigram_logp = torch.log((counts + 0.1) / (counts + 0.1).sum())
     copied: set[str] = set()
     if cfg.init_from_ar:
         ar = AutoModelForCausalLM.from_pretrained(cfg.tokenizer_from, dtype=torch.float32)
-        copied = init_from_ar(model, ar, tokenizer, sizes["copy_layers"], unigram_logp)
+        copied = init_from_ar(model, ar, data.tokenizer, sizes["copy_layers"], unigram_logp, cfg.first_ar_layer)
         del ar
     else:
         with torch.no_grad():
             model.decoder.bias.copy_(unigram_logp)
-    init = "scratch" if not cfg.init_from_ar else ("ar-embeddings+blocks" if sizes["copy_layers"] else "ar-embeddings")
-    n_params = sum(p.numel() for p in model.parameters())
+    init = "scratch" if not cfg.init_from_ar else (
+        f"ar-embeddings+blocks{cfg.first_ar_layer}-{cfg.first_ar_layer + cfg.num_layers - 1}" if sizes["copy_layers"] else "ar-embeddings")
     print(f"MLM: ModernBERT {sizes['hidden']}x{cfg.num_layers} (heads {sizes['heads']}, mlp {sizes['inter']}), "
-          f"{n_params / 1e6:.1f}M parameters, init {init}")
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, init {init}")
+    return model, copied, init
 
-    # three groups: copied weights learn slower; decay only on matrices that are not embeddings
+
+def make_optimizer(cfg: PretrainMLMConfig, model, copied: set[str]) -> torch.optim.Optimizer:
+    """Three groups: copied weights learn slower; decay only on matrices that are not embeddings."""
     groups = {"copied": [], "decay": [], "no_decay": []}
     for name, p in model.named_parameters():
         if cfg.init_from_ar and cfg.freeze_embeddings and name == "model.embeddings.tok_embeddings.weight":
@@ -330,62 +266,101 @@ def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
             groups["decay"].append(p)
         else:
             groups["no_decay"].append(p)
-    param_groups = [
-        {"params": groups["copied"], "lr_scale": cfg.ar_lr_scale, "weight_decay": 0.0},
-        {"params": groups["decay"], "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
-        {"params": groups["no_decay"], "lr_scale": 1.0, "weight_decay": 0.0},
-    ]
-    opt = torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    param_groups = [{"params": groups["copied"], "lr_scale": cfg.ar_lr_scale, "weight_decay": 0.0},
+                    {"params": groups["decay"], "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+                    {"params": groups["no_decay"], "lr_scale": 1.0, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    budget_s = cfg.max_minutes * 60
-    before = evaluate(model, val, pad_id, mask_id, cfg.eval_mask_prob, cfg.seed, cfg.batch_size)
+
+def lr_at(cfg: PretrainMLMConfig, step: int) -> float:
+    """Linear warm-up, then cosine to 10% of the peak at cfg.steps (or flat: snapshots of one run stay comparable)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.schedule == "constant":
+        return cfg.lr * warm
+    return cfg.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * step / cfg.steps)))
+
+
+def train_step(state: MLMTrainState, data: MLMData, cfg: PretrainMLMConfig) -> float:
+    """One AdamW step on the next batch of windows, freshly masked; returns the loss."""
+    if state.pos + cfg.batch_size > len(state.order):  # a new epoch: a new order
+        state.order, state.pos = torch.randperm(len(data.train), generator=state.gen), 0
+    x = data.train[state.order[state.pos : state.pos + cfg.batch_size]]
+    state.pos += cfg.batch_size
+    attn = (x != data.pad_id).long()
+    inputs, labels = mask_batch(x, attn, cfg.mask_prob, data.mask_id, state.gen, cfg.mask_prob_low)
+    for g in state.opt.param_groups:
+        g["lr"] = lr_at(cfg, state.step) * g["lr_scale"]
+    device = next(state.model.parameters()).device
+    loss = state.model(input_ids=inputs.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in state.model.parameters() if p.requires_grad], 1.0)
+    state.opt.step()
+    state.step += 1
+    state.tokens += int(attn.sum())
+    return loss.item()
+
+
+def _config_key(cfg: PretrainMLMConfig) -> dict:
+    key = asdict(cfg)
+    key.pop("out")
+    key.pop("device")  # where it ran does not change what it is
+    key.pop("snapshots")  # nor do snapshots (evaluation draws from its own generator): a run with snapshots serves one without
+    return key
+
+
+def save_mlm(model, data: MLMData, folder: Path, key: dict, metrics: dict) -> None:
+    """save_pretrained folder + pretrain_config.json; metrics.json is written last: it marks a complete folder."""
+    model.config.sparse_prediction = False  # users call it without labels and expect logits at every position
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    data.tokenizer.save_pretrained(folder)
+    model.config.sparse_prediction = True
+    (folder / "pretrain_config.json").write_text(json.dumps(key, indent=2))
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
+    """Train (or reuse) the MLM described by cfg; save it to cfg.out (snapshots in out/step-N) and return its metrics."""
+    out = Path(cfg.out).expanduser()
+    key = _config_key(cfg)
+    if (out / "metrics.json").exists() and (out / "pretrain_config.json").exists():
+        have_snapshots = all((out / f"step-{n}" / "metrics.json").exists() for n in cfg.snapshots if n < cfg.steps)
+        if json.loads((out / "pretrain_config.json").read_text()) == key and have_snapshots:
+            print(f"reusing the MLM in {out} (same config; delete the folder to retrain)")
+            return json.loads((out / "metrics.json").read_text())
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cpu_threads())
+    data = load_data(cfg)
+    model, copied, init = build_model(cfg, data)
+    model.to(resolve_device(cfg.device)).train()
+    state = MLMTrainState(model, make_optimizer(cfg, model, copied), torch.Generator().manual_seed(cfg.seed),
+                          order=torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed)))
+    measure = lambda: evaluate(model, data.val, data.pad_id, data.mask_id, cfg.eval_mask_prob, cfg.seed, cfg.batch_size)  # noqa: E731
+    before = measure()
     print(f"held-out masked-token accuracy at {cfg.eval_mask_prob:.0%} masking before training: {before['accuracy']:.2%}")
-    model.train()
-    step, tokens, order, pos = 0, 0, torch.randperm(len(train), generator=gen), 0
-    t0 = time.time()
-    bar = tqdm(total=cfg.max_steps, desc="pretrain-mlm", unit="step")
-    while True:
-        elapsed = time.time() - t0
-        progress = max(elapsed / budget_s, step / cfg.max_steps if cfg.max_steps else 0.0)
-        if progress >= 1.0:
-            break
-        # warm-up, then cosine to 10% of the peak, following whichever budget (time, steps) ends first
-        scale = min(1.0, (step + 1) / cfg.warmup_steps) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * g["lr_scale"] * scale
-        if pos + cfg.batch_size > len(order):
-            order, pos = torch.randperm(len(train), generator=gen), 0
-        x = train[order[pos : pos + cfg.batch_size]]
-        pos += cfg.batch_size
-        attn = (x != pad_id).long()
-        inputs, labels = mask_batch(x, attn, cfg.mask_prob, mask_id, gen)
-        loss = model(input_ids=inputs, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        step += 1
-        tokens += int(attn.sum())
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="pretrain-mlm", unit="step")
+    while state.step < cfg.steps:
+        loss = train_step(state, data, cfg)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.time() - t0):.0f}", min=f"{(time.time() - t0) / 60:.1f}")
+        bar.set_postfix(loss=f"{loss:.3f}", epoch=f"{state.tokens / data.train_tokens:.2f}")
+        if state.step in cfg.snapshots and state.step < cfg.steps:
+            snap = {**measure(), "steps": state.step, "epochs": state.tokens / data.train_tokens}
+            save_mlm(model, data, out / f"step-{state.step}", {**key, "stopped_at": state.step}, snap)
+            bar.write(f"step {state.step}: held-out masked-token accuracy {snap['accuracy']:.2%} (saved {out}/step-{state.step})")
     bar.close()
-    train_s = time.time() - t0
-    after = evaluate(model, val, pad_id, mask_id, cfg.eval_mask_prob, cfg.seed, cfg.batch_size)
+    train_s = time.perf_counter() - t0
+    after = measure()
     metrics = {
         "accuracy": after["accuracy"], "loss": after["loss"], "eval_mask_prob": cfg.eval_mask_prob,
         "eval_masked_tokens": after["masked_tokens"], "accuracy_before_training": before["accuracy"],
-        "steps": step, "train_tokens_seen": tokens, "epochs": tokens / max(n_train_tokens, 1),
-        "train_minutes": train_s / 60, "init": init, "parameters": n_params,
-        "hidden_size": sizes["hidden"], "num_heads": sizes["heads"], "intermediate_size": sizes["inter"],
+        "steps": state.step, "train_tokens_seen": state.tokens, "epochs": state.tokens / max(data.train_tokens, 1),
+        "train_minutes": train_s / 60, "init": init, "parameters": sum(p.numel() for p in model.parameters()),
+        "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
+        "intermediate_size": model.config.intermediate_size,
     }
     print(f"held-out masked-token accuracy at {cfg.eval_mask_prob:.0%} masking: {after['accuracy']:.2%} "
-          f"(loss {after['loss']:.3f}; {step} steps, {train_s / 60:.1f} min, {metrics['epochs']:.2f} epochs, init {init})")
-
-    model.config.sparse_prediction = False  # users call it without labels and expect logits at every position
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "pretrain_config.json").write_text(json.dumps(key, indent=2))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))  # written last: it marks a complete folder
+          f"(loss {after['loss']:.3f}; {state.step} steps, {train_s / 60:.1f} min, {metrics['epochs']:.2f} epochs, init {init})")
+    save_mlm(model.eval().cpu(), data, out, key, metrics)
     return metrics

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import importlib.util
 import json
 import os
@@ -148,11 +149,14 @@ def test_pretrain_mlm_tiny(tmp_path, kind, monkeypatch):
 
     ar_dir, corpus = _tiny_ar(tmp_path, kind)
     cfg = PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(corpus), out=str(tmp_path / "mlm"), hidden_size=32,
-                            num_layers=2, seq_len=32, batch_size=4, max_steps=5, eval_windows=8)
+                            num_layers=2, seq_len=32, batch_size=4, steps=5, eval_windows=8, snapshots=[3])
     metrics = pretrain_mlm(cfg)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["steps"] == 5
-    assert metrics["init"] == ("ar-embeddings" if kind == "gpt2" else "ar-embeddings+blocks")
+    assert metrics["init"] == ("ar-embeddings" if kind == "gpt2" else "ar-embeddings+blocks0-1")
     assert json.loads((tmp_path / "mlm" / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert json.loads((tmp_path / "mlm" / "step-3" / "metrics.json").read_text())["steps"] == 3
+    again = pretrain_mlm(dataclasses.replace(cfg, out=str(tmp_path / "again")))  # a step budget: a re-run is the same model
+    assert {k: v for k, v in again.items() if k != "train_minutes"} == {k: v for k, v in metrics.items() if k != "train_minutes"}
 
     mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "mlm")
     tok, ar_tok = AutoTokenizer.from_pretrained(tmp_path / "mlm"), AutoTokenizer.from_pretrained(ar_dir)
@@ -170,7 +174,7 @@ def test_init_from_ar_copies_llama_blocks_exactly(tmp_path):
     """Copied attention (run bidirectionally in both) and MLP blocks compute what the AR's do."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from app.pretrain_mlm import build_mlm, init_from_ar, resolve_sizes
+    from app.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
 
     ar_dir, _ = _tiny_ar(tmp_path, "llama")
     ar = AutoModelForCausalLM.from_pretrained(ar_dir).eval()
