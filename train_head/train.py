@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -264,7 +265,17 @@ def run_train(cfg: TrainConfig) -> dict:
     device, out = resolve_device(cfg.device), Path(cfg.out)
     if not cfg.resume:
         guard_output(out, "head.json", cfg.overwrite, (cfg.store, cfg.val_store), what="head folder")
+    fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return train_loop(cfg, device, out)
+    except BaseException:
+        if fresh and not (out / "ckpt").exists():  # failed before its first checkpoint: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def train_loop(cfg: TrainConfig, device: str, out: Path) -> dict:
     store, train, val, head, init_params, opt, best, s, mode = start_run(cfg, device, out)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     total, stop_after = s.config["total_steps"], int(os.environ.get("MARIA_TEST_STOP_AFTER") or -1)  # a test's "interruption"
