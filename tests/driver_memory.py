@@ -44,7 +44,7 @@ def main() -> None:
     t = time.perf_counter()
     summary = run_extract(ExtractConfig(mlm=mlm, ar=ar, corpus=str(corpus), out=str(work / "store"), window_length=64,
                                         docs_per_block=args.docs_per_block, batch_size=32,
-                                        ray_temp_dir=tempfile.mkdtemp(prefix="r", dir="/tmp")))
+                                        ray_temp_dir=str(work / "ray")))  # short enough for Ray's sockets
     seconds = time.perf_counter() - t
     store_bytes = sum(p.stat().st_size for p in (work / "store" / "blocks").rglob("*") if p.is_file())
     steady = summary.get("steady_tokens", 0) / summary["steady_seconds"] if summary.get("steady_seconds") else None

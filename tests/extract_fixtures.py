@@ -1,6 +1,5 @@
 """Shared helpers for the extraction tests (the fixtures themselves live in conftest.py)."""
 import dataclasses
-import shlex
 import sys
 import typing
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from extract.cluster import ActorRequest, RayClusterError, check_temp_dir, init_ray, resolve_address, unsatisfiable
+from extract.cluster import ActorRequest, RayClusterError, check_temp_dir, resolve_address, unsatisfiable
 from extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows,
                             list_corpus, plan_blocks)
 from extract.job import ExtractConfig, command_line, initial_actors, run_extract
