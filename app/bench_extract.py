@@ -38,7 +38,7 @@ def bench_extract(cfg) -> dict:
         if not Path(p).exists():
             raise ValueError(f"bench extract: {what} {p} not found; run `make demo` once to build the defaults, or pass --mlm/--ar/--store")
     work = Path(tempfile.mkdtemp(prefix="maria-bench-extract-"))
-    ecfg = ExtractConfig(mlm=mlm, ar=ar, corpus=corpus, out=str(work / "store"), max_docs=max(4, cfg.steps // 25),
+    ecfg = ExtractConfig(mlm=mlm, ar=ar, corpus=corpus, store=str(work / "store"), max_docs=max(4, cfg.steps // 25),
                          docs_per_block=2, window_length=128, ray_temp_dir=str(work / "ray"), device=cfg.device)
     # 1. the job, end to end (Ray started inside; the timed part is the streaming pipeline)
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def bench_extract(cfg) -> dict:
     rows = summary["rows"]
     disk_per_row = _du(work / "store" / "blocks") / max(1, rows)
     # 3. store writes against raw writes of the same bytes
-    store = open_store(ecfg.out)
+    store = open_store(ecfg.store)
     arrays = store.read_block(store.committed_blocks()[0])
     reps = max(1, int(64e6 // max(1, arrays["features"].nbytes)))
     big = {k: np.concatenate([v] * reps) for k, v in arrays.items()}

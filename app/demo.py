@@ -138,9 +138,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     head_dir = work / f"head-{train_store.name[6:]}-h{cfg.select_fraction}-{cfg.init}-{cfg.train_steps}x{cfg.batch_size}"
     common = dict(mlm=mlm, ar=ar, window_length=cfg.window_length, seed=cfg.seed, device=device, docs_per_block=2,
                   ray_temp_dir=str(work / "ray"))
-    run_extract(ExtractConfig(corpus=str(train_corpus), out=str(train_store), max_docs=cfg.train_docs,
+    run_extract(ExtractConfig(corpus=str(train_corpus), store=str(train_store), max_docs=cfg.train_docs,
                               masks_per_window=cfg.masks_per_window, **common))
-    run_extract(ExtractConfig(corpus=str(val_corpus), out=str(val_store), max_docs=cfg.val_docs,
+    run_extract(ExtractConfig(corpus=str(val_corpus), store=str(val_store), max_docs=cfg.val_docs,
                               mask_rate=cfg.val_rate, **common))
     timings["extract"] = time.perf_counter() - t
 

@@ -36,7 +36,7 @@ class ExtractConfig:
     mlm: str  # masked LM: hub id or local folder
     ar: str  # causal LM: hub id or local folder (its vocabulary is the target)
     corpus: str  # parquet, JSON(L), CSV or .txt (one file = one document) files, or a datasets folder: a file, folder, glob or s3:// / gs:// URL
-    out: str  # feature store: local path or fsspec URL (s3://bucket/store)
+    store: str  # feature store to write: local path or fsspec URL (s3://bucket/store); a re-run resumes it
     text_column: str = "text"  # column holding the documents (parquet, JSON, CSV, datasets)
     split: str | None = None  # split of a saved datasets folder (unset: train, else its first split)
     max_docs: int | None = None  # use only the first N documents (rows in corpus order, empty ones included)
@@ -156,7 +156,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
     manifest = {**info, "feature_dtype": cfg.feature_dtype, "masking": asdict(cfg.masking), "seed": cfg.seed,
                 "corpus_fingerprint": fingerprint, "window_length": cfg.window_length, "text_column": cfg.text_column,
                 "docs_per_block": cfg.docs_per_block, "documents": sum(rows), "files": sum(1 for n in rows if n)}
-    store = create_store(cfg.out, manifest, init_weights)
+    store = create_store(cfg.store, manifest, init_weights)
     plan = plan_blocks(rows, cfg.docs_per_block)
     if hasattr(store, "write_plan"):  # the completeness plan (storage's API; absent in older storage)
         store.write_plan([b for b, *_ in plan], command_line(cfg))
@@ -166,7 +166,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
         done = set(store.committed_blocks())  # listed once per pass: on S3 every listing is a request
         todo = [b for b in plan if b[0] not in done]
         print(f"maria extract: {sum(rows)} documents in {len(rows)} file(s), {len(done)} blocks already committed, "
-              f"{len(todo)} to do -> {cfg.out}", flush=True)
+              f"{len(todo)} to do -> {cfg.store}", flush=True)
         if not todo:
             break
         try:
@@ -184,7 +184,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
         raise RuntimeError(f"blocks {missing[:5]} were not committed; re-run the same command to finish them")
     store.gc_uncommitted()
     store.finalize()
-    summary = {"store": cfg.out, "blocks": store.manifest["blocks"], "rows": store.manifest["rows"], "new_rows": new_rows,
+    summary = {"store": cfg.store, "blocks": store.manifest["blocks"], "rows": store.manifest["rows"], "new_rows": new_rows,
                "new_tokens": new_tokens, "actor": request.describe(), "driver_peak_rss_mb": _peak_rss_mb(), **steady}
     print(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks", flush=True)
     return summary
@@ -217,7 +217,7 @@ def _pipeline(cfg: ExtractConfig, corpus: Corpus, rows: list[int], todo: list, r
     ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
                         compute=pool,
                         **request.ray_args(), **fault)
-    ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.out}, batch_size=1, num_cpus=0.25, batch_format="numpy",
+    ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.store}, batch_size=1, num_cpus=0.25, batch_format="numpy",
                         compute=helpers, **fault)
     return _drain(ds, len(todo))
 

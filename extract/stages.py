@@ -110,7 +110,7 @@ class FeatureActor:
         out = {k: [] for k in ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")}
         tokens = []
         for i, block_id in enumerate(batch["block_id"]):
-            faults.before_block(self.cfg.out, str(block_id))
+            faults.before_block(self.cfg.store, str(block_id))
             f, t, r, p, k = self.block_features(batch["ids"][i], batch["lengths"][i], batch["masks"][i])
             out["features"].append(f)
             out["targets"].append(t.astype(np.int32))

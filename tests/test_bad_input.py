@@ -19,7 +19,7 @@ def run_cli(capsys, *argv) -> str:
 @pytest.fixture
 def extract_args(pairs, tmp_path):
     mlm, ar = pairs["modernbert-olmo"]
-    return ["extract", "--mlm", mlm, "--ar", ar, "--out", tmp_path / "store", "--window-length", 24]
+    return ["extract", "--mlm", mlm, "--ar", ar, "--store", tmp_path / "store", "--window-length", 24]
 
 
 def write_jsonl(path, rows):

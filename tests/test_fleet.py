@@ -151,7 +151,7 @@ def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_
     # not "--address auto": on a shared machine Ray's auto-discovery finds any running cluster
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     mlm, ar = pairs["modernbert-olmo"]
-    base = ["extract", "--mlm", mlm, "--ar", ar, "--corpus", parquet_corpus, "--out", tmp_path / "s"]
+    base = ["extract", "--mlm", mlm, "--ar", ar, "--corpus", parquet_corpus, "--store", tmp_path / "s"]
     nobody = f"127.0.0.1:{_free_port()}"
     for extra, said in ((["--address", nobody], (f"cannot connect to the Ray cluster at '{nobody}'", "ray start --head")),
                         (["--ray-temp-dir", "/tmp/" + "y" * 90], ("must fit 107 bytes", "/tmp/ray-maria"))):
@@ -163,7 +163,7 @@ def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_
 
 
 def test_command_line_round_trips():
-    cfg = ExtractConfig(mlm="m", ar="a", corpus="s3://b/c/", out="s3://b/s", max_docs=10, mask_rate=0.5,
+    cfg = ExtractConfig(mlm="m", ar="a", corpus="s3://b/c/", store="s3://b/s", max_docs=10, mask_rate=0.5,
                         actor_gpus=0.5, max_actors=8, trust_remote_code=True)
     line = command_line(cfg)
     assert line.startswith("maria extract --mlm m --ar a") and "--actor-gpus 0.5" in line and "--window-length" not in line
@@ -199,7 +199,7 @@ def test_kuberay_rayjob_structure_and_entrypoint():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["maria", "extract"] and "--address" not in argv  # KubeRay sets RAY_ADDRESS
     cfg = config_from_args(argv[2:])
-    assert cfg.corpus.startswith("s3://") and cfg.out.startswith("s3://") and cfg.device == "auto"
+    assert cfg.corpus.startswith("s3://") and cfg.store.startswith("s3://") and cfg.device == "auto"
 
 
 # --- embedded Ray: the reader on the workers, and fast refusals --------------------------------
@@ -211,7 +211,7 @@ def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
 
     corpus = list_corpus(parquet_corpus)
     assert [Path(f).name for f in corpus.files] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
-    cfg = ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, out="o", docs_per_block=3)
+    cfg = ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, store="o", docs_per_block=3)
     rows, fingerprint = _scan(cfg, corpus)
     assert rows == [5, 4, 5]
     offsets = doc_offsets(rows)
@@ -221,7 +221,7 @@ def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
     texts = [t for r in got for t in r["texts"] if t]
     assert texts == list(iter_documents(parquet_corpus))
     assert [int(d) for r in got for d in r["doc_ids"]] == list(range(14))  # every row keeps its id, empty ones too
-    _, limited = _scan(ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, out="o", max_docs=6), corpus)
+    _, limited = _scan(ExtractConfig(mlm="m", ar="a", corpus=parquet_corpus, store="o", max_docs=6), corpus)
     assert limited != fingerprint
 
 
@@ -232,7 +232,7 @@ def test_every_format_reads_the_same_on_the_workers(ray_local, formats):
 
     for (source, split), docs in formats.items():
         corpus = list_corpus(source, split)
-        rows, _ = _scan(ExtractConfig(mlm="m", ar="a", corpus=source, split=split, out="o"), corpus)
+        rows, _ = _scan(ExtractConfig(mlm="m", ar="a", corpus=source, split=split, store="o"), corpus)
         plan = {f: (offset, rows[f], [0]) for f, offset in enumerate(doc_offsets(rows)) if rows[f]}
         got = sorted(read_corpus(corpus, sorted(plan), "text", "blocks", 8, plan).take_all(), key=lambda r: r["block_id"])
         assert [t for r in got for t in r["texts"] if t.strip()] == docs, source
@@ -252,7 +252,7 @@ def test_corpus_on_object_storage_reads_as_the_local_copy(ray_local, s3_endpoint
     corpus = list_corpus(url)
     assert corpus.files == tuple(f"s3://maria-test/corpus/part-{i}.parquet" for i in range(3))
     assert list(iter_documents(url)) == list(iter_documents(parquet_corpus))
-    cfg = ExtractConfig(mlm="m", ar="a", corpus=url, out="o", docs_per_block=3)
+    cfg = ExtractConfig(mlm="m", ar="a", corpus=url, store="o", docs_per_block=3)
     rows, fingerprint = _scan(cfg, corpus)  # read tasks on the workers, through s3fs with the test endpoint
     assert (rows, fingerprint) == _scan(dataclasses.replace(cfg, corpus=parquet_corpus), list_corpus(parquet_corpus))
     plan = {f: (offset, rows[f], [0]) for f, offset in enumerate(doc_offsets(rows))}
@@ -347,7 +347,7 @@ def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, par
     reference = config(pairs, parquet_corpus, tmp_path / "embedded")
     run_extract(reference)  # the uninterrupted run, on embedded Ray
     out = tmp_path / "fleet"
-    args = shlex.split(command_line(dataclasses.replace(reference, out=str(out))))[1:]
+    args = shlex.split(command_line(dataclasses.replace(reference, store=str(out))))[1:]
     assert "--address" not in args  # the job finds the cluster through RAY_ADDRESS only
     sid = f"maria-{os.getpid()}-{int(time.time())}"
     submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", fleet.dashboard, "--submission-id", sid,
@@ -370,7 +370,7 @@ def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, par
     assert "blocks, " in logs and "maria extract: done" in logs
     verify = subprocess.run(maria_command("verify", "--store", out), capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    same_store(reference.out, out)
+    same_store(reference.store, out)
     assert len(read_all(str(out))[block_id(2, 3)]["targets"]) == 0  # documents too short for a window: an empty block
 
 

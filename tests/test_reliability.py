@@ -36,7 +36,7 @@ def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, t
 def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "driver"
     mlm, ar = pairs["modernbert-olmo"]
-    cmd = maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--out", out,
+    cmd = maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out,
                         "--window-length", 24, "--docs-per-block", 3, "--batch-size", 4, "--masks-per-window", 2,
                         "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
     log = open(tmp_path / "driver.log", "w")

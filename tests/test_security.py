@@ -80,7 +80,7 @@ def test_extract_config_defaults_are_safe():
     from extract.job import ExtractConfig
     from app.commands import ExportConfig
 
-    assert ExtractConfig(mlm="m", ar="a", corpus="c", out="o").trust_remote_code is False
+    assert ExtractConfig(mlm="m", ar="a", corpus="c", store="o").trust_remote_code is False
     assert ExportConfig(mlm="m", ar="a", head="h", out="o").trust_remote_code is False
 
 
