@@ -23,6 +23,7 @@ from app.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
 from extract.job import ExtractConfig, run_extract
 from maria.anneal import AnnealConfig, anneal
 from maria.device import resolve_device
+from maria.head import init_head
 from maria.model import MariaModel
 from train_head.evaluate import EvalConfig, run_eval
 from train_head.train import TrainConfig, run_train
@@ -46,7 +47,7 @@ class DemoConfig:
     batch_size: int = 512  # masked tokens per head step
     lr: float = 1e-4  # head learning rate
     init: str = "mix"  # head init: mix (expert scales fitted on the cache; METHOD.md's advice for a weak MLM) | poe (the paper's) | random
-    examples: int = 3  # infilling examples printed
+    examples: int = 4  # validation sentences printed with one masked span of 1-5 words (MARIA vs each expert alone)
     anneal_steps: int = 8  # simulated-annealing steps of the generated sample
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # masks, training order, sampling
@@ -160,10 +161,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     ckpt = run_export(ExportConfig(mlm=mlm, ar=ar, head=str(head_dir), out=str(work / "checkpoint"), overwrite=True))
     timings["export"] = time.perf_counter() - t
 
-    t = _stage("6/7 infill validation text: original / masked / MARIA / AR-only")
+    t = _stage("6/7 infill: word spans of validation sentences and natural prompts, MARIA / AR-only / MLM-only")
     model = MariaModel.from_pretrained(ckpt, device=device)
-    ar_only = MariaModel.from_backbones(mlm, ar, init="ar-only", device=device)
-    examples = infill_examples(model, ar_only, val_corpus, cfg)
+    examples = infill_examples(model, val_corpus, cfg)
     timings["infill"] = time.perf_counter() - t
 
     t = _stage("7/7 one sample by simulated annealing")
@@ -179,19 +179,34 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def infill_examples(model, ar_only, val_corpus: Path, cfg: DemoConfig) -> list[dict]:
-    tok = model.bb.ar_tokenizer
+def masked_span_text(ids: list[int], tok, g: torch.Generator, max_words: int = 5) -> str:
+    """The sentence with one span of 1..max_words whole words written {{N}} (N tokens, its leading space included)."""
+    starts = [i for i in range(4, len(ids) - 2) if tok.convert_ids_to_tokens(ids[i]).startswith("Ġ")]  # word starts
+    if not starts:
+        return tok.decode(ids[:-1]) + " {{1}}"
+    k = int(torch.randint(len(starts), (1,), generator=g))
+    words = int(torch.randint(1, max_words + 1, (1,), generator=g))
+    end = starts[k + words] if k + words < len(starts) else len(ids)
+    return f"{tok.decode(ids[: starts[k]])} {{{{{end - starts[k]}}}}}{tok.decode(ids[end:])}"
+
+
+def infill_examples(model, val_corpus: Path, cfg: DemoConfig) -> list[dict]:
+    """Spans of 1-5 words in real validation sentences, and the natural prompts: MARIA vs each expert alone (greedy)."""
+    tok, experts = model.bb.ar_tokenizer, model.bb.expert_weights()
+    others = {"ar_only": MariaModel(model.bb, init_head("ar-only", experts)),
+              "mlm_only": MariaModel(model.bb, init_head("mix", experts, scales=(1.0, 0.0)))}
     texts = pq.read_table(val_corpus).column("text").to_pylist()
     g = torch.Generator().manual_seed(cfg.seed)
+    masked = [masked_span_text(tok(t, add_special_tokens=False).input_ids[:48], tok, g) for t in texts[: cfg.examples]]
+    answers = {"maria": model.infill_text(masked, temperature=0),
+               **{k: m.infill_text(masked, temperature=0) for k, m in others.items()}}
     out = []
-    for text in texts[: cfg.examples]:
-        ids = torch.tensor(tok(text, add_special_tokens=False).input_ids[:40])
-        mask = torch.rand(len(ids), generator=g) < cfg.val_rate
-        masked_view = "".join("__" if m else tok.decode([i]) for i, m in zip(ids.tolist(), mask.tolist()))
-        ex = {"original": tok.decode(ids), "masked": masked_view, "maria": tok.decode(model.infill(ids, mask)),
-              "ar_only": tok.decode(ar_only.infill(ids, mask))}
-        for k, v in ex.items():
-            print(f"{k:>9}: {v!r}")
-        print()
+    for r, text in enumerate(masked):
+        ex = {"masked": text, **{k: span_texts(v[r], tok) for k, v in answers.items()}}
+        print(f"{text!r}\n" + "".join(f"    {k:>8}: {ex[k]}\n" for k in answers))
         out.append(ex)
-    return out
+    checks = {"maria": check_prompts(model), **{k: check_prompts(m) for k, m in others.items()}}
+    for k, rows in checks.items():
+        print(f"natural prompts answered ({k}): {sum(r['ok'] for r in rows)}/{len(rows)}"
+              + "".join(f"\n    {r['prompt']!r} -> {r['spans']}" for r in rows if not r["ok"]))
+    return out + [{"natural_prompts": checks}]
