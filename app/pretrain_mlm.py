@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertForMaskedLM
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from app.corpus_wiki import prepare_wiki_corpus
 from app.defaults import default_cache_dir
 from app.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
+from extract.corpus import cut_windows, iter_documents
 from maria.device import cpu_threads, resolve_device
 
 MASK_TOKEN = "<|mask|>"
@@ -46,7 +46,7 @@ class PretrainMLMConfig:
     """One MLM pre-training run. None sizes are resolved from the AR (see resolve_sizes)."""
 
     tokenizer_from: str  # AR folder (save_pretrained): its tokenizer, and its weights when init_from_ar
-    corpus: str  # parquet file/dir (column "text"), text file/dir, or "wiki" (the offline Wikipedia sample)
+    corpus: str  # any corpus `maria extract` reads (parquet, JSON/JSONL, CSV, .txt = one document per file, datasets folder), or "wiki" (the offline Wikipedia sample)
     out: str  # output folder: model + tokenizer (save_pretrained), metrics.json, pretrain_config.json
     steps: int = 1200  # training steps (the budget: steps, not minutes, so a re-run anywhere trains the same model)
     hidden_size: int | None = None  # None: the AR's hidden size when init_from_ar (exact embedding copy), else 256
@@ -100,20 +100,9 @@ class PretrainMLMConfig:
 
 
 def _read_documents(path: str) -> list[str]:
-    p = Path(path).expanduser()
-    files = sorted(p.glob("*.parquet")) or sorted(p.glob("*.txt")) if p.is_dir() else [p]
-    if not files:
-        raise ValueError(f"corpus folder {p} holds no .parquet or .txt files")
-    docs = []
-    for f in files:
-        if f.suffix == ".parquet":
-            table = pq.read_table(f)
-            if "text" not in table.column_names:
-                raise ValueError(f"{f} has no 'text' column (columns: {table.column_names})")
-            docs += [t for t in table.column("text").to_pylist() if t]
-        else:  # plain text: blank-line separated paragraphs are documents
-            docs += [d.strip() for d in f.read_text(encoding="utf-8").split("\n\n") if d.strip()]
-    return docs
+    """Documents of a corpus, read by the project's one corpus reader (extract/corpus.py): the same
+    formats, the same rules (a .txt file is one document) and the same one-line errors as `maria extract`."""
+    return list(iter_documents(path))
 
 
 def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
@@ -134,14 +123,11 @@ def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
     return [docs[i] for i in sorted(order[n_val:])], [docs[i] for i in sorted(order[:n_val])]
 
 
-def make_windows(docs: list[str], tokenizer, seq_len: int, pad_id: int, min_len: int = 8) -> torch.Tensor:
-    """(N, seq_len) token windows, each inside one document; a short last piece is padded with pad_id."""
-    windows = []
-    for ids in tokenizer(docs, add_special_tokens=False).input_ids:
-        for start in range(0, len(ids), seq_len):
-            piece = ids[start : start + seq_len]
-            if len(piece) >= min(min_len, len(ids)):
-                windows.append(piece + [pad_id] * (seq_len - len(piece)))
+def make_windows(docs: list[str], tokenizer, seq_len: int, pad_id: int) -> torch.Tensor:
+    """(N, seq_len) token windows cut as extraction cuts them (extract.corpus.cut_windows: never two
+    documents in one window); a short last piece is right-padded with pad_id."""
+    windows = [w + [pad_id] * (seq_len - len(w)) for ids in tokenizer(docs, add_special_tokens=False).input_ids
+               for w in cut_windows(ids, seq_len)]
     if not windows:
         raise ValueError("the corpus produced no token windows; is it empty?")
     return torch.tensor(windows, dtype=torch.long)
