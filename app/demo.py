@@ -193,8 +193,8 @@ def masked_span_text(ids: list[int], tok, g: torch.Generator, max_words: int = 5
 def infill_examples(model, val_corpus: Path, cfg: DemoConfig) -> list[dict]:
     """Spans of 1-5 words in real validation sentences, and the natural prompts: MARIA vs each expert alone (greedy)."""
     tok, experts = model.bb.ar_tokenizer, model.bb.expert_weights()
-    others = {"ar_only": MariaModel(model.bb, init_head("ar-only", experts)),
-              "mlm_only": MariaModel(model.bb, init_head("mix", experts, scales=(1.0, 0.0)))}
+    others = {"ar_only": MariaModel.from_parts(model.bb, init_head("ar-only", experts)),
+              "mlm_only": MariaModel.from_parts(model.bb, init_head("mix", experts, scales=(1.0, 0.0)))}
     texts = pq.read_table(val_corpus).column("text").to_pylist()
     g = torch.Generator().manual_seed(cfg.seed)
     masked = [masked_span_text(tok(t, add_special_tokens=False).input_ids[:48], tok, g) for t in texts[: cfg.examples]]

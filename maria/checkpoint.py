@@ -64,7 +64,7 @@ class MariaConfig(PretrainedConfig):
     d_ar: int = 0
     vocab_size: int = 0
     start_token_id: int | None = None
-    mlm_mask_token_id: int | None = None
+    mlm_mask_id: int | None = None
     mlm: dict | None = None
     ar: dict | None = None
     tokenizer_fingerprint: str | None = None
@@ -112,7 +112,7 @@ def write_checkpoint(out: str | Path, bb: Backbones, head: FusionHead, head_meta
             raise CheckpointError(f"{out} holds a config.json that is not a MARIA checkpoint's; pick a new --out folder")
     refs = backbone_refs(bb, reference, dtype)
     config = MariaConfig(d_mlm=bb.d_mlm, d_ar=bb.d_ar, vocab_size=bb.vocab_size, start_token_id=bb.start_id,
-                         mlm_mask_token_id=bb.mlm_mask_id, mlm=refs["mlm"], ar=refs["ar"], dtype=dtype,
+                         mlm_mask_id=bb.mlm_mask_id, mlm=refs["mlm"], ar=refs["ar"], dtype=dtype,
                          tokenizer_fingerprint=bb.identity["tokenizer_fingerprint"], architectures=[architecture])
     with atomic_dir(out) as tmp:
         for kind, model, tok in (("mlm", bb.mlm, bb.mlm_tokenizer), ("ar", bb.ar, bb.ar_tokenizer)):

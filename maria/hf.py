@@ -85,7 +85,7 @@ class MariaModel(PreTrainedModel):
     def from_parts(cls, backbones: Backbones, head: FusionHead, head_meta: dict | None = None) -> "MariaModel":
         bb = backbones
         config = MariaConfig(d_mlm=bb.d_mlm, d_ar=bb.d_ar, vocab_size=bb.vocab_size, start_token_id=bb.start_id,
-                             mlm_mask_token_id=bb.mlm_mask_id, mlm=dict(bb.identity["mlm"]), ar=dict(bb.identity["ar"]),
+                             mlm_mask_id=bb.mlm_mask_id, mlm=dict(bb.identity["mlm"]), ar=dict(bb.identity["ar"]),
                              tokenizer_fingerprint=bb.identity.get("tokenizer_fingerprint"), architectures=[cls.__name__])
         return cls(config, bb, head, head_meta or {**bb.describe()})
 
