@@ -37,7 +37,7 @@ VERBS = {
     "generate": ("app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
     "pretrain-mlm": ("app.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
     "demo": ("app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
-    "bench": ("app.bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal) with JSON and PNG output"),
+    "bench": ("app.bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality) with JSON and PNG output"),
 }
 EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
 
