@@ -40,10 +40,14 @@ class BenchConfig:
     ar: str | None = None  # ... and AR folder/id
     model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head)
     store: str | None = None  # train/extract: an existing store or corpus to measure on
-    lengths: list[int] = field(default_factory=lambda: [128, 256, 512, 1024])  # decode: window lengths
-    batch_size: int = 1  # decode: windows decoded together
-    mlm_ar_columns: int = 16  # decode: MLM left-to-right columns timed per length (each is one full MLM pass)
-    unmask_steps: int = 16  # decode: k steps of MLM iterative unmasking
+    lengths: list[int] = field(default_factory=lambda: [128, 256, 512])  # decode: window lengths
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # decode: windows decoded together (each with its own mask)
+    repeats: int = 3  # decode: timed runs per figure; the JSON gives their median and spread (min/max, quartiles)
+    mask_rate: float = 0.5  # decode: fraction of each window's tokens that are masked
+    max_chunk: int = 0  # decode: MARIA's cut on the tokens a window feeds per step (0: automatic)
+    batch_size: int = 1  # train: feature rows per head step (1 means 1024)
+    mlm_ar_columns: int = 4  # decode: MLM left-to-right columns timed per figure (each is one full MLM pass)
+    unmask_steps: int = 16  # decode: k steps of MLM iterative unmasking (0: skip it)
     steps: int = 200  # train/anneal: steps to time
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
@@ -55,6 +59,10 @@ class BenchConfig:
             raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train, anneal or quality")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
+        if self.repeats < 1 or not self.batch_sizes or min(self.batch_sizes) < 1 or not self.lengths or min(self.lengths) < 2:
+            raise ValueError("bench needs --repeats >= 1, --batch-sizes >= 1 and --lengths >= 2")
+        if not 0 < self.mask_rate <= 1 or self.max_chunk < 0:
+            raise ValueError("bench needs 0 < --mask-rate <= 1 and --max-chunk >= 0")
 
 
 def resolve(device: str, dtype: str) -> tuple[str, torch.dtype]:

@@ -111,7 +111,7 @@ def make_synthetic_store(url: str, rows: int, d_mlm: int, d_ar: int, vocab_size:
 
 def bench_train_cli(cfg) -> dict:
     """`maria bench train`: on --store, or on a synthetic 50k-row store at the --preset's dims.
-    --batch-size 1 (the decode default) means 1024 rows per step here."""
+    --batch-size 1 (the default) means 1024 rows per step here."""
     batch = cfg.batch_size if cfg.batch_size > 1 else 1024
     if cfg.store:
         result = bench_train(cfg.store, batch, cfg.steps, cfg.device)

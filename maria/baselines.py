@@ -77,3 +77,16 @@ def mlm_iterative_unmasking(bb: Backbones, ids: torch.Tensor, mask: torch.Tensor
                 out[r, cols] = pred[r, cols].to(out.dtype)
                 mask[r, cols] = False
     return out
+
+
+@torch.no_grad()
+def hf_generate(bb: Backbones, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The same greedy generation through Hugging Face `generate()` (exactly `new_tokens`: EOS is
+    suppressed until then), the reference a user would reach for first."""
+    x = prompt
+    if bb.start_id is not None:
+        x = torch.cat([torch.full_like(prompt[:, :1], bb.start_id), prompt], 1)
+    pad = bb.ar.config.pad_token_id if bb.ar.config.pad_token_id is not None else 0
+    out = bb.ar.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    return out[:, x.shape[1] - prompt.shape[1] :]

@@ -74,22 +74,22 @@ def test_plan_takes_max_masked_count_steps():
     p = plan(mask, offset=1)
     assert len(p.steps) == 1 + counts.max()  # the prefill, then one fill per row per step
     assert len(np.flatnonzero(mask.any(0))) == 256  # the union of columns the old decoder walked
-    for cap in (None, 1, 2):
-        p = plan(mask, offset=1, max_chunk=cap)
+    for cap, adaptive in ((None, False), (1, False), (2, False), (None, True)):
+        p = plan(mask, offset=1, max_chunk=cap, adaptive=adaptive)
         for r in range(32):  # every masked position is filled exactly once, left to right
             assert p.event_pos[p.event_rows == r].tolist() == np.flatnonzero(mask[r]).tolist()
-        if cap:
-            assert max(int(s.count.max(initial=0)) for s in p.steps[1:]) <= cap
+        if cap or adaptive:
+            assert max(int(s.count.max(initial=0)) for s in p.steps[1:]) <= (cap or 8)
     assert any(s.keep is not None for s in p.steps)
 
 
-@pytest.mark.parametrize("max_chunk", [None, 1, 3])
+@pytest.mark.parametrize("max_chunk", [None, 1, 3, 1000])  # None: adaptive cuts on a CPU; 1000: never cut
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_equals_each_window_alone(backbones, alone, kind, max_chunk):
     bb = backbones[kind]
     ids, mask, lengths = windows(bb)
-    steps = plan((mask & (torch.arange(T) < lengths[:, None])).numpy(), 1, max_chunk).steps
-    if max_chunk is None:  # this batch exercises dropping finished rows and squeezing out padding
+    steps = plan((mask & (torch.arange(T) < lengths[:, None])).numpy(), 1, max_chunk, adaptive=max_chunk is None).steps
+    if max_chunk in (None, 1000):  # this batch exercises dropping finished rows and squeezing out padding
         assert any(s.compact for s in steps) and any(s.keep is not None for s in steps)
     head = poe(bb)
     out, feats = infill(bb, head, ids, mask, lengths, return_features=True, max_chunk=max_chunk)
@@ -184,3 +184,18 @@ def test_gpu_teacher_forced_features_bf16(pairs, kind):
     assert ((seen - ext).norm() / ext.norm()).item() < 2e-2
     greedy = infill(bb, head, ids, mask, lengths)
     assert torch.equal(greedy.cpu()[~mask], ids[~mask])
+
+
+def test_bench_decode_reports_medians_and_spread(tmp_path):
+    from app.bench_decode import bench_decode
+    from app.bench_setup import BenchConfig
+
+    cfg = BenchConfig(what="decode", preset="tiny", json=str(tmp_path / "d.json"), lengths=[16], batch_sizes=[1, 3], repeats=2,
+                      unmask_steps=2, mlm_ar_columns=1, device="cpu")
+    r = bench_decode(cfg)
+    assert [(x["batch_size"], x["length"]) for x in r["results"]] == [(1, 16), (3, 16)]
+    for x in r["results"]:
+        for k in ("maria_tok_s", "ar_generate_tok_s", "hf_generate_tok_s", "mlm_left_to_right_tok_s", "maria_over_ar_generate"):
+            assert x[k]["runs"] == 2 and x[k]["min"] <= x[k]["median"] <= x[k]["max"]
+        assert x["maria_ar_steps"] == 1 + x["max_masked_per_window"] or x["batch_size"] > 1
+    assert isinstance(r["targets"]["goal_met"], bool) and (tmp_path / "d.png").is_file()
