@@ -49,6 +49,7 @@ class BenchConfig:
     mlm_ar_columns: int = 4  # decode: MLM left-to-right columns timed per figure (each is one full MLM pass)
     unmask_steps: int = 16  # decode: k steps of MLM iterative unmasking (0: skip it)
     steps: int = 200  # train/anneal: steps to time
+    threads: int = 0  # CPU threads for torch (0: $MARIA_TORCH_THREADS, else every core); 1 keeps timings steady on a shared CPU
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
@@ -61,8 +62,8 @@ class BenchConfig:
             raise ValueError(f"unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
         if self.repeats < 1 or not self.batch_sizes or min(self.batch_sizes) < 1 or not self.lengths or min(self.lengths) < 2:
             raise ValueError("bench needs --repeats >= 1, --batch-sizes >= 1 and --lengths >= 2")
-        if not 0 < self.mask_rate <= 1 or self.max_chunk < 0:
-            raise ValueError("bench needs 0 < --mask-rate <= 1 and --max-chunk >= 0")
+        if not 0 < self.mask_rate <= 1 or self.max_chunk < 0 or self.threads < 0:
+            raise ValueError("bench needs 0 < --mask-rate <= 1, --max-chunk >= 0 and --threads >= 0")
 
 
 def resolve(device: str, dtype: str) -> tuple[str, torch.dtype]:

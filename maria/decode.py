@@ -213,6 +213,7 @@ def _ragged(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force
     cur = first["rows"]  # window of each cache row
     attn = torch.zeros(len(pl.rows), 0, dtype=torch.bool, device=dev)  # which cache slots hold a token (not padding)
     h = None  # (rows, d_ar): each row's AR state after its last fed token
+    padded = len(pl.rows) > 1  # one row is never padded: no mask to build at each step (causal attention as is)
     for s, (st, d) in enumerate(zip(pl.steps, on_dev)):
         if st.keep is not None:
             cache.batch_select_indices(d["keep"])
@@ -237,8 +238,8 @@ def _ragged(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force
         last = (d["count"] - 1).clamp(min=0)
         index = d["start"][:, None] + torch.minimum(j, last[:, None])  # AR index = position id; padding repeats the row's last token
         attn = torch.cat([attn, j < d["count"][:, None]], 1)
-        hidden = projection_input(bb.ar, input_ids=ar_ids[cur[:, None], index], attention_mask=attn, position_ids=index,
-                                  cache=cache, use_cache=True)
+        hidden = projection_input(bb.ar, input_ids=ar_ids[cur[:, None], index], attention_mask=attn if padded else None,
+                                  position_ids=index, cache=cache, use_cache=True)
         h = hidden[torch.arange(len(last), device=dev), last]
 
 
