@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from app.bench_setup import PEAK_TFLOPS_BF16, BenchConfig, _timed, model_backbones, params, poe_head, resolve
 from maria.baselines import ar_generate, hf_generate, mlm_iterative_unmasking, mlm_left_to_right
-from maria.decode import adaptive_chunks, infill, plan
+from maria.decode import infill, plan, step_cost_tokens
 from maria.device import cpu_threads
 from maria.plots import line_plot
 
@@ -71,8 +71,14 @@ def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device
     for ref in ("ar_generate", "hf_generate", "mlm_left_to_right"):
         row[f"maria_over_{ref}"] = spread([m / r for m, r in zip(rates["maria"], rates[ref])])
         row[f"maria_over_{ref}_cpu"] = spread([m / r for m, r in zip(cpu_rates["maria"], cpu_rates[ref])])
-    pl = plan(mask.cpu().numpy(), int(bb.start_id is not None), chunk, chunk is None and adaptive_chunks(device, B))
+    pl = plan(mask.cpu().numpy(), int(bb.start_id is not None), chunk, step_cost_tokens(device) if chunk is None else None)
     row["maria_ar_steps"] = len(pl.steps)  # prefill + steps; the union of masked columns was:
+    # where a step costs the same whatever its width (a GPU), MARIA/AR is about AR's steps over MARIA's:
+    # a batch waits for its most-masked window, AR generation takes the mean count
+    row["ar_steps_over_maria_steps"] = (new + 1) / len(pl.steps)
+    fed = sum(int(st.count.sum()) for st in pl.steps[1:])
+    row["maria_tokens_per_row_step"] = fed / max(1, sum(len(st.count) for st in pl.steps[1:]))  # AR generation: 1
+    row["maria_padding"] = sum(len(st.count) * int(st.count.max(initial=0)) for st in pl.steps[1:]) / max(1, fed)
     row["masked_columns"] = int(mask.any(0).sum())
     row["max_masked_per_window"] = int(mask.sum(1).max())
     # model FLOPs per masked token: the AR reads every token once, the MLM reads the window once

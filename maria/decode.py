@@ -77,19 +77,22 @@ class Plan:
     event_offsets: np.ndarray  # (steps + 1,) the fills of step s are events [o[s], o[s+1])
 
 
-def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, adaptive: bool = False) -> Plan:
+def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_tokens: float | None = None) -> Plan:
     """The ragged schedule of a (B, T) boolean mask (already cut to each window's length).
 
     `offset` = 1 when the AR reads a start token first (window position p is AR index p + 1).
-    A chunk is cut at `max_chunk` tokens (None: never); with `adaptive`, also at twice the mean chunk
-    of the step's rows (at least 2), so one row's long known run does not pad every other row to
-    its length. A cut row feeds the rest of its run in the next steps before it fills again.
+    A chunk is cut at `max_chunk` tokens (None: never). With `step_tokens` (a step's fixed cost, in
+    tokens fed: see `step_cost_tokens`) each step also picks the width that minimises the estimated
+    cost of the rest of the run, steps x (step_tokens + rows x width): a wide step pads every row to
+    the longest run, a narrow one adds steps for the rows whose long known runs it cuts. A cut row
+    feeds the rest of its run in the next steps before it fills again.
     Cuts change only the schedule, never the result (the tests decode with several)."""
     B, T = mask.shape
     cap = max_chunk or T + offset
     rows = np.flatnonzero(mask.any(1))
     nxt = np.where(mask, np.arange(T), T)  # nxt[r, j] = first masked position >= j (T if none)
     nxt = np.concatenate([np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1], np.full((B, 1), T)], 1)
+    widths = _steps_left_table(mask) if step_tokens is not None and len(rows) > 1 else None
     cur = rows
     fed = nxt[cur, 0] + offset  # AR tokens each row has in the cache: the prefill reads the start token and the known prefix
     steps = [Step(None, False, np.zeros(0, np.int64), np.zeros_like(fed), fed.copy())]
@@ -107,13 +110,13 @@ def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, adaptive: 
         done = fills & (end == T)  # its last masked position: fill it and stop (the known tail is never read)
         want = np.where(alive & ~done, end - p, 0)
         step_cap = cap
-        if adaptive and want.any():
-            step_cap = min(cap, max(2, int(np.ceil(2 * want[want > 0].mean()))))
+        if widths is not None and want.any():
+            step_cap = min(cap, _cheapest_width(widths, cur, want, end, alive, done, step_tokens))
         count = np.minimum(want, step_cap)
         most = int(fed.max())
         # squeeze the padding out once it exceeds ~2 sqrt(cache length): a squeeze copies the cache
         # once, padding costs attention and the cache's append copy at every step; this balances the
-        # two (small preset, batch 32, length 512: 0.89x AR generation, 0.68x squeezing at half)
+        # two (squeezing whenever half the slots were padding was slower on the small preset)
         compact = slots - most > max(8, int(2 * np.sqrt(most)))
         steps.append(Step(keep, compact, np.flatnonzero(fills), fed.copy(), count))
         ev_rows.append(cur[fills]), ev_pos.append(p[fills]), offsets.append(offsets[-1] + int(fills.sum()))
@@ -122,6 +125,46 @@ def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, adaptive: 
         alive &= ~done
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
     return Plan(rows, steps, cat(ev_rows), cat(ev_pos), np.asarray(offsets))
+
+
+MAX_WIDTH = 32  # widths the cost rule weighs (a wider step is taken uncut)
+TABLE_BYTES = 1 << 26  # the rule's lookup table stays under this (fewer widths weighed for huge batches)
+
+
+@dataclass
+class _Widths:
+    ws: np.ndarray  # (W,) candidate widths 1..W
+    later: np.ndarray  # (W, B, K + 1): steps row r needs for its gaps from its j-th masked position on, at each width
+    rank: np.ndarray  # (B, T + 1): masked positions of row r before position t
+
+
+def _steps_left_table(mask: np.ndarray) -> _Widths:
+    """For each row and candidate width: the steps its remaining gaps (masked position to masked
+    position) take when fed at that width, as suffix sums, so a step's estimate is one lookup."""
+    B, T = mask.shape
+    pos = [np.flatnonzero(m) for m in mask]
+    K = max(len(q) for q in pos)
+    gaps = np.zeros((B, K), np.int64)
+    for r, q in enumerate(pos):
+        gaps[r, : max(len(q) - 1, 0)] = np.diff(q)
+    ws = np.arange(1, max(2, min(MAX_WIDTH, int(gaps.max()), TABLE_BYTES // (4 * B * (K + 1)))) + 1)
+    per_gap = (-(-gaps[None] // ws[:, None, None])).astype(np.int32)  # ceil(gap / w)
+    later = np.concatenate([np.cumsum(per_gap[:, :, ::-1], axis=2, dtype=np.int32)[:, :, ::-1], np.zeros((len(ws), B, 1), np.int32)], 2)
+    rank = np.concatenate([np.zeros((B, 1), np.int64), np.cumsum(mask, 1)], 1)
+    return _Widths(ws, later, rank)
+
+
+def _cheapest_width(t: _Widths, cur, want, end, alive, done, step_tokens: float) -> int:
+    """The width whose estimated cost of the rest of the run is least: the steps the slowest row
+    still needs at that width (its current run, its later gaps, its last fill) times a step's cost."""
+    j = t.rank[cur, np.minimum(end, t.rank.shape[1] - 1)]  # index of the next masked position among the row's own
+    need = -(-want[:, None] // t.ws[None]) + t.later[:, cur, j].T + 1
+    need[~alive] = 0
+    need[done] = 1
+    w_eff = np.minimum(t.ws, want.max())
+    cost = need.max(0) * (step_tokens + len(cur) * w_eff)
+    w = int(t.ws[int(np.argmin(cost))])
+    return w if w < t.ws[-1] else int(want.max())
 
 
 def _compact(cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor:
@@ -161,7 +204,7 @@ def infill(
     (N, d_mlm + d_ar) features the head saw, in row-major (window, position) order.
     With use_cache=False each window is decoded alone and the AR re-reads the whole prefix at every
     masked position (the slow reference the ragged cached path is tested against).
-    `max_chunk` cuts the tokens a row feeds per step (None: automatic, see `adaptive_chunks`)."""
+    `max_chunk` cuts the tokens a row feeds per step (None: automatic, see `step_cost_tokens`)."""
     dev = bb.device
     ids, mask = ids.to(dev), mask.to(dev)
     B, T = ids.shape
@@ -202,8 +245,7 @@ def _upload(pl: Plan, dev) -> list[dict]:
 
 def _ragged(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force, seen, max_chunk) -> None:
     dev = ar_ids.device
-    adaptive = max_chunk is None and adaptive_chunks(dev, int(mask.any(1).sum()))
-    pl = plan(mask.cpu().numpy(), o, max_chunk, adaptive)
+    pl = plan(mask.cpu().numpy(), o, max_chunk, step_cost_tokens(dev) if max_chunk is None else None)
     first, *on_dev = _upload(pl, dev)
     ev_rows, ev_pos = first["event_rows"], first["event_pos"]
     w_mlm, w_ar, bias = head.split()
@@ -254,10 +296,12 @@ def _uncached(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_for
             ar_ids[r, p + o] = sample(head(f[None]), sampling, generator)[0].to(ar_ids.dtype)
 
 
-def adaptive_chunks(device: torch.device | str, rows: int) -> bool:
-    """Whether chunks are cut when no `max_chunk` is given (see `plan`). One row has no padding, so
-    its chunks are never cut. On a GPU a step costs about the same for 1 or 100 tokens a row: the
-    fewest steps win, no cut. On a CPU a step's cost grows with rows x chunk (measured on the small
-    preset at batch 32: 55, 75, 86, 100, 119 ms for chunks of 1, 2, 3, 4, 6 tokens), so padding
-    every row to the longest known run of the step costs more than the few extra steps of a cut."""
-    return rows > 1 and not str(device).startswith("cuda")
+def step_cost_tokens(device: torch.device | str) -> float | None:
+    """A step's fixed cost, in tokens fed, for the width rule of `plan` (None: never cut). On a
+    GPU a step costs about the same for 1 or 100 tokens a row: the fewest steps win. On a CPU a
+    step's cost is about a + b x tokens (small preset, batch 32, cache 100: 31, 39, 45, 54, 70 ms
+    for 1, 2, 3, 4, 6 tokens a row, so a ~ 23 ms ~ 100 tokens' worth)."""
+    return None if str(device).startswith("cuda") else CPU_STEP_TOKENS
+
+
+CPU_STEP_TOKENS = 100.0

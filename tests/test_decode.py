@@ -8,7 +8,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from maria.backbones import load_backbones
-from maria.decode import Sampling, infill, plan
+from maria.decode import Sampling, infill, plan, step_cost_tokens
 from maria.features import aligned_features
 from maria.head import FusionHead
 
@@ -74,21 +74,28 @@ def test_plan_takes_max_masked_count_steps():
     p = plan(mask, offset=1)
     assert len(p.steps) == 1 + counts.max()  # the prefill, then one fill per row per step
     assert len(np.flatnonzero(mask.any(0))) == 256  # the union of columns the old decoder walked
-    for cap, adaptive in ((None, False), (1, False), (2, False), (None, True)):
-        p = plan(mask, offset=1, max_chunk=cap, adaptive=adaptive)
+    padded = lambda p: sum(len(s.count) * int(s.count.max(initial=0)) for s in p.steps[1:])  # slots fed, padding included
+    for cap, step_tokens in ((None, None), (1, None), (2, None), (None, 100.0), (None, 1e9), (3, 10.0)):
+        q = plan(mask, offset=1, max_chunk=cap, step_tokens=step_tokens)
         for r in range(32):  # every masked position is filled exactly once, left to right
-            assert p.event_pos[p.event_rows == r].tolist() == np.flatnonzero(mask[r]).tolist()
-        if cap or adaptive:
-            assert max(int(s.count.max(initial=0)) for s in p.steps[1:]) <= (cap or 8)
+            assert q.event_pos[q.event_rows == r].tolist() == np.flatnonzero(mask[r]).tolist()
+        # each row feeds its start token and its window up to its last masked position, once
+        assert sum(int(s.count.sum()) for s in q.steps) == sum(int(np.flatnonzero(m).max()) + 1 for m in mask)
+        if cap:
+            assert max(int(s.count.max(initial=0)) for s in q.steps[1:]) <= cap
+        if step_tokens == 100.0:  # the cost rule trades a few steps for much less padding
+            assert padded(q) < 0.7 * padded(p) and len(q.steps) < 1.3 * len(p.steps)
+        if step_tokens == 1e9:  # steps cost everything: the fewest steps, as uncut
+            assert len(q.steps) == len(p.steps)
     assert any(s.keep is not None for s in p.steps)
 
 
-@pytest.mark.parametrize("max_chunk", [None, 1, 3, 1000])  # None: adaptive cuts on a CPU; 1000: never cut
+@pytest.mark.parametrize("max_chunk", [None, 1, 3, 1000])  # None: the CPU's cost rule cuts; 1000: never cut
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_equals_each_window_alone(backbones, alone, kind, max_chunk):
     bb = backbones[kind]
     ids, mask, lengths = windows(bb)
-    steps = plan((mask & (torch.arange(T) < lengths[:, None])).numpy(), 1, max_chunk, adaptive=max_chunk is None).steps
+    steps = plan((mask & (torch.arange(T) < lengths[:, None])).numpy(), 1, max_chunk, step_cost_tokens("cpu") if max_chunk is None else None).steps
     if max_chunk in (None, 1000):  # this batch exercises dropping finished rows and squeezing out padding
         assert any(s.compact for s in steps) and any(s.keep is not None for s in steps)
     head = poe(bb)
