@@ -165,6 +165,8 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
     for attempt in range(1, PIPELINE_ATTEMPTS + 1):
         done = set(store.committed_blocks())  # listed once per pass: on S3 every listing is a request
         todo = [b for b in plan if b[0] not in done]
+        if attempt > 1 and not todo:  # the pass before finished them all; its line said so
+            break
         print(f"maria extract: {sum(rows)} documents in {len(rows)} file(s), {len(done)} blocks already committed, "
               f"{len(todo)} to do -> {cfg.store}", flush=True)
         if not todo:

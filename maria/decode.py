@@ -77,14 +77,15 @@ class Plan:
     event_offsets: np.ndarray  # (steps + 1,) the fills of step s are events [o[s], o[s+1])
 
 
-def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_tokens: float | None = None) -> Plan:
+def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_cost: tuple[float, float] | None = None) -> Plan:
     """The ragged schedule of a (B, T) boolean mask (already cut to each window's length).
 
     `offset` = 1 when the AR reads a start token first (window position p is AR index p + 1).
-    A chunk is cut at `max_chunk` tokens (None: never). With `step_tokens` (a step's fixed cost, in
-    tokens fed: see `step_cost_tokens`) each step also picks the width that minimises the estimated
-    cost of the rest of the run, steps x (step_tokens + rows x width): a wide step pads every row to
-    the longest run, a narrow one adds steps for the rows whose long known runs it cuts. A cut row
+    A chunk is cut at `max_chunk` tokens (None: never). With `step_cost` = (fixed, per row), a
+    step's cost beside the tokens it feeds, in tokens' worth (see `step_cost_tokens`), each step also
+    picks the width that minimises the estimated cost of the rest of the run, steps x (fixed + rows x
+    (per row + width)): a wide step pads every row to the longest run, a narrow one adds steps for
+    the rows whose long known runs it cuts. A cut row
     feeds the rest of its run in the next steps before it fills again.
     Cuts change only the schedule, never the result (the tests decode with several)."""
     B, T = mask.shape
@@ -92,7 +93,7 @@ def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_token
     rows = np.flatnonzero(mask.any(1))
     nxt = np.where(mask, np.arange(T), T)  # nxt[r, j] = first masked position >= j (T if none)
     nxt = np.concatenate([np.minimum.accumulate(nxt[:, ::-1], axis=1)[:, ::-1], np.full((B, 1), T)], 1)
-    widths = _steps_left_table(mask) if step_tokens is not None and len(rows) > 1 else None
+    widths = _steps_left_table(mask) if step_cost is not None and len(rows) > 1 else None
     cur = rows
     fed = nxt[cur, 0] + offset  # AR tokens each row has in the cache: the prefill reads the start token and the known prefix
     steps = [Step(None, False, np.zeros(0, np.int64), np.zeros_like(fed), fed.copy())]
@@ -111,7 +112,7 @@ def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_token
         want = np.where(alive & ~done, end - p, 0)
         step_cap = cap
         if widths is not None and want.any():
-            step_cap = min(cap, _cheapest_width(widths, cur, want, end, alive, done, step_tokens))
+            step_cap = min(cap, _cheapest_width(widths, cur, want, end, alive, done, step_cost))
         count = np.minimum(want, step_cap)
         most = int(fed.max())
         # squeeze the padding out once it exceeds ~2 sqrt(cache length): a squeeze copies the cache
@@ -154,7 +155,7 @@ def _steps_left_table(mask: np.ndarray) -> _Widths:
     return _Widths(ws, later, rank)
 
 
-def _cheapest_width(t: _Widths, cur, want, end, alive, done, step_tokens: float) -> int:
+def _cheapest_width(t: _Widths, cur, want, end, alive, done, step_cost: tuple[float, float]) -> int:
     """The width whose estimated cost of the rest of the run is least: the steps the slowest row
     still needs at that width (its current run, its later gaps, its last fill) times a step's cost."""
     j = t.rank[cur, np.minimum(end, t.rank.shape[1] - 1)]  # index of the next masked position among the row's own
@@ -162,7 +163,7 @@ def _cheapest_width(t: _Widths, cur, want, end, alive, done, step_tokens: float)
     need[~alive] = 0
     need[done] = 1
     w_eff = np.minimum(t.ws, want.max())
-    cost = need.max(0) * (step_tokens + len(cur) * w_eff)
+    cost = need.max(0) * (step_cost[0] + len(cur) * (step_cost[1] + w_eff))
     w = int(t.ws[int(np.argmin(cost))])
     return w if w < t.ws[-1] else int(want.max())
 
@@ -296,12 +297,13 @@ def _uncached(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_for
             ar_ids[r, p + o] = sample(head(f[None]), sampling, generator)[0].to(ar_ids.dtype)
 
 
-def step_cost_tokens(device: torch.device | str) -> float | None:
-    """A step's fixed cost, in tokens fed, for the width rule of `plan` (None: never cut). On a
-    GPU a step costs about the same for 1 or 100 tokens a row: the fewest steps win. On a CPU a
-    step's cost is about a + b x tokens (small preset, batch 32, cache 100: 31, 39, 45, 54, 70 ms
-    for 1, 2, 3, 4, 6 tokens a row, so a ~ 23 ms ~ 100 tokens' worth)."""
-    return None if str(device).startswith("cuda") else CPU_STEP_TOKENS
+def step_cost_tokens(device: torch.device | str) -> tuple[float, float] | None:
+    """A step's cost beside the tokens it feeds, (fixed, per row) in tokens' worth, for the width
+    rule of `plan` (None: never cut). On a GPU a step costs about the same for 1 or 100 tokens a
+    row: the fewest steps win. On a CPU (small preset, cache of 100, 2 cores) a step of R rows x w
+    tokens took 7.8/9.9/13.9 ms (R = 1; w = 1, 2, 8), 13.2/19.0/27.4 (R = 8), 28.6/34.3/80.8 (R = 32):
+    about 0.24 ms a token fed plus 7 ms + 0.45 ms a row, i.e. 30 + 2 R tokens' worth."""
+    return None if str(device).startswith("cuda") else CPU_STEP_COST
 
 
-CPU_STEP_TOKENS = 100.0
+CPU_STEP_COST = (30.0, 2.0)

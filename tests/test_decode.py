@@ -75,17 +75,17 @@ def test_plan_takes_max_masked_count_steps():
     assert len(p.steps) == 1 + counts.max()  # the prefill, then one fill per row per step
     assert len(np.flatnonzero(mask.any(0))) == 256  # the union of columns the old decoder walked
     padded = lambda p: sum(len(s.count) * int(s.count.max(initial=0)) for s in p.steps[1:])  # slots fed, padding included
-    for cap, step_tokens in ((None, None), (1, None), (2, None), (None, 100.0), (None, 1e9), (3, 10.0)):
-        q = plan(mask, offset=1, max_chunk=cap, step_tokens=step_tokens)
+    for cap, step_cost in ((None, None), (1, None), (2, None), (None, (30.0, 2.0)), (None, (1e9, 0.0)), (3, (10.0, 0.0))):
+        q = plan(mask, offset=1, max_chunk=cap, step_cost=step_cost)
         for r in range(32):  # every masked position is filled exactly once, left to right
             assert q.event_pos[q.event_rows == r].tolist() == np.flatnonzero(mask[r]).tolist()
         # each row feeds its start token and its window up to its last masked position, once
         assert sum(int(s.count.sum()) for s in q.steps) == sum(int(np.flatnonzero(m).max()) + 1 for m in mask)
         if cap:
             assert max(int(s.count.max(initial=0)) for s in q.steps[1:]) <= cap
-        if step_tokens == 100.0:  # the cost rule trades a few steps for much less padding
+        if step_cost == (30.0, 2.0):  # the cost rule trades a few steps for much less padding
             assert padded(q) < 0.7 * padded(p) and len(q.steps) < 1.3 * len(p.steps)
-        if step_tokens == 1e9:  # steps cost everything: the fewest steps, as uncut
+        if step_cost == (1e9, 0.0):  # steps cost everything: the fewest steps, as uncut
             assert len(q.steps) == len(p.steps)
     assert any(s.keep is not None for s in p.steps)
 
