@@ -73,9 +73,9 @@ def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device
         row[f"maria_over_{ref}_cpu"] = spread([m / r for m, r in zip(cpu_rates["maria"], cpu_rates[ref])])
     pl = plan(mask.cpu().numpy(), int(bb.start_id is not None), chunk, step_cost_tokens(device) if chunk is None else None)
     row["maria_ar_steps"] = len(pl.steps)  # prefill + steps; the union of masked columns was:
-    # where a step costs the same whatever its width (a GPU), MARIA/AR is about AR's steps over MARIA's:
-    # a batch waits for its most-masked window, AR generation takes the mean count
-    row["ar_steps_over_maria_steps"] = (new + 1) / len(pl.steps)
+    # where a step costs the same whatever its width (a GPU: no cuts), MARIA/AR is about AR's steps over
+    # MARIA's uncut ones: a batch waits for its most-masked window, AR generation makes the mean count
+    row["ar_steps_over_maria_steps_uncut"] = (new + 1) / len(plan(mask.cpu().numpy(), int(bb.start_id is not None)).steps)
     fed = sum(int(st.count.sum()) for st in pl.steps[1:])
     row["maria_tokens_per_row_step"] = fed / max(1, sum(len(st.count) for st in pl.steps[1:]))  # AR generation: 1
     row["maria_padding"] = sum(len(st.count) * int(st.count.max(initial=0)) for st in pl.steps[1:]) / max(1, fed)
@@ -123,13 +123,16 @@ def bench_decode(cfg: BenchConfig) -> dict:
 
 def plot_decode(result: dict, png: Path) -> None:
     rows = result["results"]
-    labels = {"maria_tok_s": "MARIA", "ar_generate_tok_s": "AR gen", "hf_generate_tok_s": "HF generate()", "mlm_left_to_right_tok_s": "MLM L2R"}
-    series, notes = {}, {}
-    for B in sorted({r["batch_size"] for r in rows}):
+    labels = {"maria_tok_s": ("MARIA", "tab:red"), "ar_generate_tok_s": ("AR gen", "tab:blue"),
+              "hf_generate_tok_s": ("HF generate()", "tab:cyan"), "mlm_left_to_right_tok_s": ("MLM L2R", "tab:gray")}
+    series, notes, styles = {}, {}, {}
+    for B, dash in zip(sorted({r["batch_size"] for r in rows}), ["-", "--", ":", "-."] * 8):
         rs = [r for r in rows if r["batch_size"] == B]
-        for key, label in labels.items():
+        for key, (label, colour) in labels.items():
             series[f"{label}, batch {B}"] = ([r["length"] for r in rs], [r[key]["median"] for r in rs])
+            styles[f"{label}, batch {B}"] = {"color": colour, "ls": dash}
         notes[f"MARIA, batch {B}"] = [f"{r['maria_over_ar_generate']['median']:.2f}x" for r in rs]
     preset = result["config"]["preset"] if not result["config"]["mlm"] else "custom"
     line_plot(png, series, f"window length (tokens, {result['config']['mask_rate']:.0%} masked)", "tokens / s (median)",
-              f"Infilling throughput ({result['device']}, {preset}); labels: MARIA / AR gen", logx=True, logy=True, annotate=notes)
+              f"Infilling throughput ({result['device']}, {preset}); labels: MARIA / AR gen", logx=True, logy=True,
+              annotate=notes, styles=styles)

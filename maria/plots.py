@@ -36,11 +36,12 @@ def bar_plot(png: str | Path, values: dict[str, float], ylabel: str, title: str)
 
 def line_plot(png: str | Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
               logx: bool = False, logy: bool = False, hlines: dict[str, float] | None = None,
-              annotate: dict[str, list[str]] | None = None) -> Path:
-    """series: label -> (xs, ys); hlines: label -> y; annotate: label -> one text per point."""
+              annotate: dict[str, list[str]] | None = None, styles: dict[str, dict] | None = None) -> Path:
+    """series: label -> (xs, ys); hlines: label -> y; annotate: label -> one text per point;
+    styles: label -> matplotlib line keywords (e.g. one colour per method, one dash per batch size)."""
     plt, fig, ax = _figure()
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=label)
+        ax.plot(xs, ys, marker="o", ms=3, label=label, **(styles or {}).get(label, {}))
         for x, y, text in zip(xs, ys, (annotate or {}).get(label, [])):
             ax.annotate(text, (x, y), fontsize=7)
     for label, y in (hlines or {}).items():
@@ -50,5 +51,5 @@ def line_plot(png: str | Path, series: dict[str, tuple[list, list]], xlabel: str
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7 if len(series) > 6 else 8, ncol=2 if len(series) > 6 else 1)
     return _save(plt, fig, ax, png)
