@@ -1,6 +1,7 @@
 """Faults: a killed actor, a killed driver, a full disk, object storage; nothing lost or doubled."""
 import errno
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -52,7 +53,9 @@ def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_
     assert 1 <= committed < 5, f"{committed} blocks committed when the driver died"
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"{committed} blocks already committed" in rerun.stdout
+    # a Ray worker of the dead driver may still finish a commit after the count: never fewer than counted
+    seen = int(re.search(r"(\d+) blocks already committed", rerun.stdout).group(1))
+    assert committed <= seen < 5, rerun.stdout
     assert_same_store(store_a, out)
 
 
