@@ -71,11 +71,12 @@ def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device
     for ref in ("ar_generate", "hf_generate", "mlm_left_to_right"):
         row[f"maria_over_{ref}"] = spread([m / r for m, r in zip(rates["maria"], rates[ref])])
         row[f"maria_over_{ref}_cpu"] = spread([m / r for m, r in zip(cpu_rates["maria"], cpu_rates[ref])])
-    pl = plan(mask.cpu().numpy(), int(bb.start_id is not None), chunk, step_cost_tokens(device) if chunk is None else None)
+    host_mask, offset = mask.cpu().numpy(), int(bb.start_id is not None)
+    pl = plan(host_mask, offset, chunk, step_cost_tokens(device) if chunk is None else None)
     row["maria_ar_steps"] = len(pl.steps)  # prefill + steps; the union of masked columns was:
     # where a step costs the same whatever its width (a GPU: no cuts), MARIA/AR is about AR's steps over
     # MARIA's uncut ones: a batch waits for its most-masked window, AR generation makes the mean count
-    row["ar_steps_over_maria_steps_uncut"] = (new + 1) / len(plan(mask.cpu().numpy(), int(bb.start_id is not None)).steps)
+    row["ar_steps_over_maria_steps_uncut"] = (new + 1) / len(plan(host_mask, offset).steps)
     fed = sum(int(st.count.sum()) for st in pl.steps[1:])
     row["maria_tokens_per_row_step"] = fed / max(1, sum(len(st.count) for st in pl.steps[1:]))  # AR generation: 1
     row["maria_padding"] = sum(len(st.count) * int(st.count.max(initial=0)) for st in pl.steps[1:]) / max(1, fed)

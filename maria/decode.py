@@ -85,8 +85,8 @@ def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_cost:
     step's cost beside the tokens it feeds, in tokens' worth (see `step_cost_tokens`), each step also
     picks the width that minimises the estimated cost of the rest of the run, steps x (fixed + rows x
     (per row + width)): a wide step pads every row to the longest run, a narrow one adds steps for
-    the rows whose long known runs it cuts. A cut row
-    feeds the rest of its run in the next steps before it fills again.
+    the rows whose long known runs it cuts. A cut row feeds the rest of its run in the next steps
+    before it fills again.
     Cuts change only the schedule, never the result (the tests decode with several)."""
     B, T = mask.shape
     cap = max_chunk or T + offset
