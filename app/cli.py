@@ -16,6 +16,7 @@ import dataclasses
 import errno
 import importlib
 import io
+import logging
 import math
 import os
 import re
@@ -28,16 +29,16 @@ import yaml
 
 # verb: (module, config class, function, one-line description)
 VERBS = {
-    "extract": ("extract.job", "ExtractConfig", "run_extract", "run both backbones over a masked corpus on Ray into a Zarr feature store"),
-    "verify": ("storage.verify_cli", "VerifyConfig", "run_verify", "check every block of a feature store; non-zero exit naming what is wrong"),
-    "train": ("train_head.train", "TrainConfig", "run_train", "fit the fusion head from a feature store (no backbone needed)"),
-    "eval": ("train_head.evaluate", "EvalConfig", "run_eval", "per-masked-token NLL/perplexity: trained head, PoE init, AR-only, MLM-only"),
-    "export": ("app.commands", "ExportConfig", "run_export", "write one combined checkpoint folder (backbones + head + vocabulary map)"),
-    "infill": ("app.commands", "InfillConfig", "run_infill", "fill {{N}} masked spans of a text (or a JSONL file) with a MARIA checkpoint"),
-    "generate": ("app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
-    "pretrain-mlm": ("app.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
-    "demo": ("app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
-    "bench": ("app.bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality) with JSON and PNG output"),
+    "extract": ("maria_extract.job", "ExtractConfig", "run_extract", "run both backbones over a masked corpus on Ray into a Zarr feature store"),
+    "verify": ("maria_storage.verify_cli", "VerifyConfig", "run_verify", "check every block of a feature store; non-zero exit naming what is wrong"),
+    "train": ("maria_train_head.train", "TrainConfig", "run_train", "fit the fusion head from a feature store (no backbone needed)"),
+    "eval": ("maria_train_head.evaluate", "EvalConfig", "run_eval", "per-masked-token NLL/perplexity: trained head, PoE init, AR-only, MLM-only"),
+    "export": ("maria_app.commands", "ExportConfig", "run_export", "write one combined checkpoint folder (backbones + head + vocabulary map)"),
+    "infill": ("maria_app.commands", "InfillConfig", "run_infill", "fill {{N}} masked spans of a text (or a JSONL file) with a MARIA checkpoint"),
+    "generate": ("maria_app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
+    "pretrain-mlm": ("maria_defaults.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
+    "demo": ("maria_app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
+    "bench": ("maria_bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality) with JSON and PNG output"),
 }
 EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -63,7 +64,7 @@ def one_line(e: BaseException) -> str | None:
     """The user-facing line of a deliberate error (ours, a bad input, a full disk); None for a bug."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"no space left on device ({e.filename or 'output'}): free space or pick another --out, then re-run the same command (committed work is kept)"
-    ours = type(e).__module__.split(".")[0] in ("maria", "extract", "storage", "train_head", "app")
+    ours = type(e).__module__.split(".")[0].startswith("maria")  # maria and the maria_* rooms
     if ours or isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         text = " ".join(str(e).split()) if str(e) else type(e).__name__
         return text[:600]
@@ -176,17 +177,41 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes the library's log lines to whatever sys.stdout is at the time (a test's capture included)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def show_logs() -> None:
+    """The stage functions log (a notebook chooses what to see); the CLI shows their INFO lines on stdout."""
+    logger = logging.getLogger("maria")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        logger.addHandler(_StdoutHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_logs()
     if argv[:1] in (["--version"], ["-V"]):
         print(f"maria {package_version()}")
         return 0
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
-        print(usage(), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"maria: error: unknown verb {argv[0]!r}; pick one of {', '.join(VERBS)}", file=sys.stderr)
-            return EXIT_USAGE
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
         return 0
+    if not argv or argv[0] not in VERBS:
+        print(usage(), file=sys.stderr)
+        what = f"unknown verb {argv[0]!r}" if argv else "no verb given"
+        print(f"maria: error: {what}; pick one of {', '.join(VERBS)}", file=sys.stderr)
+        return EXIT_USAGE
     verb, argv = argv[0], argv[1:]
     debug = "--debug" in argv or os.environ.get("MARIA_DEBUG") not in (None, "", "0")
     argv = [a for a in argv if a != "--debug"]

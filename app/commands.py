@@ -13,7 +13,7 @@ from maria.anneal import AnnealConfig, anneal
 from maria.device import resolve_device, resolve_dtype
 from maria.io import atomic_write, guard_output_file, jsonl_with_keys
 from maria.limits import check_fits
-from maria.model import MariaModel, export
+from maria.modeling_maria import MariaModel, export
 from maria.text import parse_masked_text
 
 

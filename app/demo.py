@@ -16,17 +16,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from app.commands import ExportConfig, run_export
-from app.corpus_wiki import prepare_wiki_corpus
-from app.defaults import convert_gguf_ar, default_cache_dir
-from app.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
-from extract.job import ExtractConfig, run_extract
+from maria_app.commands import ExportConfig, run_export
+from maria_defaults.corpus_wiki import prepare_wiki_corpus
+from maria_defaults.defaults import convert_gguf_ar, default_cache_dir
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
+from maria_extract.job import ExtractConfig, run_extract
 from maria.anneal import AnnealConfig, anneal
 from maria.device import resolve_device
 from maria.head import init_head
-from maria.model import MariaModel
-from train_head.evaluate import EvalConfig, run_eval
-from train_head.train import TrainConfig, run_train
+from maria.modeling_maria import MariaModel
+from maria_train_head.evaluate import EvalConfig, run_eval
+from maria_train_head.train import TrainConfig, run_train
 
 
 @dataclass

@@ -11,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass
 
+log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
+
 # Ray's longest socket path under its temp dir: session_<date>_<pid>/sockets/plasma_store(.N)
 _SOCKET_SUFFIX = "/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store.9"
 _SOCKET_LIMIT = 107  # AF_UNIX path limit on Linux, less the terminating byte
@@ -49,7 +51,7 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
             _check_reachable(address)
             ray.init(address=address, log_to_driver=True, configure_logging=False)
             source = "--address" if address == given else "RAY_ADDRESS"
-            print(f"maria extract: on the Ray cluster at {address} (from {source})", flush=True)
+            log.info(f"maria extract: on the Ray cluster at {address} (from {source})")
         else:
             temp = check_temp_dir(temp_dir)
             ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from storage.location import resolve_storage_options
+from maria_storage.location import resolve_storage_options
 
 KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text",
          ".arrow": "arrow"}

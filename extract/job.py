@@ -11,6 +11,7 @@ committed blocks and finishes the rest. The driver alone writes store metadata.
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import resource
@@ -19,14 +20,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from extract import faults
-from extract.cluster import (ActorRequest, cluster_shapes, gpus_available, init_ray, quiet_ray_data, resolve_address,
+from maria_extract import faults
+from maria_extract.cluster import (ActorRequest, cluster_shapes, gpus_available, init_ray, quiet_ray_data, resolve_address,
                              wait_for_placement)
-from extract.corpus import Corpus, CorpusError, corpus_fingerprint, doc_offsets, limit_rows, list_corpus, plan_blocks
-from extract.masking import MaskingConfig
-from extract.source import read_corpus
-from extract.stages import FeatureActor, describe_backbones, make_windows, write_blocks
-from storage import create_store
+from maria_extract.corpus import Corpus, CorpusError, corpus_fingerprint, doc_offsets, limit_rows, list_corpus, plan_blocks
+from maria_extract.masking import MaskingConfig
+from maria_extract.source import read_corpus
+from maria_extract.stages import FeatureActor, describe_backbones, make_windows, write_blocks
+from maria_storage import create_store
+
+log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
 PIPELINE_ATTEMPTS = 3  # a lost node or object fails one pass; the next pass redoes only uncommitted blocks
 
@@ -167,8 +170,8 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
         todo = [b for b in plan if b[0] not in done]
         if attempt > 1 and not todo:  # the pass before finished them all; its line said so
             break
-        print(f"maria extract: {sum(rows)} documents in {len(rows)} file(s), {len(done)} blocks already committed, "
-              f"{len(todo)} to do -> {cfg.store}", flush=True)
+        log.info(f"maria extract: {sum(rows)} documents in {len(rows)} file(s), {len(done)} blocks already committed, "
+                 f"{len(todo)} to do -> {cfg.store}")
         if not todo:
             break
         try:
@@ -178,8 +181,8 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
         except Exception as e:  # noqa: BLE001 -- user errors came out of _user_errors as themselves
             if _is_user_error(e) or attempt == PIPELINE_ATTEMPTS:
                 raise
-            print(f"maria extract: pass {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                  f"redoing the uncommitted blocks", flush=True)
+            log.warning(f"maria extract: pass {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                        f"redoing the uncommitted blocks")
     committed = set(store.committed_blocks())
     missing = [b for b, *_ in plan if b not in committed]
     if missing:
@@ -188,7 +191,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
     store.finalize()
     summary = {"store": cfg.store, "blocks": store.manifest["blocks"], "rows": store.manifest["rows"], "new_rows": new_rows,
                "new_tokens": new_tokens, "actor": request.describe(), "driver_peak_rss_mb": _peak_rss_mb(), **steady}
-    print(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks", flush=True)
+    log.info(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks")
     return summary
 
 
@@ -251,7 +254,7 @@ def _drain(ds, n_blocks: int) -> tuple[int, int, dict]:
             bar.update(1)
             bar.set_postfix(rows=rows, tok_s=f"{tokens / (now - t0):.0f}")
         elif now - last_line > 10 or done in (1, n_blocks):
-            print(f"maria extract: {done}/{n_blocks} blocks, {rows} rows, {tokens / (now - t0):.0f} tok/s", flush=True)
+            log.info(f"maria extract: {done}/{n_blocks} blocks, {rows} rows, {tokens / (now - t0):.0f} tok/s")
             last_line = now
     if bar is not None:
         bar.close()

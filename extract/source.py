@@ -15,7 +15,7 @@ from typing import Iterator
 
 from ray.data.datasource import FileBasedDatasource
 
-from extract.corpus import Corpus, CorpusError, block_id, file_texts, is_document, text_digest
+from maria_extract.corpus import Corpus, CorpusError, block_id, file_texts, is_document, text_digest
 
 
 def _key(path: str) -> str:

@@ -13,13 +13,13 @@ import os
 
 import numpy as np
 
-from extract import faults
-from extract.corpus import cut_windows
-from extract.masking import sample_mask, word_starts
+from maria_extract import faults
+from maria_extract.corpus import cut_windows
+from maria_extract.masking import sample_mask, word_starts
 from maria.backbones import load_backbones
 from maria.device import cpu_threads, resolve_device as resolve_local_device
 from maria.features import aligned_features, ar_states
-from storage import open_store
+from maria_storage import open_store
 
 
 def resolve_device(requested: str) -> str:

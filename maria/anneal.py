@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from maria.decode import Sampling, infill
+from maria.transformers_compat import cache_kwargs
 
 
 @dataclass
@@ -63,7 +64,7 @@ def ar_sample(bb, n: int, length: int, temperature: float, generator: torch.Gene
     x = torch.full((n, 1), bb.start_id if bb.start_id is not None else 0, dtype=torch.long, device=bb.device)
     out = []
     for _ in range(length):
-        logits = bb.ar(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        logits = bb.ar(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(bb.ar, cache)).logits[:, -1].float()
         probs = (logits / max(temperature, 1e-6)).softmax(-1)
         x = torch.multinomial(probs.cpu(), 1, generator=generator).to(bb.device)
         out.append(x)

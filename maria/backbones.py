@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+from maria.transformers_compat import causal_lm_model_types, masked_lm_model_types
 
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It was 1984, and 3.14159 is pi!",
@@ -233,11 +234,12 @@ def _load(auto_cls, name: str, kind: str, **kw):
 
 def _check_kind(config, kind: str, name: str) -> None:
     mt = config.model_type
-    if kind == "MLM" and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    masked, causal = masked_lm_model_types(), causal_lm_model_types()
+    if kind == "MLM" and mt not in masked:
         raise BackboneError(f"{name!r} ({mt}) is not a masked LM; did you swap --mlm and --ar?")
     if kind == "AR":
-        is_encoder = mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-        if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or is_encoder:
+        is_encoder = mt in masked and not getattr(config, "is_decoder", False)
+        if mt not in causal or is_encoder:
             raise BackboneError(f"{name!r} ({mt}) is not a causal LM; did you swap --mlm and --ar?")
 
 
@@ -270,7 +272,23 @@ def load_backbones(
         model = _load(auto_cls, path, kind, dtype=dtype, use_safetensors=True if safetensors_only or Path(path).exists() else None, **extra, **kw)
         models[kind] = model.to(device).eval().requires_grad_(False)
         toks[kind] = _load(AutoTokenizer, path, kind, **kw)
-    mlm_model, ar_model, mlm_tok, ar_tok = models["MLM"], models["AR"], toks["MLM"], toks["AR"]
+    return assemble_backbones(models["MLM"], models["AR"], toks["MLM"], toks["AR"], mlm, ar, mlm_revision=mlm_revision,
+                              ar_revision=ar_revision, check_parity=check_parity)
+
+
+def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, mlm_tok, ar_tok, mlm: str | None = None,
+                       ar: str | None = None, mlm_revision: str | None = None, ar_revision: str | None = None,
+                       check_parity: bool = True) -> Backbones:
+    """Backbones from two models already in memory (loaded by load_backbones, or by the caller:
+    quantized, PEFT-wrapped, on any device) and their tokenizers: aligned and checked, never copied."""
+    for kind, model in (("MLM", mlm_model), ("AR", ar_model)):
+        if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+            raise BackboneError(f"the {kind} object {type(model).__name__} has no output projection (get_output_embeddings); "
+                                f"pass the model with its LM head ({'AutoModelForMaskedLM' if kind == 'MLM' else 'AutoModelForCausalLM'})")
+    mlm_model.eval().requires_grad_(False)
+    ar_model.eval().requires_grad_(False)
+    mlm = mlm or getattr(mlm_model, "name_or_path", None) or type(mlm_model).__name__
+    ar = ar or getattr(ar_model, "name_or_path", None) or type(ar_model).__name__
     if mlm_tok.mask_token_id is None:
         raise BackboneError(f"the MLM tokenizer of {mlm!r} has no mask token; a masked LM needs one")
     v_mlm = mlm_model.get_output_embeddings().weight.shape[0]
@@ -280,9 +298,10 @@ def load_backbones(
     prefix, suffix = _special_wrap(mlm_tok)
     start = ar_tok.bos_token_id if ar_tok.bos_token_id is not None else ar_tok.eos_token_id
     if check_parity:
+        device = next(ar_model.parameters()).device
         probe = torch.tensor([ar_tok(PROBE_TEXTS[0], add_special_tokens=False).input_ids[:16]], device=device)
         check_logit_parity(ar_model, probe, f"AR {ar!r}")
-        check_logit_parity(mlm_model, ar_to_mlm.to(device)[probe], f"MLM {mlm!r}")
+        check_logit_parity(mlm_model, ar_to_mlm.to(device)[probe].to(next(mlm_model.parameters()).device), f"MLM {mlm!r}")
     identity = {
         "mlm": {"id": mlm, "revision": mlm_revision, "fingerprint": weights_fingerprint(mlm_model)},
         "ar": {"id": ar, "revision": ar_revision, "fingerprint": weights_fingerprint(ar_model)},

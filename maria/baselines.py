@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from maria.backbones import Backbones
 from maria.features import mlm_states, valid_positions
+from maria.transformers_compat import cache_kwargs
 
 
 @torch.no_grad()
@@ -23,7 +24,7 @@ def ar_generate(bb: Backbones, prompt: torch.Tensor, new_tokens: int) -> torch.T
         x = torch.cat([torch.full_like(prompt[:, :1], bb.start_id), prompt], 1)
     out = []
     for _ in range(new_tokens):
-        logits = bb.ar(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = bb.ar(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(bb.ar, cache)).logits[:, -1]
         x = logits.argmax(-1, keepdim=True)
         out.append(x)
     return torch.cat([prompt] + out, 1)

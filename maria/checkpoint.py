@@ -1,4 +1,5 @@
-"""The combined checkpoint: a Hugging Face model folder (MariaConfig here, MariaModel in maria/hf.py).
+"""The combined checkpoint's folder format (MariaConfig: maria/configuration_maria.py, MariaModel:
+maria/modeling_maria.py).
 
     config.json            model_type "maria": sizes, start/mask ids, dtype, the two backbone references
     head.safetensors       the fusion head: proj.weight (V, d_mlm + d_ar), proj.bias (V,)  } maria/head.py's
@@ -28,17 +29,15 @@ from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from transformers import PretrainedConfig
-from transformers.utils.hub import resolve_revision
 
 from maria.backbones import Backbones, BackboneError, load_backbones
 from maria.card import model_card
+from maria.configuration_maria import FORMAT_VERSION, MariaConfig
 from maria.device import resolve_device
 from maria.head import FusionHead, HeadError, load_head, save_head
 from maria.identity import IdentityMismatchError, check_same_backbones
 from maria.io import CorruptDataError, atomic_dir, guard_output
 
-FORMAT_VERSION = 2  # 2: tokenizer at the root, portable references, dtype, model card (1 is still read)
 CONFIG, HEAD, HEAD_META, VOCAB_MAP = "config.json", "head.safetensors", "head.json", "vocab_map.safetensors"
 # what a hub snapshot may fetch: configs, safetensors, tokenizer files, the card. Never *.bin/*.pt (pickle)
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
@@ -53,34 +52,18 @@ class CorruptCheckpointError(CheckpointError, CorruptDataError):
     """A checkpoint whose files are missing, truncated or garbled; exit code 3."""
 
 
-class MariaConfig(PretrainedConfig):
-    """config.json of a MARIA checkpoint. `mlm` / `ar` reference the backbones:
-    {"path": "mlm", ...} for a folder inside the checkpoint, else {"id": hub id, "revision": commit};
-    both carry "fingerprint" (maria/backbones.py) of the weights as stored, in `dtype`."""
-
-    model_type = "maria"
-    format_version: int = FORMAT_VERSION
-    d_mlm: int = 0
-    d_ar: int = 0
-    vocab_size: int = 0
-    start_token_id: int | None = None
-    mlm_mask_id: int | None = None
-    mlm: dict | None = None
-    ar: dict | None = None
-    tokenizer_fingerprint: str | None = None
-
-
 def is_local(name: str | None) -> bool:
     return name is not None and Path(name).expanduser().exists()
 
 
 def _commit(hub_id: str, revision: str | None) -> str | None:
-    """The commit a hub id was loaded at (from the cache when offline), so a reference stays exact."""
+    """The commit a hub id was loaded at (from the cache when offline), so a reference stays exact: the
+    snapshot folder huggingface_hub resolves a revision to is named by its commit."""
     try:
-        resolved = resolve_revision(hub_id, revision, local_files_only=is_offline_mode())
-    except Exception:  # noqa: BLE001 -- best effort, as transformers' own: keep what the user asked for
+        folder = snapshot_download(hub_id, revision=revision, local_files_only=is_offline_mode(), allow_patterns=["config.json"])
+    except Exception:  # noqa: BLE001 -- best effort: keep what the user asked for
         return revision
-    return getattr(resolved, "resolved", None) or (str(resolved) if resolved is not None else revision)  # the commit hash
+    return Path(folder).name
 
 
 def backbone_refs(bb: Backbones, reference: bool, dtype: torch.dtype) -> dict:
@@ -165,6 +148,21 @@ def read_config(d: Path) -> MariaConfig:
         raise CorruptCheckpointError(f"{d}/config.json is damaged ({str(e).splitlines()[0][:120]}); {FIX}") from None
 
 
+def stored_dtype(d: Path) -> torch.dtype:
+    """The dtype the weights were written in, as config.json on disk says. Not `config.dtype`: a caller's
+    `from_pretrained(..., dtype=torch.bfloat16)` sets that on the config object before we see it, and the
+    backbones' fingerprints are those of the stored weights."""
+    try:
+        raw = json.loads((d / CONFIG).read_text())
+    except (OSError, ValueError):
+        raise CorruptCheckpointError(f"{d}/config.json is not valid JSON; {FIX}") from None
+    name = str(raw.get("dtype") or raw.get("torch_dtype") or "float32").replace("torch.", "")  # format 1 had none: float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise CorruptCheckpointError(f"{d}/config.json names an unknown dtype {name!r}; {FIX}")
+    return dtype
+
+
 def check_config(config: MariaConfig, d: Path) -> MariaConfig:
     if int(config.format_version or 1) > FORMAT_VERSION:
         raise CheckpointError(f"{d} was written by a newer maria (checkpoint format {config.format_version}); upgrade maria")
@@ -215,8 +213,8 @@ def load_checkpoint(d: Path, config: MariaConfig, dtype: str | torch.dtype | Non
     are stored in, their fingerprints checked against config.json, then everything is cast to `dtype`
     ("auto" = as stored) and moved to `device`."""
     device = resolve_device(str(device))
-    stored = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32  # format 1 had none: float32
-    want = stored if dtype in (None, "auto") else dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    stored = stored_dtype(d)
+    want = stored if dtype in (None, "auto") else dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).replace("torch.", ""), None)
     if not isinstance(want, torch.dtype) or not want.is_floating_point:
         raise CheckpointError(f"unknown dtype {dtype!r}; pass auto (as stored), float32, bfloat16 or float16")
     check_files(d, config)

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from maria.backbones import Backbones, projection_input
 from maria.features import check_mask, mlm_states, valid_positions
 from maria.head import FusionHead
+from maria.transformers_compat import cache_kwargs, cache_layer_tensors, set_cache_layer_tensors
 
 
 @dataclass
@@ -175,8 +176,9 @@ def _compact(cache: DynamicCache, attn: torch.Tensor) -> torch.Tensor:
     n = int(attn.sum(1).max())
     order = torch.sort((~attn).to(torch.uint8), dim=1, stable=True).indices[:, :n]  # valid slots first, in order
     for layer in cache.layers:
-        idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+        keys, values = cache_layer_tensors(layer)
+        idx = order[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        set_cache_layer_tensors(layer, keys.gather(2, idx), values.gather(2, idx))
     return torch.arange(n, device=attn.device)[None, :] < attn.sum(1, keepdim=True)
 
 
@@ -282,7 +284,7 @@ def _ragged(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force
         index = d["start"][:, None] + torch.minimum(j, last[:, None])  # AR index = position id; padding repeats the row's last token
         attn = torch.cat([attn, j < d["count"][:, None]], 1)
         hidden = projection_input(bb.ar, input_ids=ar_ids[cur[:, None], index], attention_mask=attn if padded else None,
-                                  position_ids=index, cache=cache, use_cache=True)
+                                  position_ids=index, use_cache=True, **cache_kwargs(bb.ar, cache))
         h = hidden[torch.arange(len(last), device=dev), last]
 
 

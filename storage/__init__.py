@@ -8,11 +8,11 @@
 
 Imports no torch, transformers or ray (tests/test_storage_readers.py checks it).
 """
-from storage.format import (FORMAT_VERSION, IDENTITY_KEYS, CorruptBlockError, CorruptStoreError, IncompleteStoreError,
+from maria_storage.format import (FORMAT_VERSION, IDENTITY_KEYS, CorruptBlockError, CorruptStoreError, IncompleteStoreError,
                             StoreError, StoreMismatchError, StoreNotFoundError, as_float32)
-from storage.reader import ShuffledReader, load_all
-from storage.store import BlockArray, FeatureStore, create_store, open_store
-from storage.verify import CORRUPT, INCOMPLETE, UNREADABLE, Problem, VerifyReport, verify_store
+from maria_storage.reader import ShuffledReader, load_all
+from maria_storage.store import BlockArray, FeatureStore, create_store, open_store
+from maria_storage.verify import CORRUPT, INCOMPLETE, UNREADABLE, Problem, VerifyReport, verify_store
 
 __all__ = ["FORMAT_VERSION", "IDENTITY_KEYS", "StoreError", "StoreMismatchError", "CorruptStoreError",
            "CorruptBlockError", "IncompleteStoreError", "StoreNotFoundError", "as_float32", "create_store",

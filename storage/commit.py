@@ -20,8 +20,8 @@ import numpy as np
 import zarr
 from zarr.core.metadata import ArrayV3Metadata
 
-from storage import layout
-from storage.format import (BLOCK_ARRAYS, StoreError, check_block_id, features_finite, sha256_of,
+from maria_storage import layout
+from maria_storage.format import (BLOCK_ARRAYS, StoreError, check_block_id, features_finite, sha256_of,
                             to_store_features)
 
 # write_empty_chunks=True: every chunk is a file (a missing one is damage, not zeros), and zarr skips its

@@ -14,9 +14,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata, GroupMetadata
 
-from storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk_rows
+from maria_storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk_rows
 
-# Codec choices, measured by `python -m storage.bench_layout` (README "The feature store"). Features are
+# Codec choices, measured by `python -m maria_bench.layout` (README "The feature store"). Features are
 # near-incompressible float16, so they are stored raw; the small per-row arrays and init/ compress or weigh
 # little. Their chunks end in a crc32c, so a damaged chunk fails loudly on any read (a bad zstd frame could
 # otherwise decode to wrong numbers or crash the codec). Features get none: a crc32c there cost 11-25% of the

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from storage import layout
-from storage.format import (FORMAT_VERSION, IDENTITY_KEYS, MANIFEST_KEY, READABLE_FORMATS, CorruptStoreError,
+from maria_storage import layout
+from maria_storage.format import (FORMAT_VERSION, IDENTITY_KEYS, MANIFEST_KEY, READABLE_FORMATS, CorruptStoreError,
                             StoreError, StoreMismatchError, stored_feature_dtype)
-from storage.location import Location
+from maria_storage.location import Location
 
 PLAN_KEY = "maria_plan"
 

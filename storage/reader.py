@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from storage.format import CHUNK_ROWS, CorruptBlockError, StoreError, as_float32
-from storage.store import FeatureStore, open_store
+from maria_storage.format import CHUNK_ROWS, CorruptBlockError, StoreError, as_float32
+from maria_storage.store import FeatureStore, open_store
 
 _READ = ("features", "targets", "mask_rates")  # the arrays a training batch needs
 

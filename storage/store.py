@@ -12,13 +12,13 @@ import os
 import numpy as np
 import zarr
 
-from storage import commit, layout
-from storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, INIT_ARRAYS, MANIFEST_KEY,
+from maria_storage import commit, layout
+from maria_storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, INIT_ARRAYS, MANIFEST_KEY,
                             CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
                             StoreNotFoundError, check_block_id, features_finite, init_shapes, sha256_of,
                             stored_feature_dtype)
-from storage.location import Location
-from storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root
+from maria_storage.location import Location
+from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root
 
 _ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError,
                  zarr.errors.ArrayNotFoundError)

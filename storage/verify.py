@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from storage.commit import published_attempt
-from storage.format import (FORMAT_VERSION, INIT_ARRAYS, CorruptStoreError, IncompleteStoreError,
+from maria_storage.commit import published_attempt
+from maria_storage.format import (FORMAT_VERSION, INIT_ARRAYS, CorruptStoreError, IncompleteStoreError,
                             StoreError, init_shapes, sha256_of)
-from storage.store import _ZARR_MISSING, FeatureStore, block_problem, decode_problem, open_store
+from maria_storage.store import _ZARR_MISSING, FeatureStore, block_problem, decode_problem, open_store
 
 CORRUPT, INCOMPLETE, UNREADABLE = "corrupt", "incomplete", "unreadable"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from storage import open_store, verify_store
+from maria_storage import open_store, verify_store
 
 
 @dataclass

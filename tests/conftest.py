@@ -57,7 +57,7 @@ def ray_local(tmp_path_factory, s3_endpoint):
     """One embedded Ray (2 CPUs, no dashboard, logs in the test's temp folder) for the session."""
     import ray
 
-    from extract.cluster import init_ray
+    from maria_extract.cluster import init_ray
 
     init_ray(None, str(tmp_path_factory.mktemp("ray")), num_cpus=2)
     yield
@@ -79,7 +79,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def store_a(ray_local, pairs, corpus, tmp_path_factory):
     """An uninterrupted extraction: the reference the fault tests compare against."""
-    from extract.job import run_extract
+    from maria_extract.job import run_extract
     from extract_fixtures import config
 
     out = tmp_path_factory.mktemp("stores") / "a"

@@ -38,7 +38,7 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, *sys.argv[1:], "--prepare", str(work)], check=True)
     mlm, ar = json.loads((work / "models.json").read_text())
     corpus = work / "corpus"
-    from extract.job import ExtractConfig, run_extract
+    from maria_extract.job import ExtractConfig, run_extract
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()

@@ -3,8 +3,8 @@ import dataclasses
 import sys
 import typing
 
-from app.cli import parse
-from extract.job import ExtractConfig
+from maria_app.cli import parse
+from maria_extract.job import ExtractConfig
 
 ARRAYS = ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")
 
@@ -15,13 +15,13 @@ def config(pairs, corpus, out, kind="modernbert-olmo", **kw):
 
 
 def block(file: int, row: int) -> str:
-    from extract.corpus import block_id
+    from maria_extract.corpus import block_id
 
     return block_id(file, row)
 
 
 def read_all(url, **kw):
-    from storage import open_store
+    from maria_storage import open_store
 
     store = open_store(url, **kw)
     return {b: store.read_block(b) for b in store.committed_blocks()}
@@ -29,7 +29,7 @@ def read_all(url, **kw):
 
 def maria_command(*args) -> list[str]:
     """The `maria` CLI as a subprocess command (one line to change when the CLI module moves)."""
-    return [sys.executable, "-m", "app.cli", *map(str, args)]
+    return [sys.executable, "-m", "maria_app.cli", *map(str, args)]
 
 
 def config_from_args(argv: list[str]) -> ExtractConfig:

@@ -45,7 +45,7 @@ def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, win
     """Write a store of the aligned features of `make_windows(bb, n_windows, seed)`; one block per
     `windows_per_block` windows. Returns the opened FeatureStore. plan=True records a plan as extraction does
     (FINISH_COMMAND) and finalizes; `missing` more planned blocks are never written (an incomplete store)."""
-    from storage import create_store
+    from maria_storage import create_store
 
     from maria.features import aligned_features
 

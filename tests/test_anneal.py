@@ -3,7 +3,7 @@ without a start token, and a run that keeps every sample's energy consistent wit
 import torch
 
 from maria.anneal import AnnealConfig, anneal, ar_nll, remask
-from maria.model import MariaModel
+from maria.modeling_maria import MariaModel
 
 
 def test_remask_span_and_scattered():

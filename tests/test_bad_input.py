@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from app.cli import main
+from maria_app.cli import main
 
 
 def run_cli(capsys, *argv) -> str:
@@ -87,7 +87,7 @@ def test_gpu_asked_for_but_missing(capsys, pairs, tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(pairs, tmp_path_factory):
-    from maria.model import MariaModel
+    from maria.modeling_maria import MariaModel
 
     return MariaModel.from_backbones(*pairs["modernbert-olmo"]).save_pretrained(tmp_path_factory.mktemp("ckpt") / "m")
 

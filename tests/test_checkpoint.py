@@ -1,5 +1,5 @@
-"""The checkpoint is a Hugging Face model: Auto classes after `import maria` in either import order
-(no remote code), hub ids from the local cache, the tokenizer at the root, a model card, safetensors
+"""The checkpoint is a Hugging Face model: Auto classes after `import maria` (no remote code), every
+dtype form a transformers user writes, the authors' `infill(input_ids, mask_token_id=...)` call, hub ids from the local cache, the tokenizer at the root, a model card, safetensors
 named like the module with standard metadata, --dtype, portable references (the folder moves), and
 one line with exit code 3 for a damaged file."""
 import json
@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from app.cli import main
+from maria_app.cli import main
 from maria.checkpoint import CheckpointError, CorruptCheckpointError
 from maria.features import aligned_features
 from maria.head import load_head, save_head
 from maria.io import CorruptDataError
-from maria.model import MariaConfig, MariaModel, export
+from maria import MariaConfig, MariaModel, export
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Paris is the {{3}} of France.", "A {{2}} sat on the {{}} by the door."]
@@ -179,7 +179,7 @@ def test_bad_checkpoint_paths_are_usage_errors(ckpt, tmp_path, capsys):
 
 def test_push_to_hub_uploads_the_checkpoint_with_its_card(trained, monkeypatch):
     """No network: HfApi is replaced by a recorder."""
-    import maria.hf
+    import maria.modeling_maria
 
     calls = {}
 
@@ -196,7 +196,7 @@ def test_push_to_hub_uploads_the_checkpoint_with_its_card(trained, monkeypatch):
                          card=(root / "README.md").read_text())
             return "https://example/commit"
 
-    monkeypatch.setattr(maria.hf, "HfApi", FakeApi)
+    monkeypatch.setattr(maria.modeling_maria, "HfApi", FakeApi)
     assert trained[0].push_to_hub("tiny", token="t") == "https://example/commit"
     assert calls["repo"] == "someone/tiny" and calls["token"] == "t"
     assert {"config.json", "head.safetensors", "tokenizer.json", "ar/model.safetensors"} <= calls["files"]
@@ -235,13 +235,11 @@ def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, traine
     _cache(cache, "maria-test/tiny-ar", Path(ar))
     _cache(cache, "maria-test/tiny-maria", ckpt)
     want = [r["text"] for r in trained[0].infill_text(TEXTS)]
-    # maria first: `import maria` alone loads no transformers; the hook registers when it comes.
     # Export references the hub AR (id + commit) and copies the local MLM; the folder then moves.
     a = _run(f"""
-        import maria
-        assert "transformers" not in sys.modules
+        from maria import MariaModel, export, __version__
+        assert __version__ and MariaModel.__module__ == "maria.modeling_maria"
         from transformers import AutoConfig, AutoModel, AutoTokenizer
-        from maria.model import export
         out = export({mlm!r}, "maria-test/tiny-ar", {str(trained[1])!r}, {str(tmp_path / "ref")!r}, reference=True)
         moved = shutil.move(str(out), {str(tmp_path / "moved")!r})
         config = AutoConfig.from_pretrained(moved)
@@ -251,7 +249,7 @@ def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, traine
         print(json.dumps(dict(config=type(config).__name__, cls=type(model).__module__ + "." + type(model).__name__,
                               ar=config.ar, mlm=config.mlm, ref=infills(model), hub=infills(hub), tok=len(tok))))
     """, cache)
-    assert a["config"] == "MariaConfig" and a["cls"] == "maria.hf.MariaModel"
+    assert a["config"] == "MariaConfig" and a["cls"] == "maria.modeling_maria.MariaModel"
     assert a["ar"]["id"] == "maria-test/tiny-ar" and a["ar"]["revision"] == SHA and "path" not in a["ar"]
     assert a["mlm"]["path"] == "mlm" and a["mlm"]["id"] is None
     assert a["ref"] == want and a["hub"] == want and a["tok"] == len(trained[0].bb.ar_tokenizer)
@@ -270,11 +268,59 @@ def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, traine
         print(json.dumps(dict(n=n, unknown=unknown, cls=type(model).__name__, hub=infills(model))))
     """, cache)
     assert b["unknown"] and b["cls"] == "MariaModel" and b["hub"] == want and b["n"] == len(trained[0].bb.ar_tokenizer)
-    # transformers first imported by a maria module (the import-cycle case), and after `import maria.head`
-    for first in ("import maria.backbones", "import maria.head; import transformers"):  # maria.backbones imports transformers, not maria.hf
-        c = _run(f"""
-        {first}
-        from transformers import AutoConfig
-        print(json.dumps(dict(config=type(AutoConfig.from_pretrained("maria-test/tiny-maria")).__name__)))
-        """, cache)
-        assert c["config"] == "MariaConfig", first
+
+
+@pytest.mark.parametrize("form", [dict(dtype=torch.bfloat16), dict(dtype="bfloat16"), dict(torch_dtype=torch.bfloat16)])
+def test_auto_model_loads_a_float32_checkpoint_in_every_dtype_form(ckpt, form):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(ckpt, **form)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.infill_text(TEXTS[:1], temperature=0)[0]["text"].endswith("of France.")
+
+
+def test_a_bfloat16_checkpoint_loads_wide_and_real_damage_is_still_reported(pairs, trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    bf = export(*pairs["modernbert-olmo"], str(trained[1]), str(tmp_path / "bf16"), dtype="bfloat16")
+    wide = AutoModel.from_pretrained(bf, dtype=torch.float32)
+    assert {p.dtype for p in wide.parameters()} == {torch.float32}
+    f = bf / "ar" / "model.safetensors"  # a weight changed, file still well formed: only the fingerprint shows it
+    weights = load_file(str(f))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, str(f), metadata={"format": "pt"})
+    for form in (dict(), dict(dtype=torch.float32), dict(dtype="bfloat16")):
+        with pytest.raises(CorruptCheckpointError):
+            AutoModel.from_pretrained(bf, **form)
+
+
+def test_masked_lm_auto_class_and_mask_token_id_call(ckpt, trained):
+    """The call shape of the authors' released checkpoints: AutoModelForMaskedLM, then
+    model.infill(input_ids, mask_token_id=...) with the masked places holding that id."""
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(ckpt)
+    tok = model.bb.ar_tokenizer
+    ids = torch.tensor([tok("Paris is the capital of France.", add_special_tokens=False).input_ids])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 2:4] = True
+    by_flags = model.infill(ids, mask, temperature=0)
+    mask_id = model.config.vocab_size + 7  # any id; here one outside the vocabulary, as a [MASK] often is
+    by_id = model.infill(ids.masked_fill(mask, mask_id), mask_token_id=mask_id, temperature=0)
+    assert torch.equal(by_id, by_flags) and torch.equal(by_id[~mask], ids[~mask])
+    with pytest.raises(ValueError, match="exactly one"):
+        model.infill(ids)
+
+
+def test_a_head_attaches_to_backbones_already_in_python(pairs, trained):
+    """Models a user loaded (here plainly; quantized or PEFT-wrapped ones go the same way): no path needed."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    mlm_path, ar_path = pairs["modernbert-olmo"]
+    mlm, ar = AutoModelForMaskedLM.from_pretrained(mlm_path), AutoModelForCausalLM.from_pretrained(ar_path)
+    model = MariaModel.from_backbones(mlm, ar, head_dir=str(trained[1]), mlm_tokenizer=AutoTokenizer.from_pretrained(mlm_path))
+    assert model.mlm is mlm and model.ar is ar  # attached, not copied
+    assert torch.equal(model.proj.bias, trained[0].proj.bias)
+    assert [r["text"] for r in model.infill_text(TEXTS, temperature=0)] == [r["text"] for r in trained[0].infill_text(TEXTS, temperature=0)]

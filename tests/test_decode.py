@@ -194,8 +194,8 @@ def test_gpu_teacher_forced_features_bf16(pairs, kind):
 
 
 def test_bench_decode_reports_medians_and_spread(tmp_path):
-    from app.bench_decode import bench_decode
-    from app.bench_setup import BenchConfig
+    from maria_bench.decode import bench_decode
+    from maria_bench.setup import BenchConfig
 
     cfg = BenchConfig(what="decode", preset="tiny", json=str(tmp_path / "d.json"), lengths=[16], batch_sizes=[1, 3], repeats=2,
                       unmask_steps=2, mlm_ar_columns=1, device="cpu")

@@ -13,9 +13,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from app import corpus_wiki, defaults  # noqa: E402
-from app.corpus_wiki import clean_wiki_markup, parse_articles, prepare_wiki_corpus  # noqa: E402
-from app.pretrain_mlm import PretrainMLMConfig, pretrain_mlm  # noqa: E402
+from maria_defaults import corpus_wiki, defaults  # noqa: E402
+from maria_defaults.corpus_wiki import clean_wiki_markup, parse_articles, prepare_wiki_corpus  # noqa: E402
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm  # noqa: E402
 
 MARKUP = (
     "{{Infobox person|name=Ada {{nested|x}}}}\n"
@@ -166,7 +166,7 @@ def test_pretrain_mlm_tiny(tmp_path, kind, monkeypatch):
     assert mlm.decoder.weight.data_ptr() == mlm.model.embeddings.tok_embeddings.weight.data_ptr()  # tied
     load_backbones(str(tmp_path / "mlm"), str(ar_dir))  # the pair passes MARIA's vocabulary and parity checks
 
-    monkeypatch.setattr("app.pretrain_mlm.evaluate", lambda *a, **k: pytest.fail("cache not reused"))
+    monkeypatch.setattr("maria_defaults.pretrain_mlm.evaluate", lambda *a, **k: pytest.fail("cache not reused"))
     assert pretrain_mlm(cfg) == metrics
 
 
@@ -174,7 +174,7 @@ def test_init_from_ar_copies_llama_blocks_exactly(tmp_path):
     """Copied attention (run bidirectionally in both) and MLP blocks compute what the AR's do."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from app.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
+    from maria_defaults.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
 
     ar_dir, _ = _tiny_ar(tmp_path, "llama")
     ar = AutoModelForCausalLM.from_pretrained(ar_dir).eval()

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from extract.job import run_extract
+from maria_extract.job import run_extract
 from extract_fixtures import config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
@@ -12,10 +12,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
 
 def test_end_to_end(ray_local, pairs, corpus, tmp_path, capsys):
     from maria.anneal import AnnealConfig, anneal
-    from app.cli import main
-    from maria.model import MariaModel
-    from train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
-    from train_head.train import TrainConfig, run_train
+    from maria_app.cli import main
+    from maria.modeling_maria import MariaModel
+    from maria_train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
+    from maria_train_head.train import TrainConfig, run_train
 
     run_extract(config(pairs, corpus, tmp_path / "train"))
     run_extract(config(pairs, corpus, tmp_path / "val", mask_rate=0.5, masks_per_window=1, seed=1))

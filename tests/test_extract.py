@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from extract.corpus import CorpusError, cut_windows, iter_documents
-from extract.job import run_extract
-from extract.masking import MaskingConfig, sample_mask
+from maria_extract.corpus import CorpusError, cut_windows, iter_documents
+from maria_extract.job import run_extract
+from maria_extract.masking import MaskingConfig, sample_mask
 from extract_fixtures import ARRAYS, config, maria_command, read_all  # fixtures ray_local, corpus, store_a: conftest.py
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 def test_stored_features_equal_the_aligned_feature_function(store_a, pairs, corpus):
     from maria.backbones import load_backbones
     from maria.features import aligned_features
-    from storage import open_store
+    from maria_storage import open_store
 
     store = open_store(str(store_a))
     bb = load_backbones(*pairs["modernbert-olmo"])
@@ -90,7 +90,7 @@ def test_clear_errors(ray_local, store_a, pairs, corpus, tmp_path):
         run_extract(config(pairs, corpus, tmp_path / "s2", text_column="body"))
     with pytest.raises(CorpusError, match="not text"):
         run_extract(config(pairs, corpus, tmp_path / "s3", text_column="n"))
-    from storage import StoreMismatchError
+    from maria_storage import StoreMismatchError
 
     with pytest.raises(StoreMismatchError):
         run_extract(config(pairs, corpus, store_a, kind="bert-gpt2"))

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
-from extract.cluster import ActorRequest, RayClusterError, check_temp_dir, resolve_address, unsatisfiable
-from extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows,
+from maria_extract.cluster import ActorRequest, RayClusterError, check_temp_dir, resolve_address, unsatisfiable
+from maria_extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows,
                             list_corpus, plan_blocks)
-from extract.job import ExtractConfig, command_line, initial_actors, run_extract
+from maria_extract.job import ExtractConfig, command_line, initial_actors, run_extract
 from extract_fixtures import ARRAYS, config, config_from_args, maria_command, read_all
 
 ROOT = Path(__file__).parent.parent
@@ -182,9 +182,9 @@ def test_ray_cluster_yaml_matches_rays_schema_and_installs_the_stack():
     assert any("--dashboard-host=127.0.0.1" in c for c in cfg["head_start_ray_commands"])
     assert "0.0.0.0" not in text and "github.com" not in text  # no public dashboard, no placeholder URL
     setup = " ".join(cfg["setup_commands"])
-    pins = {line.split("==")[0].lower(): line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line}
-    assert "torch==2.13.0" in setup and "requirements.txt" in setup and "ray[data,default]==" in setup
-    assert pins["ray"].split("==")[1] in setup and "transformers" in pins  # the lock pins what the nodes install
+    pins = {line.split("==")[0].lower(): line.strip() for line in (ROOT / "requirements.lock").read_text().splitlines() if "==" in line}
+    assert "torch==2.13.0" in setup and "-r ~/maria/requirements.lock" in setup and "requirements-dev" not in setup
+    assert {"ray", "transformers", "zarr"} <= set(pins) and not {"pytest", "moto", "flask"} & set(pins)  # runtime only
     assert "-e ~/maria" in setup and cfg["file_mounts"]["~/maria"] == "."
 
 
@@ -206,8 +206,8 @@ def test_kuberay_rayjob_structure_and_entrypoint():
 
 @pytest.mark.ray
 def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
-    from extract.job import _scan
-    from extract.source import read_corpus
+    from maria_extract.job import _scan
+    from maria_extract.source import read_corpus
 
     corpus = list_corpus(parquet_corpus)
     assert [Path(f).name for f in corpus.files] == ["part-0.parquet", "part-1.parquet", "part-2.parquet"]
@@ -227,8 +227,8 @@ def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
 
 @pytest.mark.ray
 def test_every_format_reads_the_same_on_the_workers(ray_local, formats):
-    from extract.job import _scan
-    from extract.source import read_corpus
+    from maria_extract.job import _scan
+    from maria_extract.source import read_corpus
 
     for (source, split), docs in formats.items():
         corpus = list_corpus(source, split)
@@ -242,8 +242,8 @@ def test_every_format_reads_the_same_on_the_workers(ray_local, formats):
 def test_corpus_on_object_storage_reads_as_the_local_copy(ray_local, s3_endpoint, parquet_corpus):
     import s3fs
 
-    from extract.job import _scan
-    from extract.source import read_corpus
+    from maria_extract.job import _scan
+    from maria_extract.source import read_corpus
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint)
     for f in Path(parquet_corpus).iterdir():

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.cli import VERBS, main
+from maria_app.cli import VERBS, main
 from store_fixtures import make_store
 
 pytestmark = pytest.mark.timeout(900)
@@ -43,7 +43,7 @@ def world(pairs, tmp_path_factory):
     """A store, a finished head, a checkpoint, a corpus and some junk files: the inputs verbs read."""
     from maria.backbones import load_backbones
     from maria.head import init_head, save_head
-    from maria.model import MariaModel
+    from maria.modeling_maria import MariaModel
 
     root = tmp_path_factory.mktemp("world")
     mlm, ar = pairs["modernbert-olmo"]

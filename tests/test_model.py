@@ -11,7 +11,8 @@ from maria.features import aligned_features, ar_states, mlm_states
 from maria.head import FusionHead
 from maria.head import save_head
 from maria.identity import IdentityMismatchError
-from maria.model import CheckpointError, MariaModel, export
+from maria.checkpoint import CheckpointError
+from maria.modeling_maria import MariaModel, export
 from maria.text import parse_masked_text
 
 KINDS = ["modernbert-olmo", "bert-gpt2"]

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.faults import kill_marker
-from extract.job import run_extract
+from maria_extract.faults import kill_marker
+from maria_extract.job import run_extract
 from extract_fixtures import ARRAYS, block, config, maria_command, read_all
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
@@ -67,7 +67,7 @@ def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, 
     assert err.value.errno == errno.ENOSPC
     assert not (out / "commits" / f"{block(0, 6)}.json").exists()
     monkeypatch.delenv("MARIA_FAULT_ENOSPC_BLOCK")
-    from app.cli import one_line as _friendly
+    from maria_app.cli import one_line as _friendly
 
     assert "no space left on device" in _friendly(err.value)
     run_extract(config(pairs, corpus, out))
@@ -77,7 +77,7 @@ def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, 
 def test_extract_to_s3_then_resume_and_verify(store_a, pairs, corpus, s3_endpoint):
     import s3fs
 
-    from storage import verify_store
+    from maria_storage import verify_store
 
     url = "s3://maria-test/store"
     run_extract(config(pairs, corpus, url))
@@ -93,8 +93,8 @@ def test_extract_to_s3_then_resume_and_verify(store_a, pairs, corpus, s3_endpoin
 def test_flipped_byte_verify_names_block_training_refuses_unless_skipped(store_a, tmp_path):
     import shutil
 
-    from storage import verify_store
-    from train_head.train import TrainConfig, run_train
+    from maria_storage import verify_store
+    from maria_train_head.train import TrainConfig, run_train
 
     bad = tmp_path / "bad"
     shutil.copytree(store_a, bad)

@@ -48,7 +48,7 @@ def test_loading_a_checkpoint_never_unpickles_nor_runs_remote_code(pairs, tmp_pa
     import transformers
 
     from maria.checkpoint import CorruptCheckpointError
-    from maria.model import MariaModel
+    from maria.modeling_maria import MariaModel
 
     ckpt = MariaModel.from_backbones(*pairs["modernbert-olmo"]).save_pretrained(tmp_path / "ckpt")
     assert "auto_map" not in json.loads((ckpt / "config.json").read_text())
@@ -77,8 +77,8 @@ def test_loading_a_checkpoint_never_unpickles_nor_runs_remote_code(pairs, tmp_pa
 
 
 def test_extract_config_defaults_are_safe():
-    from extract.job import ExtractConfig
-    from app.commands import ExportConfig
+    from maria_extract.job import ExtractConfig
+    from maria_app.commands import ExportConfig
 
     assert ExtractConfig(mlm="m", ar="a", corpus="c", store="o").trust_remote_code is False
     assert ExportConfig(mlm="m", ar="a", head="h", out="o").trust_remote_code is False

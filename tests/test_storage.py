@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from storage import (CorruptBlockError, ShuffledReader, StoreError, StoreMismatchError, StoreNotFoundError, as_float32,
+from maria_storage import (CorruptBlockError, ShuffledReader, StoreError, StoreMismatchError, StoreNotFoundError, as_float32,
                      create_store, load_all, open_store, verify_store)
 
 D_MLM, D_AR, V = 8, 12, 5000

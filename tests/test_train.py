@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from store_fixtures import make_store, make_windows
-from train_head.data import DataError
-from train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
-from train_head.train import TrainConfig, run_train
+from maria_train_head.data import DataError
+from maria_train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
+from maria_train_head.train import TrainConfig, run_train
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -174,7 +174,7 @@ def test_block_split_without_val_store(stores, tmp_path):
     s = run_train(config(stores, tmp_path, val_store=None, val_fraction=0.3, max_steps=3))
     meta = json.loads((tmp_path / "head.json").read_text())
     assert len(meta["val_blocks"]) == 3 and math.isfinite(s["best_val_loss"])  # 30% of 10 blocks
-    from storage import open_store
+    from maria_storage import open_store
 
     with pytest.raises(DataError, match="too few to hold out"):
         run_train(config(stores, tmp_path / "x", store=stores["other"], val_store=None, val_fraction=0.9, max_steps=1))
@@ -191,7 +191,7 @@ def test_config_errors_name_the_fix(stores, tmp_path):
 
 
 def test_bench_train_reports_bounds(stores):
-    from app.bench_train import bench_train
+    from maria_bench.train import bench_train
 
     r = bench_train(stores["train"], batch_size=256, steps=4, device="cpu")
     for k in ("train_rows_per_s", "read_rows_per_s", "step_rows_per_s"):

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from storage import CorruptBlockError, ShuffledReader
+from maria_storage import CorruptBlockError, ShuffledReader
 
 
 class DataError(ValueError):

@@ -10,6 +10,7 @@ and JSON. All in fp32, so numbers do not depend on the device.
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from maria.device import resolve_device
 from maria.head import FusionHead, expert_logits, init_head, load_head
 from maria.identity import check_same_backbones
 from maria.plots import line_plot
-from storage import open_store
-from train_head.checkpoint import read_metrics
+from maria_storage import open_store
+from maria_train_head.checkpoint import read_metrics
 from maria.io import atomic_write, guard_output_file
-from train_head.data import DataError, check_complete, eval_batches, read_rows
-from train_head.init import expert_tensors
+from maria_train_head.data import DataError, check_complete, eval_batches, read_rows
+from maria_train_head.init import expert_tensors
+
+log = logging.getLogger("maria.eval")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
 TABLE_TITLE = "Per-masked-token perplexity"
 LABELS = {"trained": "trained head", "poe_init": "PoE at init (no training)", "ar_only": "AR only", "mlm_only": "MLM only"}
@@ -109,7 +112,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             row["by_mask_rate"].append({"lo": lo, "hi": hi, "rows": int(sel.sum()), "nll": m, "ppl": None if m is None else math.exp(m)})
         result["models"][k] = row
     table = markdown_table(result)
-    print(table)
+    log.info(table)
     if cfg.json:
         atomic_write(cfg.json, json.dumps(result, indent=2))
     if cfg.markdown:

@@ -8,6 +8,7 @@ never ends worse than its start (METHOD.md: a big head on few tokens overfits fr
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -23,12 +24,14 @@ from maria.device import resolve_device
 from maria.head import INITS, FusionHead, init_head, save_head
 from maria.identity import check_same_backbones, identity_record
 from maria.io import guard_output
-from storage import open_store
-from train_head import checkpoint as ck
-from train_head.data import (DataError, MemoryBatches, StreamBatches, available_memory, check_complete, eval_batches,
+from maria_storage import open_store
+from maria_train_head import checkpoint as ck
+from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, available_memory, check_complete, eval_batches,
                              read_rows, rows_bytes, split_blocks)
-from train_head.evaluate import mean_nll
-from train_head.init import expert_tensors, fit_mix_scales
+from maria_train_head.evaluate import mean_nll
+from maria_train_head.init import expert_tensors, fit_mix_scales
+
+log = logging.getLogger("maria.train")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
 RESUME_KEYS = ("store", "val_store", "val_fraction", "init", "batch_size", "seed", "data_mode_resolved")  # must not change on resume
 
@@ -217,7 +220,7 @@ def start_run(cfg: TrainConfig, device: str, out: Path):
     state = old or TrainState(config=now, identity=identity_record(store.manifest), val_blocks=val_blocks)
     if not old and cfg.init == "mix":
         state.init_scales = list(fit_mix_scales(store, *mix_sample(cfg, store, train, train_blocks), device, cfg.seed, cfg.mix_rows))
-        print(f"mix init: fitted scales mlm {state.init_scales[0]:.4f}, ar {state.init_scales[1]:.4f}")
+        log.info(f"mix init: fitted scales mlm {state.init_scales[0]:.4f}, ar {state.init_scales[1]:.4f}")
     head = init_head(cfg.init, expert_tensors(store) if cfg.init != "random" else
                      {"W1": torch.empty(0, store.d_mlm), "W2": torch.empty(store.vocab_size, store.d_ar)},
                      state.init_scales, cfg.seed).to(device)
@@ -227,7 +230,7 @@ def start_run(cfg: TrainConfig, device: str, out: Path):
         best = ck.restore(saved[0], head, opt)
         train.load_state_dict(state.data)
         ck.truncate_metrics(out, state.step)
-        print(f"resuming {out} at step {state.step} (best val {state.best_val_loss:.4f} @ {state.best_step})")
+        log.info(f"resuming {out} at step {state.step} (best val {state.best_val_loss:.4f} @ {state.best_step})")
     else:
         torch.manual_seed(cfg.seed)
         ck.clear_run(out)  # a fresh start: no stale checkpoint a later --resume could pick up
@@ -310,6 +313,6 @@ def train_loop(cfg: TrainConfig, device: str, out: Path) -> dict:
                "init_scales": s.init_scales, "init_val_loss": s.init_val_loss, "best_step": s.best_step,
                "best_val_loss": s.best_val_loss, "best_val_ppl": math.exp(s.best_val_loss),
                "stopped_early": s.stopped_early, "interrupted": not s.complete}
-    print(f"best val loss {s.best_val_loss:.4f} (ppl {math.exp(s.best_val_loss):.2f}) at step {s.best_step}; "
-          f"init {s.init_val_loss:.4f}; head in {out}")
+    log.info(f"best val loss {s.best_val_loss:.4f} (ppl {math.exp(s.best_val_loss):.2f}) at step {s.best_step}; "
+             f"init {s.init_val_loss:.4f}; head in {out}")
     return summary

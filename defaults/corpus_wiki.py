@@ -23,7 +23,7 @@ from xml.etree import ElementTree
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from extract.corpus import CorpusError
+from maria_extract.corpus import CorpusError
 from maria.io import atomic_file
 
 GENSIM_PIP = "gensim==4.4.0"

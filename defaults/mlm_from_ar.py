@@ -1,4 +1,4 @@
-"""The demo MLM's architecture and its initialisation from the AR (used by app/pretrain_mlm.py).
+"""The demo MLM's architecture and its initialisation from the AR (used by defaults/pretrain_mlm.py).
 
 ModernBERT's blocks are the same computation as Llama's except for LayerNorm in place of RMSNorm
 (mean subtraction), so the AR's blocks copied into it, now run with bidirectional attention,

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.corpus_wiki import prepare_wiki_corpus
-from app.defaults import default_cache_dir
-from extract.corpus import iter_documents
-from extract.job import ExtractConfig, run_extract
-from extract.stages import FeatureActor, make_windows
+from maria_defaults.corpus_wiki import prepare_wiki_corpus
+from maria_defaults.defaults import default_cache_dir
+from maria_extract.corpus import iter_documents
+from maria_extract.job import ExtractConfig, run_extract
+from maria_extract.stages import FeatureActor, make_windows
 from maria.device import cpu_threads
 from maria.features import ar_states, mlm_states
 from maria.plots import bar_plot
-from storage import open_store
+from maria_storage import open_store
 
 
 def _du(path: Path) -> int:

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.bench_setup import PRESETS
+from maria_bench.setup import PRESETS
 from maria.device import resolve_device
 from maria.head import FusionHead
 from maria.plots import bar_plot
-from storage import create_store, open_store
-from train_head.checkpoint import read_metrics
-from train_head.train import TrainConfig, make_optimizer, run_train, train_step
+from maria_storage import create_store, open_store
+from maria_train_head.checkpoint import read_metrics
+from maria_train_head.train import TrainConfig, make_optimizer, run_train, train_step
 
 
 def _sync(device: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from app.bench_setup import PEAK_TFLOPS_BF16, BenchConfig, _timed, model_backbones, params, poe_head, resolve
+from maria_bench.setup import PEAK_TFLOPS_BF16, BenchConfig, _timed, model_backbones, params, poe_head, resolve
 from maria.baselines import ar_generate, hf_generate, mlm_iterative_unmasking, mlm_left_to_right
 from maria.decode import infill, plan, step_cost_tokens
 from maria.device import cpu_threads

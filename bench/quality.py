@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from pydoc_data.topics import topics  # CPython's own documentation text, shipped with every Python
 from safetensors.torch import load_file, save_file
 
-from app.defaults import SMOLLM2_DIRNAME, default_cache_dir
-from app.pretrain_mlm import make_windows
+from maria_defaults.defaults import SMOLLM2_DIRNAME, default_cache_dir
+from maria_defaults.pretrain_mlm import make_windows
 from maria.backbones import load_backbones
 from maria.device import cpu_threads
 from maria.features import ar_states, mlm_states
 from maria.io import atomic_file
 from maria.plots import line_plot
-from train_head.init import fit_mix_scales
+from maria_train_head.init import fit_mix_scales
 
 RATES = (0.15, 0.5)
 FIT_WINDOWS = 48  # windows of the MLM-unseen training articles that fit (a, b)

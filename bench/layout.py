@@ -1,4 +1,4 @@
-"""Measure the feature store's chunk layouts: `python -m storage.bench_layout --out DIR [--dims 1152 5120]`.
+"""Measure the feature store's chunk layouts: `python -m maria_bench.layout --out DIR [--dims 1152 5120]`.
 
 For each layout (chunks or shards; crc32c on the small arrays only, or on features too) and feature width D, writes the same
 float16 blocks through FeatureStore.write_block, then reads one epoch with the trainer's ShuffledReader
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from storage import ShuffledReader, create_store, layout
+from maria_storage import ShuffledReader, create_store, layout
 
 # name: (crc32c on small arrays, crc32c on features, features sharded)
 LAYOUTS = {"chunks (format 1)": (False, False, False), "chunks, crc32c small (chosen)": (True, False, False),

@@ -83,7 +83,7 @@ def convert_gguf_ar(cache_dir: str | Path | None = None) -> Path:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise DefaultsError(f"GGUF conversion lost weights (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                            f"check the transformers version against requirements.txt")
+                            f"check the transformers version against requirements.lock")
     model.tie_weights()
     if model.get_output_embeddings().weight.shape[0] != SMOLLM2_VOCAB or len(tokenizer) != SMOLLM2_VOCAB:
         raise DefaultsError(f"converted AR has vocabulary {len(tokenizer)}, expected {SMOLLM2_VOCAB}; "

@@ -1,13 +1,11 @@
-"""MariaModel: MLM + AR + fusion head as a Hugging Face PreTrainedModel, registered with the Auto
-classes (AutoConfig, AutoModel) when this module is imported; `import maria` arranges that (see
-maria/__init__.py). No remote code: the classes are this package's, so config.json has no auto_map.
-
-AutoModel is the one Auto class registered: the task-specific ones (AutoModelForMaskedLM,
-...ForCausalLM) promise a forward and pipelines MARIA does not have (its masks are a separate
-boolean tensor, not a mask token of the AR's vocabulary, which has none).
+"""MariaModel: MLM + AR + fusion head as a Hugging Face PreTrainedModel (config: maria/configuration_maria.py,
+folder format: maria/checkpoint.py). `import maria` registers it with AutoConfig, AutoModel and
+AutoModelForMaskedLM; no remote code, so config.json has no auto_map.
 
 Module tree and state_dict names: `mlm.*`, `ar.*` (the backbones), `proj.weight`, `proj.bias` (the
 fusion head's Linear, so head.safetensors' keys are the model's own names) and `mlm_to_ar`.
+Two ways to mark what to fill: a boolean `infill_mask` beside AR ids (the AR's vocabulary has no mask
+token), or `infill(input_ids, mask_token_id=...)`, where every position holding that id is masked.
 """
 from __future__ import annotations
 
@@ -18,16 +16,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, AutoModel, AutoModelForMaskedLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from maria.backbones import Backbones, load_backbones
-from maria.checkpoint import (CheckpointError, MariaConfig, check_config, load_checkpoint, locate, read_config,
-                              write_checkpoint)
+from maria.backbones import Backbones, assemble_backbones, load_backbones
+from maria.checkpoint import CheckpointError, check_config, load_checkpoint, locate, read_config, read_eval, write_checkpoint
+from maria.configuration_maria import MariaConfig
 from maria.decode import Sampling, infill
 from maria.features import aligned_features
 from maria.head import FusionHead, HeadError, init_head, load_head
 from maria.identity import backbone_identity, check_same_backbones
+from maria.io import guard_output
 from maria.text import parse_masked_text
 
 # from_pretrained arguments that transformers' loaders pass along and that mean nothing here
@@ -90,15 +89,24 @@ class MariaModel(PreTrainedModel):
         return cls(config, bb, head, head_meta or {**bb.describe()})
 
     @classmethod
-    def from_backbones(cls, mlm: str, ar: str, head_dir: str | None = None, init: str = "poe",
-                       allow_unfinished: bool = False, **load_kw) -> "MariaModel":
-        """Backbones plus a trained head folder (checked against them), or an initial head by name."""
+    def from_backbones(cls, mlm: str | torch.nn.Module, ar: str | torch.nn.Module, head_dir: str | None = None,
+                       init: str = "poe", allow_unfinished: bool = False, mlm_tokenizer=None, ar_tokenizer=None,
+                       **load_kw) -> "MariaModel":
+        """Backbones plus a trained head folder (checked against them), or an initial head by name.
+        `mlm` and `ar` are hub ids or folders, or models already loaded in Python (quantized, PEFT-wrapped,
+        on any device; pass their tokenizers, else they are loaded from the models' name_or_path)."""
         if head_dir is not None:  # read the head first: a bad head fails before minutes of backbone loading
             head, meta = load_head(head_dir)
             if not meta.get("complete", False) and not allow_unfinished:
                 raise HeadError(f"head {head_dir} comes from a training run that did not finish; finish it with "
                                 f"`maria train ... --resume`, or pass --allow-unfinished to use it as it is")
-        bb = load_backbones(mlm, ar, **load_kw)
+        if isinstance(mlm, str) and isinstance(ar, str):
+            bb = load_backbones(mlm, ar, **load_kw)
+        else:
+            bb = assemble_backbones(mlm, ar, mlm_tokenizer or AutoTokenizer.from_pretrained(mlm.name_or_path),
+                                    ar_tokenizer or AutoTokenizer.from_pretrained(ar.name_or_path),
+                                    check_parity=load_kw.get("check_parity", True))
+            mlm, ar = bb.identity["mlm"]["id"], bb.identity["ar"]["id"]
         if head_dir is None:
             head, meta = init_head(init, bb.expert_weights()), {**bb.describe(), "init": init}
         elif not head_matches(bb, meta):
@@ -118,12 +126,20 @@ class MariaModel(PreTrainedModel):
         loss = F.cross_entropy(logits.float(), f.targets) if len(f.targets) else None
         return MariaOutput(loss=loss, logits=logits, rows=f.rows, positions=f.positions)
 
-    def infill(self, ids, mask, lengths=None, **sampling) -> torch.Tensor:
-        """Fill masked positions of (B, T) right-padded AR-id windows; known tokens are kept."""
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        mask = torch.as_tensor(mask, dtype=torch.bool)
+    def infill(self, input_ids, mask=None, lengths=None, *, mask_token_id: int | None = None, **sampling) -> torch.Tensor:
+        """Fill masked positions of (B, T) right-padded AR-id windows; known tokens are kept. Mark them
+        with a boolean `mask` of the same shape, or with `mask_token_id` (every position holding it)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if (mask is None) == (mask_token_id is None):
+            raise ValueError("pass exactly one of mask (a boolean tensor like input_ids) and mask_token_id")
+        mask = ids == mask_token_id if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+        if mask.shape != ids.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; give one flag per token")
+        ids = ids.masked_fill(mask, 0)  # a masked position's id is never read; keep it a valid embedding index
         if ids.dim() == 1:
             return self.infill(ids[None], mask[None], None if lengths is None else torch.as_tensor([lengths]), **sampling)[0]
+        if ids.numel() and (int(ids.max()) >= self.config.vocab_size or int(ids.min()) < 0):
+            raise ValueError(f"input_ids hold ids outside the AR's vocabulary (0..{self.config.vocab_size - 1}) at known positions")
         return infill(self.bb, self.head, ids, mask, lengths=lengths, sampling=Sampling(**sampling)).cpu()
 
     def infill_text(self, texts: list[str], **sampling) -> list[dict]:
@@ -194,10 +210,27 @@ class MariaModel(PreTrainedModel):
         return cls(config, bb, head, meta)
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export(mlm: str, ar: str, head_dir: str, out: str, reference: bool = False, overwrite: bool = False,
+           allow_unfinished: bool = False, dtype: str = "float32", eval_json: str | None = None, **load_kw) -> Path:
+    """`maria export`: check the head against the backbones, then write one combined folder with
+    every weight in `dtype`. The backbones are loaded in float32 whatever `dtype` is: the head's
+    record of them is then matched exactly (head_matches), and the cast to `dtype` is the
+    same rounding a load in `dtype` does."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {dtype!r}; pass one of {', '.join(DTYPES)}")
+    guard_output(out, "config.json", overwrite, (mlm, ar, head_dir), what="checkpoint folder")  # before minutes of loading
+    eval_results = read_eval(eval_json) if eval_json else None
+    load_kw.pop("dtype", None)
+    model = MariaModel.from_backbones(mlm, ar, head_dir=head_dir, allow_unfinished=allow_unfinished, dtype=torch.float32, **load_kw)
+    model.to(getattr(torch, dtype))
+    return model.save_pretrained(out, reference=reference, overwrite=overwrite, inputs=(mlm, ar, head_dir), eval_results=eval_results)
+
+
 def register() -> None:
-    """Make model_type "maria" known to AutoConfig and AutoModel (idempotent)."""
+    """Make model_type "maria" known to AutoConfig, AutoModel and AutoModelForMaskedLM (idempotent)."""
     AutoConfig.register("maria", MariaConfig, exist_ok=True)
     AutoModel.register(MariaConfig, MariaModel, exist_ok=True)
-
-
-register()
+    AutoModelForMaskedLM.register(MariaConfig, MariaModel, exist_ok=True)

@@ -1,11 +1,11 @@
 """What every benchmark shares: BenchConfig, the backbone presets, random backbones, timing.
-The dispatcher is app/bench.py.
+The dispatcher is bench/__init__.py.
 
-decode   app/bench_decode.py   infilling tokens/s against plain AR generation and MLM decoding (Figure 3)
-extract  app/bench_extract.py  the extraction job against bare backbone forwards; store write speed
-train    app/bench_train.py    head training rows/s against its read and head-step bounds
-anneal   app/bench_anneal.py   generative perplexity against wall-clock time (Figure 5)
-quality  app/bench_quality.py  MARIA's gain over the AR alone against MLM strength
+decode   bench/decode.py   infilling tokens/s against plain AR generation and MLM decoding (Figure 3)
+extract  bench/extract.py  the extraction job against bare backbone forwards; store write speed
+train    bench/train.py    head training rows/s against its read and head-step bounds
+anneal   bench/anneal.py   generative perplexity against wall-clock time (Figure 5)
+quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength
 Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
 """
 from __future__ import annotations

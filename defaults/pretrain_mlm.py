@@ -2,7 +2,7 @@
 
 MARIA needs an MLM and an AR with one vocabulary. For the offline demo there is no such MLM to
 download, so we build one: the AR's tokenizer plus a mask token, a small ModernBERT started from
-the AR's embeddings and first blocks (app/mlm_from_ar.py), trained by masked-token prediction
+the AR's embeddings and first blocks (defaults/mlm_from_ar.py), trained by masked-token prediction
 for a fixed number of steps. The budget is steps and a seed, never minutes: the same command
 trains the same model on a busy or a quiet machine (up to float rounding across thread counts).
 
@@ -32,10 +32,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertForMaskedLM
 from tqdm.auto import tqdm
 
-from app.corpus_wiki import prepare_wiki_corpus
-from app.defaults import default_cache_dir
-from app.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
-from extract.corpus import cut_windows, iter_documents
+from maria_defaults.corpus_wiki import prepare_wiki_corpus
+from maria_defaults.defaults import default_cache_dir
+from maria_defaults.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
+from maria_extract.corpus import cut_windows, iter_documents
 from maria.device import cpu_threads, resolve_device
 
 MASK_TOKEN = "<|mask|>"

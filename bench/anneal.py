@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from app.bench_setup import poe_head, random_backbones, resolve
+from maria_bench.setup import poe_head, random_backbones, resolve
 from maria.anneal import AnnealConfig, anneal, ar_nll, ar_sample
-from maria.model import MariaModel
+from maria.modeling_maria import MariaModel
 from maria.plots import line_plot
 
 
