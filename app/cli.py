@@ -198,7 +198,9 @@ def show_logs() -> None:
         logger.propagate = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, **stage_kwargs) -> int:
+    """`maria <verb> ...`; its exit code. `stage_kwargs` go to the verb's function beside its config:
+    what tests inject (extraction's fault hooks, training's stop_after), never a user flag."""
     argv = list(sys.argv[1:] if argv is None else argv)
     show_logs()
     if argv[:1] in (["--version"], ["-V"]):
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
             return 0
         module_name, _, func_name, _ = VERBS[verb]
-        getattr(importlib.import_module(module_name), func_name)(config)
+        getattr(importlib.import_module(module_name), func_name)(config, **stage_kwargs)
     except KeyboardInterrupt:
         print(f"maria {verb}: interrupted; re-run the same command to continue", file=sys.stderr)
         return EXIT_INTERRUPTED

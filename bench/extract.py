@@ -14,7 +14,7 @@ from maria_defaults.corpus_wiki import prepare_wiki_corpus
 from maria_defaults.defaults import default_cache_dir
 from maria_extract.corpus import iter_documents
 from maria_extract.job import ExtractConfig, run_extract
-from maria_extract.stages import FeatureActor, make_windows
+from maria_extract.stages import FeatureActor, StageSpec, tokenize_and_mask
 from maria.device import cpu_threads
 from maria.features import ar_states, mlm_states
 from maria.plots import bar_plot
@@ -47,12 +47,13 @@ def bench_extract(cfg) -> dict:
     tokens = summary["new_tokens"]
     # 2. bare forward passes: the same windows, micro-batches and masks, no Ray, no store
     docs = list(iter_documents(corpus, max_docs=ecfg.max_docs))
-    actor = FeatureActor(ecfg)
+    spec = StageSpec.of(ecfg)
+    actor = FeatureActor(spec)
     torch.set_num_threads(cpu_threads())  # as the actor does
     t_fwd = 0.0
     for s in range(0, len(docs), ecfg.docs_per_block):
         e = min(s + ecfg.docs_per_block, len(docs))
-        w = make_windows({"block_id": [f"b{s}"], "doc_ids": [np.arange(s, e)], "texts": [docs[s:e]]}, ecfg)
+        w = tokenize_and_mask({"block_id": [f"b{s}"], "doc_ids": [np.arange(s, e)], "texts": [docs[s:e]]}, spec)
         # one block per batch, stored as object arrays (ragged across blocks): back to plain dtypes
         ids, lengths, masks = (np.asarray(w[k][0]).astype(t) for k, t in (("ids", np.int64), ("lengths", np.int64), ("masks", bool)))
         order = np.argsort(-lengths, kind="stable")

@@ -11,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from maria_extract.ray_compat import autoscaler_node_groups, canonical_address, init_embedded, quiet_ray_data_internals
+
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
 # Ray's longest socket path under its temp dir: session_<date>_<pid>/sockets/plasma_store(.N)
@@ -54,8 +56,7 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
             log.info(f"maria extract: on the Ray cluster at {address} (from {source})")
         else:
             temp = check_temp_dir(temp_dir)
-            ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False,
-                     dashboard_host="127.0.0.1", _temp_dir=temp, log_to_driver=False, configure_logging=False)
+            init_embedded(num_cpus or max(2, os.cpu_count() or 2), temp)
     except RayClusterError:
         raise
     except Exception as e:  # noqa: BLE001 -- Ray's start/connect errors are pages; name the fix in one line
@@ -68,9 +69,8 @@ def quiet_ray_data() -> None:
     traceback before the error reaches the driver, which re-raises it as one line (or, for a bug,
     with its traceback)."""
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did that
-    for name in ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
+    quiet_ray_data_internals()
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
@@ -78,11 +78,9 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     "auto" is resolved as Ray resolves it (the last `ray start` on this machine, else a running one)."""
     import socket
 
-    from ray._private.services import canonicalize_bootstrap_address
-
     if "://" in address:  # Ray Client (ray://) and the like: ray.init's own checks
         return
-    host, port = canonicalize_bootstrap_address(address).rsplit(":", 1)
+    host, port = canonical_address(address).rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=timeout_s):
         pass
 
@@ -122,14 +120,7 @@ def cluster_shapes() -> tuple[list[dict], list[dict] | None]:
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # noqa: BLE001 -- an older GCS or no autoscaler state: treat as unknown
-        config = None
-    if config is None or not config.node_group_configs:
-        return nodes, None
-    groups = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
-    return nodes, groups
+    return nodes, autoscaler_node_groups()
 
 
 def fits(request: dict, node: dict) -> bool:

@@ -20,13 +20,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from maria_extract import faults
 from maria_extract.cluster import (ActorRequest, cluster_shapes, gpus_available, init_ray, quiet_ray_data, resolve_address,
                              wait_for_placement)
 from maria_extract.corpus import Corpus, CorpusError, corpus_fingerprint, doc_offsets, limit_rows, list_corpus, plan_blocks
 from maria_extract.masking import MaskingConfig
+from maria_extract.ray_compat import drop_high_memory_detector
 from maria_extract.source import read_corpus
-from maria_extract.stages import FeatureActor, describe_backbones, make_windows, write_blocks
+from maria_extract.stages import BlockHooks, FeatureActor, StageSpec, describe_backbones, tokenize_and_mask, write_blocks
 from maria_storage import create_store
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
@@ -113,7 +113,7 @@ def actor_request(cfg: ExtractConfig) -> ActorRequest:
     return ActorRequest(num_cpus=cfg.actor_cpus, num_gpus=gpus, memory=memory)
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
+def run_extract(cfg: ExtractConfig, hooks: BlockHooks | None = None) -> dict:
     """Plan, run the pipeline over the blocks not yet committed, finalize. Re-runnable."""
     import ray
 
@@ -122,7 +122,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     started = init_ray(cfg.address, cfg.ray_temp_dir)
     quiet_ray_data()
     try:
-        return _run(cfg, corpus, embedded)
+        return _run(cfg, corpus, embedded, StageSpec.of(cfg, hooks))
     finally:
         if started:  # idle Ray workers would keep eating a small machine's CPUs after the job
             ray.shutdown()
@@ -146,14 +146,14 @@ def _scan(cfg: ExtractConfig, corpus: Corpus) -> tuple[list[int], str]:
     return used, corpus_fingerprint([(n, d) for n, d, _ in digests[: len(used)]], limit)
 
 
-def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
+def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) -> dict:
     import ray
 
     request = actor_request(cfg)
     with _user_errors():
         wait_for_placement(request, cfg.actor_start_timeout_s, embedded)
         # backbones load on a worker with an actor's resources while the workers scan the corpus
-        described = ray.remote(describe_backbones).options(**request.ray_args()).remote(cfg)
+        described = ray.remote(describe_backbones).options(**request.ray_args()).remote(spec)
         rows, fingerprint = _scan(cfg, corpus)
         info, init_weights = ray.get(described)
     manifest = {**info, "feature_dtype": cfg.feature_dtype, "masking": asdict(cfg.masking), "seed": cfg.seed,
@@ -176,7 +176,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
             break
         try:
             with _user_errors():
-                r, t, steady = _pipeline(cfg, corpus, rows, todo, request)
+                r, t, steady = _pipeline(cfg, spec, corpus, rows, todo, request)
             new_rows, new_tokens = new_rows + r, new_tokens + t
         except Exception as e:  # noqa: BLE001 -- user errors came out of _user_errors as themselves
             if _is_user_error(e) or attempt == PIPELINE_ATTEMPTS:
@@ -195,7 +195,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool) -> dict:
     return summary
 
 
-def _pipeline(cfg: ExtractConfig, corpus: Corpus, rows: list[int], todo: list, request: ActorRequest):
+def _pipeline(cfg: ExtractConfig, spec: StageSpec, corpus: Corpus, rows: list[int], todo: list, request: ActorRequest):
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -205,7 +205,7 @@ def _pipeline(cfg: ExtractConfig, corpus: Corpus, rows: list[int], todo: list, r
     # task tokenizes and one actor computes while the rest of the pool idles
     ctx.target_max_block_size = 1
     if cfg.actor_memory_gb is None:  # no reservation asked for: Ray's high-memory detector would log a page every 30 s
-        ctx.issue_detectors_config.detectors = [d for d in ctx.issue_detectors_config.detectors if "HighMemory" not in d.__name__]
+        drop_high_memory_detector(ctx)
     offsets, starts = doc_offsets(rows), {}
     for _, f, s, _ in todo:
         starts.setdefault(f, []).append(s)
@@ -216,14 +216,12 @@ def _pipeline(cfg: ExtractConfig, corpus: Corpus, rows: list[int], todo: list, r
     pool = ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=max_actors,
                                       initial_size=initial_actors(cfg.min_actors, max_actors, request, cluster_shapes()[0]))
     helpers = ray.data.TaskPoolStrategy(size=2 * max_actors) if max_actors else None  # CPU stages keep pace, no more
-    fault = faults.remote_args()
     ds = read_corpus(corpus, sorted(plan), cfg.text_column, "blocks", cfg.docs_per_block, plan)
-    ds = ds.map_batches(make_windows, fn_kwargs={"cfg": cfg}, batch_size=1, num_cpus=0.25, batch_format="numpy", compute=helpers)
-    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1, batch_format="numpy",
-                        compute=pool,
-                        **request.ray_args(), **fault)
-    ds = ds.map_batches(write_blocks, fn_kwargs={"url": cfg.store}, batch_size=1, num_cpus=0.25, batch_format="numpy",
-                        compute=helpers, **fault)
+    ds = ds.map_batches(tokenize_and_mask, fn_kwargs={"cfg": spec}, batch_size=1, num_cpus=0.25, batch_format="numpy", compute=helpers)
+    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": spec}, batch_size=1, batch_format="numpy",
+                        compute=pool, **request.ray_args())
+    ds = ds.map_batches(write_blocks, fn_kwargs={"cfg": spec}, batch_size=1, num_cpus=0.25, batch_format="numpy",
+                        compute=helpers)
     return _drain(ds, len(todo))
 
 

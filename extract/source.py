@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 from typing import Iterator
 
-from ray.data.datasource import FileBasedDatasource
 
 from maria_extract.corpus import Corpus, CorpusError, block_id, file_texts, is_document, text_digest
+from maria_extract.ray_compat import RandomAccessDatasource
 
 
 def _key(path: str) -> str:
@@ -35,7 +35,7 @@ def _arrow_filesystem(corpus: Corpus):
     return PyFileSystem(FSSpecHandler(fs))
 
 
-class CorpusSource(FileBasedDatasource):
+class CorpusSource(RandomAccessDatasource):
     """Files `file_ids` of a corpus. `plan` (blocks mode) maps file id -> (doc id of row 0,
     rows to use, block starts still to do); it travels by object reference, not in every task."""
 
@@ -50,10 +50,8 @@ class CorpusSource(FileBasedDatasource):
         self._plan_ref = ray.put(plan or {})
         self._names = None
 
-    def _open_input_source(self, filesystem, path: str, **open_args):
-        if self._kind == "parquet":  # the footer is at the end: random access, not a stream
-            return filesystem.open_input_file(path)
-        return super()._open_input_source(filesystem, path, **open_args)
+    def random_access(self, path: str) -> bool:
+        return self._kind == "parquet"  # the footer is at the end: random access, not a stream
 
     def _read_stream(self, f, path: str) -> Iterator:
         import ray

@@ -9,17 +9,63 @@ driver: under `ray job submit` the driver runs on a CPU head.
 """
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from maria_extract import faults
 from maria_extract.corpus import cut_windows
-from maria_extract.masking import sample_mask, word_starts
+from maria_extract.masking import MaskingConfig, sample_mask, word_starts
 from maria.backbones import load_backbones
 from maria.device import cpu_threads, resolve_device as resolve_local_device
 from maria.features import aligned_features, ar_states
 from maria_storage import open_store
+
+
+class BlockHooks:
+    """What the stages do around each block; a test passes a subclass to inject faults (a killed actor,
+    a full disk, a slow block) through `run_extract(cfg, hooks=...)`. The default does nothing extra."""
+
+    def before_block(self, store_url: str, block_id: str) -> None:
+        """In the backbone actor, before a block's features are computed."""
+
+    def write_block(self, store, block_id: str, arrays: dict, stats: dict) -> None:
+        """In a writer task: write and commit one block."""
+        store.write_block(block_id, arrays, stats=stats)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the Ray stages need of an extraction, and nothing more (it is pickled into every task)."""
+
+    mlm: str
+    ar: str
+    mlm_revision: str | None
+    ar_revision: str | None
+    trust_remote_code: bool
+    dtype: str
+    device: str
+    window_length: int
+    masking: MaskingConfig
+    seed: int
+    batch_size: int
+    store: str
+    hooks: BlockHooks
+
+    @classmethod
+    def of(cls, cfg, hooks: BlockHooks | None = None) -> "StageSpec":
+        """The spec of an ExtractConfig (any object with these fields)."""
+        names = [f.name for f in fields(cls) if f.name != "hooks"]
+        return cls(**{n: getattr(cfg, n) for n in names}, hooks=hooks or BlockHooks())
+
+
+@functools.lru_cache(maxsize=4)
+def ar_tokenizer(ar: str, revision: str | None, trust_remote_code: bool):
+    """The AR's tokenizer, loaded once per worker process (a Ray worker runs many blocks)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ar, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def resolve_device(requested: str) -> str:
@@ -32,7 +78,7 @@ def resolve_device(requested: str) -> str:
     return resolve_local_device(requested)
 
 
-def load(cfg, device: str, check_parity: bool = True):
+def load(cfg: StageSpec, device: str, check_parity: bool = True):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     return load_backbones(cfg.mlm, cfg.ar, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                           mlm_revision=cfg.mlm_revision, ar_revision=cfg.ar_revision, check_parity=check_parity)
@@ -46,7 +92,7 @@ def check_window_fits(bb, window_length: int) -> None:
                              f"pass --window-length {limit - extra} or less")
 
 
-def describe_backbones(cfg) -> tuple[dict, dict]:
+def describe_backbones(cfg: StageSpec) -> tuple[dict, dict]:
     """Store manifest fields and PoE initial weights; runs as a Ray task with an actor's resources
     (so a CPU-only head never loads a backbone), and checks the window fits both models."""
     bb = load(cfg, resolve_device(cfg.device))
@@ -65,12 +111,10 @@ def objects(values: list) -> np.ndarray:
     return out
 
 
-def make_windows(batch: dict, cfg) -> dict:
+def tokenize_and_mask(batch: dict, cfg: StageSpec) -> dict:
     """CPU stage: each block's documents -> padded windows and K masks each. A document shorter
     than one window makes no window; a block of such documents goes on as an empty block."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(cfg.ar, revision=cfg.ar_revision, trust_remote_code=cfg.trust_remote_code)
+    tok = ar_tokenizer(cfg.ar, cfg.ar_revision, cfg.trust_remote_code)
     starts = word_starts(tok, len(tok)) if cfg.masking.mode == "word" else None
     first = 0 if (tok.bos_token_id is not None or tok.eos_token_id is not None) else 1
     K, T = cfg.masking.masks_per_window, cfg.window_length
@@ -97,7 +141,7 @@ def make_windows(batch: dict, cfg) -> dict:
 class FeatureActor:
     """GPU (or CPU) stage: holds both backbones; one block in, its feature rows out."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: StageSpec):
         import torch
 
         self.cfg, self.device = cfg, resolve_device(cfg.device)
@@ -110,7 +154,7 @@ class FeatureActor:
         out = {k: [] for k in ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")}
         tokens = []
         for i, block_id in enumerate(batch["block_id"]):
-            faults.before_block(self.cfg.store, str(block_id))
+            self.cfg.hooks.before_block(self.cfg.store, str(block_id))
             f, t, r, p, k = self.block_features(batch["ids"][i], batch["lengths"][i], batch["masks"][i])
             out["features"].append(f)
             out["targets"].append(t.astype(np.int32))
@@ -152,13 +196,13 @@ class FeatureActor:
         return f[key], t[key], r[key], p[key], k[key]
 
 
-def write_blocks(batch: dict, url: str) -> dict:
+def write_blocks(batch: dict, cfg: StageSpec) -> dict:
     """Writer stage: each block is written by one task into its own group; idempotent."""
-    store = open_store(url)
+    store = open_store(cfg.store)
     written = []
     for i, block_id in enumerate(batch["block_id"]):
         arrays = {k: np.asarray(batch[k][i]) for k in ("features", "targets", "doc_ids", "window_ids", "positions", "mask_rates")}
         arrays["features"] = arrays["features"].reshape(-1, store.feature_dim)
-        faults.write_block(store, str(block_id), arrays, stats={"tokens": int(batch["tokens"][i])})
+        cfg.hooks.write_block(store, str(block_id), arrays, stats={"tokens": int(batch["tokens"][i])})
         written.append(len(arrays["targets"]))
     return {"block_id": np.asarray(batch["block_id"]), "rows": np.array(written, dtype=np.int64), "tokens": np.asarray(batch["tokens"])}

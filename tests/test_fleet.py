@@ -22,6 +22,7 @@ from maria_extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc
                             list_corpus, plan_blocks)
 from maria_extract.job import ExtractConfig, command_line, initial_actors, run_extract
 from extract_fixtures import ARRAYS, config, config_from_args, maria_command, read_all
+from faults import Faults, fault_command
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(300)
@@ -353,7 +354,7 @@ def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, par
     assert "--address" not in args  # the job finds the cluster through RAY_ADDRESS only
     sid = f"maria-{os.getpid()}-{int(time.time())}"
     submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", fleet.dashboard, "--submission-id", sid,
-              "--runtime-env-json", json.dumps({"env_vars": {"MARIA_FAULT_SLEEP_S": "2"}}), "--", *maria_command(*args)]
+              "--", *fault_command(Faults(sleep_s=2), *args)]
     done, preempted = threading.Event(), []
     killer = threading.Thread(target=_preempt_actor_node, args=(fleet, out / "commits", done, preempted), daemon=True)
     killer.start()

@@ -4,7 +4,7 @@ The rule under test (app/cli.py): each call ends in success (0), or in exactly o
 `maria <verb>: error: ...` with exit code 2 (bad usage or input) or 3 (corrupt data), never a
 traceback; and nothing half-written is left behind, nor any input changed.
 Cheap verbs (verify, train, eval, export, infill, generate) run for real on tiny fixtures
-(training stops after 2 steps through MARIA_TEST_STOP_AFTER). The expensive ones (extract, demo,
+(training stops after 2 steps: run_train's stop_after). The expensive ones (extract, demo,
 pretrain-mlm, bench) run with --print-config: parsing and the configs' own validation, which is
 where their flags are checked; their runtime inputs have tests of their own (corpus, window length).
 """
@@ -123,7 +123,7 @@ def hostile_call(draw, verb: str, world: dict):
 def check_call(verb: str, argv: list[str], world: dict, capsys) -> None:
     root = world["root"]
     before = {n: digest(root / n) for n in ("store", "head", "ckpt")}
-    code = main([verb] + argv + (["--print-config"] if verb not in CHEAP else []))
+    code = main([verb] + argv + (["--print-config"] if verb not in CHEAP else []), **({"stop_after": 2} if verb == "train" else {}))
     err = capsys.readouterr().err
     assert "Traceback" not in err, err[-3000:]
     assert code in (0, 2, 3), f"exit {code} for maria {verb} {argv}: {err[-1500:]}"
@@ -138,7 +138,6 @@ def check_call(verb: str, argv: list[str], world: dict, capsys) -> None:
 
 @pytest.mark.parametrize("verb", list(VERBS))
 def test_hostile_arguments(verb, world, capsys, monkeypatch):
-    monkeypatch.setenv("MARIA_TEST_STOP_AFTER", "2")
     monkeypatch.chdir(world["root"] / "dir")  # relative outputs land in a scratch folder
 
     @settings(max_examples=12 if verb in CHEAP else 25, deadline=None, derandomize=True,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maria_extract.faults import kill_marker
+from faults import Faults, fault_command, kill_marker
 from maria_extract.job import run_extract
 from extract_fixtures import ARRAYS, block, config, maria_command, read_all
 
@@ -26,23 +26,23 @@ def assert_same_store(a, b, **kw):
             np.testing.assert_array_equal(first[blk][name], second[blk][name], err_msg=f"{blk}/{name}")
 
 
-def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, tmp_path, monkeypatch):
+def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "killed"
-    monkeypatch.setenv("MARIA_FAULT_KILL_BLOCK", block(0, 3))  # test-only hooks are environment variables
-    run_extract(config(pairs, corpus, out))
-    assert Path(kill_marker(str(out), block(0, 3))).exists(), "the actor was never killed"
+    run_extract(config(pairs, corpus, out), hooks=Faults(kill_block=block(0, 3), marker_dir=str(tmp_path)))
+    assert Path(kill_marker(str(out), block(0, 3), str(tmp_path))).exists(), "the actor was never killed"
     assert_same_store(store_a, out)
 
 
 def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "driver"
     mlm, ar = pairs["modernbert-olmo"]
-    cmd = maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out,
-                        "--window-length", 24, "--docs-per-block", 3, "--batch-size", 4, "--masks-per-window", 2,
-                        "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    args = ("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out, "--window-length", 24, "--docs-per-block", 3,
+            "--batch-size", 4, "--masks-per-window", 2,
+            "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    cmd = fault_command(Faults(sleep_s=3), *args)
     log = open(tmp_path / "driver.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=log, env={**env, "MARIA_FAULT_SLEEP_S": "3"})
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=log, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list(out.glob("commits/*.json")):
         time.sleep(0.2)
@@ -51,7 +51,7 @@ def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_
     proc.wait()
     committed = len(list((out / "commits").glob("*.json")))
     assert 1 <= committed < 5, f"{committed} blocks committed when the driver died"
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    rerun = subprocess.run(maria_command(*args), capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     # a Ray worker of the dead driver may still finish a commit after the count: never fewer than counted
     seen = int(re.search(r"(\d+) blocks already committed", rerun.stdout).group(1))
@@ -59,14 +59,12 @@ def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_
     assert_same_store(store_a, out)
 
 
-def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, corpus, tmp_path, monkeypatch):
+def test_full_disk_clear_error_nothing_committed_then_completes(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "full"
-    monkeypatch.setenv("MARIA_FAULT_ENOSPC_BLOCK", block(0, 6))
     with pytest.raises(OSError) as err:
-        run_extract(config(pairs, corpus, out))
+        run_extract(config(pairs, corpus, out), hooks=Faults(enospc_block=block(0, 6)))
     assert err.value.errno == errno.ENOSPC
     assert not (out / "commits" / f"{block(0, 6)}.json").exists()
-    monkeypatch.delenv("MARIA_FAULT_ENOSPC_BLOCK")
     from maria_app.cli import one_line as _friendly
 
     assert "no space left on device" in _friendly(err.value)

@@ -125,9 +125,7 @@ def test_resume_is_exact(stores, tmp_path, mode, monkeypatch):
     512-row batches cross an epoch boundary of the ~4k-row store on the way."""
     kw = dict(max_steps=12, batch_size=512, eval_every=4, save_every=5, data_mode=mode)
     run_train(config(stores, tmp_path / "a", **kw))
-    monkeypatch.setenv("MARIA_TEST_STOP_AFTER", "5")
-    first = run_train(config(stores, tmp_path / "b", **kw))
-    monkeypatch.delenv("MARIA_TEST_STOP_AFTER")
+    first = run_train(config(stores, tmp_path / "b", **kw), stop_after=5)
     assert first["interrupted"] and first["steps"] == 5
     assert json.loads((tmp_path / "b" / "head.json").read_text())["complete"] is False
     run_train(config(stores, tmp_path / "b", resume=True, **kw))

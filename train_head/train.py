@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -264,24 +263,26 @@ def save(out: Path, cfg: TrainConfig, store, train, head, opt, best: dict, state
     ck.plot_loss(out)
 
 
-def run_train(cfg: TrainConfig) -> dict:
+def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """`maria train`; its summary. `stop_after` ends the call after that many steps as an interruption
+    would (checkpoint written, head marked unfinished): how tests interrupt a run."""
     device, out = resolve_device(cfg.device), Path(cfg.out)
     if not cfg.resume:
         guard_output(out, "head.json", cfg.overwrite, (cfg.store, cfg.val_store), what="head folder")
     fresh = not out.exists() or not any(out.iterdir())
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return train_loop(cfg, device, out)
+        return train_loop(cfg, device, out, stop_after)
     except BaseException:
         if fresh and not (out / "ckpt").exists():  # failed before its first checkpoint: leave nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def train_loop(cfg: TrainConfig, device: str, out: Path) -> dict:
+def train_loop(cfg: TrainConfig, device: str, out: Path, stop_after: int | None = None) -> dict:
     store, train, val, head, init_params, opt, best, s, mode = start_run(cfg, device, out)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-    total, stop_after = s.config["total_steps"], int(os.environ.get("MARIA_TEST_STOP_AFTER") or -1)  # a test's "interruption"
+    total, stop_after = s.config["total_steps"], -1 if stop_after is None else stop_after
     bar = tqdm(total=total, initial=s.step, desc=f"train ({mode}, {device})", unit="step", dynamic_ncols=True)
     loss_acc = torch.zeros((), device=device)  # summed on the device: one sync per validation, not per step
     try:
