@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from maria_storage.location import resolve_storage_options
+from maria_extract.datasets_compat import saved_dataset_shards
 
 KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text",
          ".arrow": "arrow"}
@@ -114,7 +115,7 @@ def _datasets_files(fs, root: str, split: str | None) -> list[str] | None:
     elif split is not None:
         raise CorpusError(f"datasets folder {root} holds a single split; drop --split {split}")
     state = json.loads(fs.cat_file(f"{root}/state.json"))
-    return [f"{root}/{f['filename']}" for f in state["_data_files"]]
+    return [f"{root}/{name}" for name in saved_dataset_shards(state)]
 
 
 # --- parsing: one open file -> lists of texts (None for a missing value) ----------------------------

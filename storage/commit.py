@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
-from zarr.core.metadata import ArrayV3Metadata
 
 from maria_storage import layout
+from maria_storage.zarr_compat import array_metadata_from_json, metadata_json
 from maria_storage.format import (BLOCK_ARRAYS, StoreError, check_block_id, features_finite, sha256_of,
                             to_store_features)
 
@@ -82,7 +82,7 @@ def write_attempt(store, block_id: str, data: dict[str, np.ndarray], stats: dict
     marker = {"block_id": block_id, "attempt": attempt, "rows": int(len(data["features"])),
               "feature_dtype": store.manifest["feature_dtype"], "checksums": checksums, "stats": stats,
               "written_at": time.time()}
-    return marker, layout.metadata_json(layout.block_group(marker, group))
+    return marker, metadata_json(layout.block_group(marker, group))
 
 
 def jsonable_stats(block_id: str, stats: dict | None) -> dict:
@@ -98,8 +98,8 @@ def block_group_from_marker(store, marker: dict) -> bytes:
     metas = {}
     for name in BLOCK_ARRAYS:
         doc = json.loads(loc.read_bytes("blocks", block_id, attempt, name, "zarr.json"))
-        metas[name] = ArrayV3Metadata.from_dict(doc)
-    return layout.metadata_json(layout.block_group(marker, layout.attempt_group(block_id, attempt, metas)))
+        metas[name] = array_metadata_from_json(doc)
+    return metadata_json(layout.block_group(marker, layout.attempt_group(block_id, attempt, metas)))
 
 
 def published_attempt(store, block_id: str) -> str | None:

@@ -11,10 +11,8 @@ import json
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.group import ConsolidatedMetadata, GroupMetadata
-
 from maria_storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk_rows
+from maria_storage.zarr_compat import group_metadata, metadata_json
 
 # Codec choices, measured by `python -m maria_bench.layout` (README "The feature store"). Features are
 # near-incompressible float16, so they are stored raw; the small per-row arrays and init/ compress or weigh
@@ -24,9 +22,6 @@ from maria_storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk
 # integrity is the per-array sha256 in the commit marker, checked by the trainer's reader on a block's first
 # read and by verify. Sharding cut files by 16-47% but cost up to 12% of the write CPU and 7-19% of the read
 # CPU, and per-block metadata dominates the file count anyway.
-CHECKSUM_CHUNKS = True  # small arrays and init/
-CHECKSUM_FEATURES = False
-SHARD_FEATURES = False  # one shard file per block instead of one file per chunk (measured: not worth it)
 SMALL_COMPRESSORS = (ZstdCodec(level=1),)
 
 LAYOUT_NOTE = (
@@ -63,7 +58,7 @@ def _features_description(manifest: dict) -> dict:
 
 
 def _codecs(compressors: tuple, features: bool) -> tuple:
-    return tuple(compressors) + ((Crc32cCodec(),) if (CHECKSUM_FEATURES if features else CHECKSUM_CHUNKS) else ())
+    return tuple(compressors) + (() if features else (Crc32cCodec(),))
 
 
 def array_metadata(name: str, a: np.ndarray, dims: tuple[str, ...], attrs: dict, compress: bool,
@@ -71,11 +66,8 @@ def array_metadata(name: str, a: np.ndarray, dims: tuple[str, ...], attrs: dict,
     """Zarr v3 metadata of one array of `a`'s shape and dtype (built in memory; nothing is written)."""
     rows = feature_chunk_rows(a.shape[1], a.itemsize) if a.ndim == 2 else SMALL_CHUNK_ROWS
     chunk = (max(1, min(len(a), rows)),) + a.shape[1:]
-    shards = None
-    if SHARD_FEATURES and features and len(a) > chunk[0]:
-        shards = (-(-len(a) // chunk[0]) * chunk[0],) + a.shape[1:]  # one shard holds the whole block
     template = zarr.create_array(zarr.storage.MemoryStore(), name=name, shape=a.shape, dtype=a.dtype, chunks=chunk,
-                                 shards=shards, compressors=_codecs(SMALL_COMPRESSORS if compress else (), features),
+                                 compressors=_codecs(SMALL_COMPRESSORS if compress else (), features),
                                  dimension_names=dims, attributes=attrs, fill_value=0)
     return template.metadata
 
@@ -101,20 +93,17 @@ def init_array_metadata(name: str, a: np.ndarray, manifest: dict):
     return array_metadata(name, a, d[0], {"description": d[1]}, compress=False)
 
 
-def attempt_group(block_id: str, attempt: str, arrays: dict) -> GroupMetadata:
+def attempt_group(block_id: str, attempt: str, arrays: dict):
     """An attempt's group; its consolidated metadata lists its arrays (xarray opens it without probing)."""
-    return GroupMetadata(
-        attributes={"maria_attempt": {"block_id": block_id, "attempt": attempt,
-                                      "note": "one write attempt; it is data only if blocks/<block_id> names it "
-                                              "in maria_commit.attempt"}},
-        consolidated_metadata=ConsolidatedMetadata(metadata=dict(arrays)))
+    return group_metadata({"maria_attempt": {"block_id": block_id, "attempt": attempt,
+                                             "note": "one write attempt; it is data only if blocks/<block_id> names it "
+                                                     "in maria_commit.attempt"}}, arrays)
 
 
-def block_group(marker: dict, attempt_meta: GroupMetadata) -> GroupMetadata:
+def block_group(marker: dict, attempt_meta):
     """A committed block's group: the commit as attributes, and consolidated metadata listing only the
     committed attempt, so walking the hierarchy never meets another attempt as a member."""
-    nested = {marker["attempt"]: attempt_meta}
-    return GroupMetadata(attributes={"maria_commit": marker}, consolidated_metadata=ConsolidatedMetadata(metadata=nested))
+    return group_metadata({"maria_commit": marker}, {marker["attempt"]: attempt_meta})
 
 
 def root_attributes(manifest: dict, plan: dict | None = None) -> dict:
@@ -131,13 +120,7 @@ def root_attributes(manifest: dict, plan: dict | None = None) -> dict:
 
 def group_json(attributes: dict, consolidated: dict | None = None) -> bytes:
     """zarr.json bytes of a group (consolidated: {relative path: metadata} of its descendants)."""
-    meta = GroupMetadata(attributes=attributes,
-                         consolidated_metadata=None if consolidated is None else ConsolidatedMetadata(metadata=consolidated))
-    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-
-
-def metadata_json(meta) -> bytes:
-    return meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    return metadata_json(group_metadata(attributes, consolidated))
 
 
 def group_attributes(data: bytes | None) -> dict | None:

@@ -18,6 +18,7 @@ from maria_storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, INIT_ARRAYS, MAN
                             StoreNotFoundError, check_block_id, features_finite, init_shapes, sha256_of,
                             stored_feature_dtype)
 from maria_storage.location import Location
+from maria_storage.zarr_compat import group_metadata
 from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root
 
 _ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError,
@@ -86,10 +87,8 @@ def _write_init(loc: Location, weights: dict[str, np.ndarray], manifest: dict) -
     """init/ as one group; its attributes hold each array's sha256 (verify checks them)."""
     metas = {name: layout.init_array_metadata(name, a, manifest) for name, a in weights.items()}
     checksums = {name: sha256_of(a) for name, a in weights.items()}
-    group = layout.GroupMetadata(
-        attributes={"description": "PoE init: logits = h_mlm @ W1.T + b1 + h_ar @ W2.T + b2, in AR ids",
-                    "maria_checksums": checksums},
-        consolidated_metadata=layout.ConsolidatedMetadata(metadata=dict(metas)))
+    group = group_metadata({"description": "PoE init: logits = h_mlm @ W1.T + b1 + h_ar @ W2.T + b2, in AR ids",
+                            "maria_checksums": checksums}, metas)
     loc.remove_tree("init")  # what a create that crashed half-way left
     commit.write_hierarchy(loc.sub_store("init"), group, weights, metas)
 
