@@ -1,6 +1,7 @@
 """`maria export`, `maria infill` and `maria generate`: thin wrappers over the model core."""
 from __future__ import annotations
 
+from typing import Literal
 import json
 import math
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from maria.anneal import AnnealConfig, anneal
-from maria.device import resolve_device, resolve_dtype
+from maria.device import Device, DType, resolve_device, resolve_dtype
 from maria.io import atomic_write, guard_output_file, jsonl_with_keys
 from maria.limits import check_fits
 from maria.modeling_maria import MariaModel, export
@@ -27,7 +28,7 @@ class ExportConfig:
     overwrite: bool = False  # replace an existing MARIA checkpoint at --out
     allow_unfinished: bool = False  # export a head whose training run did not finish
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
-    dtype: str = "float32"  # dtype of every stored weight (backbones and head): float32 | bfloat16 | float16
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of every stored weight (backbones and head): float32 | bfloat16 | float16
     eval: str | None = None  # a `maria eval --json` result, shown in the model card's evaluation table
 
 
@@ -53,8 +54,8 @@ class InfillConfig:
     top_p: float = 1.0  # nucleus sampling mass (1 = off)
     seed: int | None = None  # sampling seed
     batch_size: int = 8  # windows decoded together
-    device: str = "auto"  # auto (cuda if visible) | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: Device = "auto"  # auto (cuda if visible) | cpu | cuda
+    dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
 
     def __post_init__(self):
         if (self.text is None) == (self.jsonl is None):
@@ -115,8 +116,8 @@ class GenerateConfig(AnnealConfig):
     model: str  # a MARIA checkpoint: the folder `maria export` wrote, or its hub id
     out: str | None = None  # JSONL of samples (default: print them)
     overwrite: bool = False  # replace an --out file written by an earlier `maria generate`
-    device: str = "auto"  # auto (cuda if visible) | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: Device = "auto"  # auto (cuda if visible) | cpu | cuda
+    dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
 
 
 def run_generate(cfg: GenerateConfig) -> list[str]:

@@ -7,6 +7,7 @@ on a GPU (bigger --train-docs, --mlm-steps, --train-steps; --device cuda).
 """
 from __future__ import annotations
 
+from typing import Literal
 import hashlib
 import json
 import time
@@ -22,7 +23,7 @@ from maria_defaults.defaults import convert_gguf_ar, default_cache_dir
 from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
 from maria_extract.job import ExtractConfig, run_extract
 from maria.anneal import AnnealConfig, anneal
-from maria.device import resolve_device
+from maria.device import Device, resolve_device
 from maria.head import init_head
 from maria.modeling_maria import MariaModel
 from maria_train_head.evaluate import EvalConfig, run_eval
@@ -46,10 +47,10 @@ class DemoConfig:
     eval_every: int = 20  # validate on the held-out training blocks every N steps; the best head (step 0 included) is kept
     batch_size: int = 512  # masked tokens per head step
     lr: float = 1e-4  # head learning rate
-    init: str = "mix"  # head init: mix (expert scales fitted on the cache; METHOD.md's advice for a weak MLM) | poe (the paper's) | random
+    init: Literal["mix", "poe", "random", "ar-only"] = "mix"  # head init: mix (expert scales fitted on the cache; METHOD.md's advice for a weak MLM) | poe (the paper's) | random
     examples: int = 4  # validation sentences printed with one masked span of 1-5 words (MARIA vs each expert alone)
     anneal_steps: int = 8  # simulated-annealing steps of the generated sample
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"  # auto | cpu | cuda
     seed: int = 0  # masks, training order, sampling
 
 

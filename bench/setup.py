@@ -10,6 +10,7 @@ Backbones are random-weight models built from configs (no hub), or --mlm/--ar fo
 """
 from __future__ import annotations
 
+from typing import Literal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM, OlmoConfig, OlmoForCausalLM
 
 from maria.backbones import Backbones, load_backbones
-from maria.device import resolve_device, resolve_dtype
+from maria.device import Device, DType, resolve_device, resolve_dtype
 from maria.head import init_head
 
 PRESETS = {  # (mlm hidden, mlm layers, ar hidden, ar layers, vocab)
@@ -35,7 +36,7 @@ class BenchConfig:
     what: str  # decode | extract | train | anneal | quality
     json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
     overwrite: bool = False  # replace a --json written by an earlier `maria bench`
-    preset: str = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
+    preset: Literal["tiny", "small", "smollm", "paper"] = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
     mlm: str | None = None  # or real backbones: MLM folder/id ...
     ar: str | None = None  # ... and AR folder/id
     model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head)
@@ -50,8 +51,8 @@ class BenchConfig:
     unmask_steps: int = 16  # decode: k steps of MLM iterative unmasking (0: skip it)
     steps: int = 200  # train/anneal: steps to time
     threads: int = 0  # CPU threads for torch (0: $MARIA_TORCH_THREADS, else every core); 1 keeps timings steady on a shared CPU
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
+    device: Device = "auto"  # auto | cpu | cuda
+    dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
     windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain)
 

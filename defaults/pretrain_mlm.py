@@ -21,6 +21,7 @@ until the step budget, evaluating held-out masked-token accuracy before, at snap
 """
 from __future__ import annotations
 
+from typing import Literal
 import json
 import math
 import random
@@ -36,7 +37,7 @@ from maria_defaults.corpus_wiki import prepare_wiki_corpus
 from maria_defaults.defaults import default_cache_dir
 from maria_defaults.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
 from maria_extract.corpus import cut_windows, iter_documents
-from maria.device import cpu_threads, resolve_device
+from maria.device import Device, cpu_threads, resolve_device
 
 MASK_TOKEN = "<|mask|>"
 
@@ -60,7 +61,7 @@ class PretrainMLMConfig:
     batch_size: int = 8  # windows per step; on a CPU budget more small steps beat fewer big ones (measured)
     lr: float = 1e-3  # peak AdamW learning rate for new weights
     ar_lr_scale: float = 0.3  # weights copied from the AR train at lr * this, so they are adapted, not erased
-    schedule: str = "cosine"  # cosine (warm-up, then cosine to 10% of peak) | constant (warm-up, then flat: snapshots are comparable)
+    schedule: Literal["cosine", "constant"] = "cosine"  # cosine (warm-up, then cosine to 10% of peak) | constant (warm-up, then flat: snapshots are comparable)
     warmup_steps: int = 20  # linear warm-up steps
     snapshots: list[int] = field(default_factory=list)  # also save the model (and its held-out accuracy) after these steps, in out/step-N
     skip_docs: int = 0  # leave out the first N training documents (the demo's head trains on them: an MLM that memorised them would look stronger there than on new text)
@@ -73,7 +74,7 @@ class PretrainMLMConfig:
     eval_mask_prob: float = 0.5  # masking rate of the held-out accuracy measurement
     eval_windows: int = 256  # held-out windows evaluated (keeps evaluation under a minute on CPU)
     weight_decay: float = 0.01  # AdamW weight decay (not on norms, biases or embeddings)
-    device: str = "cpu"  # cpu | cuda | auto; results are compared across machines on cpu
+    device: Device = "cpu"  # cpu | cuda | auto; results are compared across machines on cpu
 
     def __post_init__(self):
         if not Path(self.tokenizer_from).expanduser().exists():

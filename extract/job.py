@@ -11,6 +11,7 @@ committed blocks and finishes the rest. The driver alone writes store metadata.
 """
 from __future__ import annotations
 
+from typing import Literal
 import logging
 import contextlib
 import dataclasses
@@ -28,6 +29,7 @@ from maria_extract.ray_compat import drop_high_memory_detector
 from maria_extract.source import read_corpus
 from maria_extract.stages import BlockHooks, FeatureActor, StageSpec, describe_backbones, tokenize_and_mask, write_blocks
 from maria_storage import create_store
+from maria.device import Device, DType
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
@@ -44,7 +46,7 @@ class ExtractConfig:
     split: str | None = None  # split of a saved datasets folder (unset: train, else its first split)
     max_docs: int | None = None  # use only the first N documents (rows in corpus order, empty ones included)
     window_length: int = 128  # tokens per window (windows never mix documents)
-    mask_mode: str = "token"  # token | word | span
+    mask_mode: Literal["token", "word", "span"] = "token"  # token | word | span
     mask_rate: float | None = None  # fixed rate; unset = Uniform(min, max) per window
     mask_min_rate: float = 0.0  # lower end of the uniform rate
     mask_max_rate: float = 1.0  # upper end of the uniform rate
@@ -52,9 +54,9 @@ class ExtractConfig:
     seed: int = 0  # masks are a pure function of (seed, document, window, k)
     docs_per_block: int = 8  # documents (rows of one file) per store block: the unit of work, retry and resume
     batch_size: int = 16  # windows per backbone forward (length-bucketed)
-    device: str = "auto"  # auto (cuda on actors given a GPU, else cpu) | cpu | cuda; decided on each actor
-    dtype: str = "auto"  # backbone dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
-    feature_dtype: str = "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits)
+    device: Device = "auto"  # auto (cuda on actors given a GPU, else cpu) | cpu | cuda; decided on each actor
+    dtype: DType = "auto"  # backbone dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    feature_dtype: Literal["float16", "bfloat16"] = "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits)
     actor_gpus: float | None = None  # GPUs per backbone actor (0.5 = two actors share a GPU); unset = 1 if the cluster has or can add GPUs and --device is not cpu, else 0
     actor_cpus: float = 0.5  # CPUs per backbone actor (fractional: on small nodes whole CPUs can starve the pipeline)
     actor_memory_gb: float | None = None  # RAM Ray reserves per backbone actor (set it on a fleet: about 3x both backbones' weights)

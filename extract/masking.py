@@ -5,6 +5,7 @@ masks, and any block can be recomputed alone.
 """
 from __future__ import annotations
 
+from typing import Literal
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ import numpy as np
 
 @dataclass
 class MaskingConfig:
-    mode: str = "token"  # token (independent) | word (all tokens of a word) | span (contiguous spans)
+    mode: Literal["token", "word", "span"] = "token"  # token (independent) | word (all tokens of a word) | span (contiguous spans)
     rate: float | None = None  # fixed mask rate; None = a rate r ~ Uniform(min_rate, max_rate) per window
     min_rate: float = 0.0  # lower end of the uniform rate
     max_rate: float = 1.0  # upper end of the uniform rate

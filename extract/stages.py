@@ -85,11 +85,11 @@ def load(cfg: StageSpec, device: str, check_parity: bool = True):
 
 
 def check_window_fits(bb, window_length: int) -> None:
-    for name, model, extra in (("MLM", bb.mlm, len(bb.mlm_prefix) + len(bb.mlm_suffix)), ("AR", bb.ar, 0)):
-        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if limit is not None and window_length + extra > limit:
-            raise ValueError(f"window length {window_length} exceeds the {name}'s limit of {limit - extra} tokens; "
-                             f"pass --window-length {limit - extra} or less")
+    """The window must fit both models as decoding will read it (Backbones.max_window: one definition)."""
+    limit = bb.max_window()
+    if limit is not None and window_length > limit:
+        raise ValueError(f"window length {window_length} exceeds the backbones' limit of {limit} tokens; "
+                         f"pass --window-length {limit} or less")
 
 
 def describe_backbones(cfg: StageSpec) -> tuple[dict, dict]:

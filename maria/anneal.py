@@ -14,12 +14,12 @@ measured as generative perplexity under the AR (`maria bench anneal`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from transformers import DynamicCache
 
+from maria.baselines import ar_generate
 from maria.decode import Sampling, infill
-from maria.transformers_compat import cache_kwargs
 
 
 @dataclass
@@ -32,8 +32,7 @@ class AnnealConfig:
     mask_start: float = 0.15  # fraction of positions re-masked at the first step
     mask_end: float = 0.03  # ... and at the last (linear in between)
     span: bool = True  # re-mask one contiguous span (a local edit) rather than scattered positions
-    init: str = "ar"  # initial sample: ar (AR sampling) | infill (MARIA on an all-masked window)
-    energy: str = "ar"  # ar (NLL under the AR)
+    init: Literal["ar", "infill"] = "ar"  # initial sample: ar (AR sampling) | infill (MARIA on an all-masked window)
     temperature: float = 1.0  # sampling temperature of proposals and of the initial sample
     top_p: float = 0.9  # nucleus mass of proposals (the tail of a weak MLM's mix is where bad proposals come from)
     seed: int = 0  # seeds masks, proposals and acceptance
@@ -43,8 +42,8 @@ class AnnealConfig:
             raise ValueError("annealing needs steps >= 0, length >= 2 and chains >= 1")
         if not (0 < self.mask_end <= 1 and 0 < self.mask_start <= 1) or self.t_start <= 0 or self.t_end <= 0:
             raise ValueError("mask fractions must be in (0, 1] and temperatures > 0")
-        if self.init not in ("ar", "infill") or self.energy != "ar":
-            raise ValueError("init must be ar or infill; energy must be ar")
+        if self.init not in ("ar", "infill"):
+            raise ValueError(f"init must be ar or infill, not {self.init!r}")
 
 
 @torch.no_grad()
@@ -58,17 +57,10 @@ def ar_nll(bb, ids: torch.Tensor) -> torch.Tensor:
     return nll.mean(1)
 
 
-@torch.no_grad()
 def ar_sample(bb, n: int, length: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
-    cache = DynamicCache(config=bb.ar.config)
-    x = torch.full((n, 1), bb.start_id if bb.start_id is not None else 0, dtype=torch.long, device=bb.device)
-    out = []
-    for _ in range(length):
-        logits = bb.ar(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(bb.ar, cache)).logits[:, -1].float()
-        probs = (logits / max(temperature, 1e-6)).softmax(-1)
-        x = torch.multinomial(probs.cpu(), 1, generator=generator).to(bb.device)
-        out.append(x)
-    return torch.cat(out, 1)
+    """n samples of `length` tokens from the AR alone (the chains' starting points)."""
+    empty = torch.zeros((n, 0), dtype=torch.long, device=bb.device)
+    return ar_generate(bb, empty, length, Sampling(temperature=temperature), generator)
 
 
 def remask(cfg: AnnealConfig, n_mask: int, keep_first: bool, g: torch.Generator) -> torch.Tensor:

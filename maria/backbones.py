@@ -75,7 +75,8 @@ class Backbones:
                 "start_token_id": self.start_id}
 
     def max_window(self) -> int | None:
-        """Longest window both backbones can read (the MLM also reads its special tokens)."""
+        """Longest window both backbones can read: the MLM also reads its special tokens, and the AR the
+        start token before the window. Extraction, decoding and the text interface all use this one limit."""
         limits = []
         for model, extra in ((self.mlm, len(self.mlm_prefix) + len(self.mlm_suffix)), (self.ar, 1)):
             limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

@@ -11,21 +11,26 @@ import torch
 from transformers import DynamicCache
 
 from maria.backbones import Backbones
+from maria.decode import Sampling, sample
 from maria.features import mlm_states, valid_positions
 from maria.transformers_compat import cache_kwargs
 
 
 @torch.no_grad()
-def ar_generate(bb: Backbones, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy KV-cached generation of `new_tokens` after `prompt` (B, n): one token per step."""
+def ar_generate(bb: Backbones, prompt: torch.Tensor, new_tokens: int, sampling: Sampling = Sampling(),
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """KV-cached generation of `new_tokens` after `prompt` (B, n), one token per step: greedy by default,
+    else as `sampling` says. The one AR sampling loop (annealing starts from it, benchmarks time it).
+    After the start token (an AR with neither BOS nor EOS starts an empty prompt from token 0)."""
     cache = DynamicCache(config=bb.ar.config)
     x = prompt
-    if bb.start_id is not None:
-        x = torch.cat([torch.full_like(prompt[:, :1], bb.start_id), prompt], 1)
+    if bb.start_id is not None or prompt.shape[1] == 0:
+        start = bb.start_id if bb.start_id is not None else 0
+        x = torch.cat([torch.full((len(prompt), 1), start, dtype=prompt.dtype, device=prompt.device), prompt], 1)
     out = []
     for _ in range(new_tokens):
         logits = bb.ar(input_ids=x, use_cache=True, logits_to_keep=1, **cache_kwargs(bb.ar, cache)).logits[:, -1]
-        x = logits.argmax(-1, keepdim=True)
+        x = sample(logits, sampling, generator)[:, None].to(prompt.device)
         out.append(x)
     return torch.cat([prompt] + out, 1)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from maria.backbones import Backbones, projection_input
 from maria.features import check_mask, mlm_states, valid_positions
@@ -42,18 +42,15 @@ class Sampling:
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else drawn after transformers' own warpers
+    (temperature, then top-k, then top-p: the order generate() applies them)."""
     logits = logits.float()
     if s.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / s.temperature
-    if s.top_k:
-        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > s.top_p  # keep tokens until the mass before them reaches p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    warpers = [TemperatureLogitsWarper(s.temperature)]
+    warpers += [TopKLogitsWarper(s.top_k)] if s.top_k else []
+    warpers += [TopPLogitsWarper(s.top_p)] if s.top_p < 1 else []
+    logits = LogitsProcessorList(warpers)(None, logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import torch
+
+# The flag types of every verb, so a typo (`--device gpu`) fails when the command line is parsed.
+Device = Literal["auto", "cpu", "cuda"]  # auto: cuda when a GPU is visible (on a Ray actor: when Ray gave it one)
+DType = Literal["auto", "float32", "bfloat16", "float16"]  # auto: bfloat16 on a GPU, float32 on a CPU
 
 
 def resolve_device(device: str = "auto") -> str:

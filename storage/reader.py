@@ -181,15 +181,26 @@ class ShuffledReader:
                 "mask_rates": cat["mask_rates"].astype(np.float32, copy=False)}
 
 
-def load_all(store: FeatureStore | str, blocks: list[str] | None = None, verify: bool = False) -> dict[str, np.ndarray]:
-    """Every committed block (or `blocks`) concatenated in block-id order: features float32, targets int64,
-    other arrays in their stored dtypes. For stores that fit in RAM."""
+def load_all(store: FeatureStore | str, blocks: list[str] | None = None, verify: bool = False, skip_corrupt: bool = False,
+             float32: bool = True) -> dict[str, np.ndarray]:
+    """Every committed block (or `blocks`) concatenated in block-id order: targets int64, features float32
+    (or as stored with float32=False: half the RAM), other arrays in their stored dtypes. For stores that fit
+    in RAM. A damaged block raises CorruptBlockError, or is skipped with a warning (skip_corrupt=True)."""
     store = open_store(store) if isinstance(store, str) else store
     blocks = sorted(blocks if blocks is not None else store.committed_blocks())
-    parts = [store.read_block(b, verify=verify) for b in blocks]
+    parts = []
+    for b in blocks:
+        try:
+            parts.append(store.read_block(b, verify=verify))
+        except CorruptBlockError as e:
+            if not skip_corrupt:
+                raise
+            warnings.warn(f"skipping corrupt block {b}: {e}")
     if not parts:
-        raise StoreError(f"{store.url} has no committed blocks; run extraction into it first")
+        raise StoreError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify --store {store.url}` "
+                         "and re-extract")
     out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    out["features"] = as_float32(out["features"], store.manifest)
+    if float32:
+        out["features"] = as_float32(out["features"], store.manifest)
     out["targets"] = out["targets"].astype(np.int64)
     return out

@@ -41,10 +41,11 @@ def manifest_of(bb, window_length: int = 24, feature_dtype: str = "float16") -> 
 
 
 def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, windows_per_block: int = 16,
-               feature_dtype: str = "float16", plan: bool = False, missing: int = 0):
+               feature_dtype: str = "float16", plan: bool = False, missing: int = 0, finalize: bool = True):
     """Write a store of the aligned features of `make_windows(bb, n_windows, seed)`; one block per
     `windows_per_block` windows. Returns the opened FeatureStore. plan=True records a plan as extraction does
-    (FINISH_COMMAND) and finalizes; `missing` more planned blocks are never written (an incomplete store)."""
+    (FINISH_COMMAND) and finalizes (unless finalize=False: every block there, the job never finished);
+    `missing` more planned blocks are never written (an incomplete store)."""
     from maria_storage import create_store
 
     from maria.features import aligned_features
@@ -63,7 +64,7 @@ def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, win
     if plan:
         written = store.committed_blocks()
         store.write_plan(written + [f"b{len(written) + i:06d}" for i in range(missing)], FINISH_COMMAND.format(path=path))
-        if not missing:
+        if not missing and finalize:
             store.gc_uncommitted()
             store.finalize()
     return store

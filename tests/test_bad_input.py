@@ -54,7 +54,7 @@ def test_config_errors(capsys, extract_args, tmp_path):
 def test_window_longer_than_the_model(capsys, ray_local, extract_args, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world " * 20}])
     args = [a if a != 24 else 4096 for a in extract_args]
-    assert "exceeds the MLM's limit" in run_cli(capsys, *args, "--corpus", corpus)
+    assert "exceeds the backbones' limit" in run_cli(capsys, *args, "--corpus", corpus)
     assert not (tmp_path / "store").exists()
 
 

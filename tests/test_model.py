@@ -189,3 +189,19 @@ def test_clear_errors(pairs, tmp_path):
     with pytest.raises(IdentityMismatchError, match="made by other backbones"):
         export(mlm, ar, str(head_dir), str(tmp_path / "ckpt"))
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_one_window_limit_for_extraction_and_decoding(backbones):
+    """The longest window extraction accepts is the longest the decoder and the text interface accept."""
+    from maria_extract.stages import check_window_fits
+
+    from maria.limits import check_fits
+
+    for bb in backbones.values():
+        limit = bb.max_window()
+        check_window_fits(bb, limit)
+        check_fits(bb, 1, limit)
+        with pytest.raises(ValueError, match=f"limit of {limit}"):
+            check_window_fits(bb, limit + 1)
+        with pytest.raises(ValueError, match=f"limit of {limit}"):
+            check_fits(bb, 1, limit + 1)

@@ -1,5 +1,5 @@
 """The store read without this project's code: plain zarr, xarray, tensorstore, the README snippet.
-Also: `import storage` pulls in no torch, transformers, ray or maria."""
+Also: `import maria_storage` pulls in no torch, transformers, ray or maria."""
 from __future__ import annotations
 
 import json

@@ -195,3 +195,15 @@ def test_bench_train_reports_bounds(stores):
     for k in ("train_rows_per_s", "read_rows_per_s", "step_rows_per_s"):
         assert r[k] > 0
     assert r["train_over_bound"] == pytest.approx(r["train_rows_per_s"] / min(r["read_rows_per_s"], r["step_rows_per_s"]))
+
+
+@pytest.mark.parametrize("missing,why", [(0, "never finished"), (2, "planned blocks are missing")])
+def test_an_unfinished_store_is_refused_by_train_and_eval(bb, stores, tmp_path, missing, why):
+    """One rule (the store's require_complete) for both verbs: all blocks there but never finalized is refused too."""
+    store = make_store(tmp_path / "s", bb, 64, seed=3, plan=True, missing=missing, finalize=False)
+    with pytest.raises(DataError, match=why):
+        run_train(config(stores, tmp_path / "h", store=store.url, max_steps=2))
+    assert not (tmp_path / "h").exists()
+    with pytest.raises(DataError, match=why):
+        run_eval(EvalConfig(store=store.url, device="cpu"))
+    run_eval(EvalConfig(store=store.url, device="cpu", allow_incomplete=True))

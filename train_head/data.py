@@ -16,19 +16,22 @@ import warnings
 import numpy as np
 import torch
 
-from maria_storage import CorruptBlockError, ShuffledReader
+from maria_storage import CorruptBlockError, IncompleteStoreError, ShuffledReader, load_all
 
 
 class DataError(ValueError):
     """Feature data the trainer cannot use; the message names the fix."""
 
 
-def check_complete(store, url: str, allow_incomplete: bool) -> None:
-    """An extraction that was killed or hit a full disk leaves a store that looks fine but is short."""
-    missing = store.missing_blocks()
-    if missing and not allow_incomplete:
-        raise DataError(f"store {url} is incomplete: {len(missing)} planned block(s) were never written; finish it by "
-                        f"re-running its `maria extract` command (see `maria verify --store {url}`), or pass --allow-incomplete")
+def check_complete(store, allow_incomplete: bool) -> None:
+    """The store's own rule (FeatureStore.require_complete: every planned block committed and the job
+    finalized): an extraction that was killed or hit a full disk leaves a store that looks fine but is short."""
+    if allow_incomplete:
+        return
+    try:
+        store.require_complete()
+    except IncompleteStoreError as e:
+        raise DataError(f"{e}; or pass --allow-incomplete to use it as it is") from None
 
 
 def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -52,33 +55,16 @@ def rows_bytes(store, blocks: list[str]) -> int:
     return rows * (2 * store.feature_dim + 8 + 4)
 
 
-def available_memory() -> int:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def read_rows(store, blocks: list[str], skip_corrupt: bool = False) -> dict[str, torch.Tensor]:
-    """Every row of the blocks, features kept in their stored 16-bit dtype (half the RAM of float32)."""
-    feats, targets, rates = [], [], []
-    for b in blocks:
-        try:
-            a = store.read_block(b, verify=True)
-        except CorruptBlockError as e:
-            if not skip_corrupt:
-                raise DataError(f"{e} (or pass --skip-corrupt to train without it)") from None
-            warnings.warn(f"skipping corrupt block {b}: {e}")
-            continue
-        f = torch.from_numpy(np.ascontiguousarray(a["features"]))
-        feats.append(f.view(torch.bfloat16) if f.dtype == torch.uint16 else f)  # bf16 is stored as its bits
-        targets.append(torch.from_numpy(a["targets"].astype(np.int64)))
-        rates.append(torch.from_numpy(a["mask_rates"].astype(np.float32)))
-    if not feats:
-        raise DataError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify --store {store.url}` and re-extract")
-    return {"features": torch.cat(feats), "targets": torch.cat(targets), "mask_rates": torch.cat(rates)}
+    """Every row of the blocks (maria_storage.load_all), features kept in their stored 16-bit dtype (half
+    the RAM of float32)."""
+    try:
+        a = load_all(store, blocks, verify=True, skip_corrupt=skip_corrupt, float32=False)
+    except CorruptBlockError as e:
+        raise DataError(f"{e} (or pass --skip-corrupt to train without it)") from None
+    f = torch.from_numpy(np.ascontiguousarray(a["features"]))
+    return {"features": f.view(torch.bfloat16) if f.dtype == torch.uint16 else f,  # bf16 is stored as its bits
+            "targets": torch.from_numpy(a["targets"]), "mask_rates": torch.from_numpy(a["mask_rates"].astype(np.float32))}
 
 
 def eval_batches(rows: dict[str, torch.Tensor], batch_size: int, device: str):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from maria.device import resolve_device
+from maria.device import Device, resolve_device
 from maria.head import FusionHead, expert_logits, init_head, load_head
 from maria.identity import check_same_backbones
 from maria.plots import line_plot
@@ -44,7 +44,7 @@ class EvalConfig:
     markdown: str | None = None  # write the Markdown table here
     overwrite: bool = False  # replace --json/--markdown files written by an earlier `maria eval`
     batch_size: int = 1024  # rows per forward
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"  # auto | cpu | cuda
     allow_incomplete: bool = False  # evaluate a store whose extraction has not finished (default: refuse)
     buckets: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # mask-rate bucket edges
 
@@ -78,7 +78,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     guard_output_file(cfg.markdown, cfg.overwrite, lambda t: t.startswith(TABLE_TITLE), flag="--markdown")
     device = resolve_device(cfg.device)
     store = open_store(cfg.store)
-    check_complete(store, cfg.store, cfg.allow_incomplete)
+    check_complete(store, cfg.allow_incomplete)
     experts = expert_tensors(store)
     e = {k: v.to(device) for k, v in experts.items()}
     heads = {"poe_init": init_head("poe", experts).to(device)}

@@ -8,6 +8,7 @@ never ends worse than its start (METHOD.md: a big head on few tokens overfits fr
 """
 from __future__ import annotations
 
+from typing import Literal
 import logging
 import math
 import shutil
@@ -16,16 +17,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from maria.device import resolve_device
+from maria.device import Device, resolve_device
 from maria.head import INITS, FusionHead, init_head, save_head
 from maria.identity import check_same_backbones, identity_record
 from maria.io import guard_output
+from maria.limits import free_bytes
 from maria_storage import open_store
 from maria_train_head import checkpoint as ck
-from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, available_memory, check_complete, eval_batches,
+from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, check_complete, eval_batches,
                              read_rows, rows_bytes, split_blocks)
 from maria_train_head.evaluate import mean_nll
 from maria_train_head.init import expert_tensors, fit_mix_scales
@@ -42,7 +45,7 @@ class TrainConfig:
     overwrite: bool = False  # start over in an --out that already holds a head (default: refuse; --resume continues it)
     val_store: str | None = None  # validation store made by the same backbones (default: hold out --val-fraction of --store's blocks)
     val_fraction: float = 0.1  # share of --store's blocks held out for validation when there is no --val-store (chosen by block-id hash)
-    init: str = "poe"  # poe (the paper's [W1/2, W2/2]) | mix (per-expert scales fitted on the training rows) | random (ablation) | ar-only
+    init: Literal["poe", "mix", "random", "ar-only"] = "poe"  # poe (the paper's [W1/2, W2/2]) | mix (per-expert scales fitted on the training rows) | random (ablation) | ar-only
     lr: float = 3e-4  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr x this
     weight_decay: float = 0.0  # AdamW decay toward ZERO (undoes a pretrained init; prefer --reg-to-init)
@@ -57,9 +60,9 @@ class TrainConfig:
     early_stopping_patience: int = 5  # stop after N validations without a new best (0 = never)
     seed: int = 0  # data order, random init, and the rows the mix init is fitted on
     resume: bool = False  # continue from out/ckpt exactly where it stopped (starts fresh when there is none)
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"  # auto | cpu | cuda
     skip_corrupt: bool = False  # train without blocks that fail their checksum (default: stop and name them)
-    data_mode: str = "auto"  # auto (ram when the rows take under a quarter of available memory, else stream) | ram | stream
+    data_mode: Literal["auto", "ram", "stream"] = "auto"  # auto (ram when the rows take under a quarter of available memory, else stream) | ram | stream
     mix_rows: int = 8192  # mix init: training rows the two scales are fitted on
     allow_incomplete: bool = False  # train on a store whose extraction has not finished (default: refuse)
 
@@ -85,21 +88,24 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be >= 1, got {self.max_steps}")
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """transformers' linear warm-up + cosine to min_lr_ratio of the peak, as a pure function of the step
+    (the factor by which the peak lr is scaled): a resumed run recomputes it, no scheduler state to save."""
+    anchor = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # the schedule needs an optimizer to wrap
+    return get_cosine_with_min_lr_schedule_with_warmup(anchor, warmup_steps, total_steps, min_lr_rate=min_lr_ratio).lr_lambdas[0]
+
+
+
 
 
 def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     """(store, train batches, validation batch factory, train/val block lists, resolved data mode)."""
     store = open_store(cfg.store)
-    check_complete(store, cfg.store, cfg.allow_incomplete)
+    check_complete(store, cfg.allow_incomplete)
     train_blocks = store.committed_blocks()
     if cfg.val_store:
         vstore = open_store(cfg.val_store)
-        check_complete(vstore, cfg.val_store, cfg.allow_incomplete)
+        check_complete(vstore, cfg.allow_incomplete)
         check_same_backbones(store.manifest, vstore.manifest, f"store {cfg.store}", f"val store {cfg.val_store}",
                              "extract the validation store with the same --mlm and --ar as the training store")
         val_blocks = vstore.committed_blocks()
@@ -108,7 +114,7 @@ def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
         train_blocks, val_blocks = split_blocks(train_blocks, cfg.val_fraction)
     if not train_blocks:
         raise DataError(f"store {cfg.store} has no committed blocks; run `maria extract` first")
-    budget = 0.25 * available_memory()
+    budget = 0.25 * free_bytes("cpu")  # of host RAM, also for a GPU run: the rows are read into RAM first
     train_bytes, val_bytes = rows_bytes(store, train_blocks), rows_bytes(vstore, val_blocks)
     mode = mode or (cfg.data_mode if cfg.data_mode != "auto" else ("ram" if train_bytes + val_bytes < budget else "stream"))
     gpu_budget = 0.0
@@ -283,11 +289,12 @@ def train_loop(cfg: TrainConfig, device: str, out: Path, stop_after: int | None 
     store, train, val, head, init_params, opt, best, s, mode = start_run(cfg, device, out)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     total, stop_after = s.config["total_steps"], -1 if stop_after is None else stop_after
+    schedule = warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio)
     bar = tqdm(total=total, initial=s.step, desc=f"train ({mode}, {device})", unit="step", dynamic_ncols=True)
     loss_acc = torch.zeros((), device=device)  # summed on the device: one sync per validation, not per step
     try:
         while s.step < total and not s.stopped_early and s.step != stop_after:
-            t0, lr = time.perf_counter(), lr_at(s.step, cfg, total)
+            t0, lr = time.perf_counter(), cfg.lr * schedule(s.step)
             for g in opt.param_groups:
                 g["lr"] = lr
             f, t = train.next()
