@@ -50,6 +50,7 @@ class ExtractConfig:
     mask_rate: float | None = None  # fixed rate; unset = Uniform(min, max) per window
     mask_min_rate: float = 0.0  # lower end of the uniform rate
     mask_max_rate: float = 1.0  # upper end of the uniform rate
+    mask_span_mean: float = 3.0  # mean span length in tokens (mask mode span; spans are geometric)
     masks_per_window: int = 1  # K masks per window (one AR pass serves all K)
     seed: int = 0  # masks are a pure function of (seed, document, window, k)
     docs_per_block: int = 8  # documents (rows of one file) per store block: the unit of work, retry and resume
@@ -70,7 +71,8 @@ class ExtractConfig:
     ar_revision: str | None = None  # hub revision of the AR
 
     def __post_init__(self):
-        self.masking = MaskingConfig(self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, masks_per_window=self.masks_per_window)
+        self.masking = MaskingConfig(self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, span_mean=self.mask_span_mean,
+                                     masks_per_window=self.masks_per_window)
         if self.window_length < 2 or self.docs_per_block < 1 or self.batch_size < 1:
             raise ValueError("window length must be >= 2, docs per block and batch size >= 1")
         if self.feature_dtype not in ("float16", "bfloat16"):
@@ -163,8 +165,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) ->
                 "docs_per_block": cfg.docs_per_block, "documents": sum(rows), "files": sum(1 for n in rows if n)}
     store = create_store(cfg.store, manifest, init_weights)
     plan = plan_blocks(rows, cfg.docs_per_block)
-    if hasattr(store, "write_plan"):  # the completeness plan (storage's API; absent in older storage)
-        store.write_plan([b for b, *_ in plan], command_line(cfg))
+    store.write_plan([b for b, *_ in plan], command_line(cfg))  # what "complete" means, and the command that finishes it
     new_rows = new_tokens = 0
     steady = {}
     for attempt in range(1, PIPELINE_ATTEMPTS + 1):

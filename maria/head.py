@@ -84,12 +84,9 @@ class FusionHead(nn.Module):
     @classmethod
     def random(cls, d_mlm: int, d_ar: int, vocab_size: int, seed: int = 0) -> "FusionHead":
         """The ablation: PyTorch's default Linear init, seeded without touching the global RNG."""
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
             return cls(d_mlm, d_ar, vocab_size)
-        finally:
-            torch.random.set_rng_state(gen_state)
 
 
 def init_head(init: str, experts: dict, scales: tuple[float, float] | None = None, seed: int = 0) -> FusionHead:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+import ml_dtypes
 import numpy as np
 
 FORMAT_VERSION = 2  # 2: self-describing hierarchy, bf16 attributes, crc32c chunks, init checksums, plan
@@ -107,10 +108,8 @@ def stored_feature_dtype(manifest: dict) -> np.dtype:
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 -> bfloat16, returned as uint16 bits (what torch does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-    return (rounded >> np.uint32(16)).astype("<u2")
+    """Round-to-nearest-even float32 -> bfloat16 (ml_dtypes, as torch rounds), returned as its uint16 bits."""
+    return np.ascontiguousarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view("<u2")
 
 
 def as_float32(features: np.ndarray, manifest: dict | None = None) -> np.ndarray:
@@ -119,7 +118,7 @@ def as_float32(features: np.ndarray, manifest: dict | None = None) -> np.ndarray
     if bf16:
         if features.dtype != np.uint16:
             raise StoreError(f"bfloat16 features must be stored as uint16 bits, got {features.dtype}")
-        return (features.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return features.view(ml_dtypes.bfloat16).astype(np.float32)
     return features.astype(np.float32)
 
 

@@ -42,7 +42,7 @@ def test_corpus_errors(capsys, extract_args, tmp_path):
 def test_config_errors(capsys, extract_args, tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world " * 20}])
     assert "outside [0, 1]" in run_cli(capsys, *extract_args, "--corpus", corpus, "--mask-rate", 1.5)
-    assert "masking mode 'words' is unknown" in run_cli(capsys, *extract_args, "--corpus", corpus, "--mask-mode", "words")
+    assert "invalid choice 'words' for argument '--mask-mode'" in run_cli(capsys, *extract_args, "--corpus", corpus, "--mask-mode", "words")
     assert "missing required option(s): --corpus" in run_cli(capsys, *extract_args)
     yaml_cfg = tmp_path / "x.yaml"
     yaml_cfg.write_text("windw_length: 12\n")

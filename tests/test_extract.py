@@ -115,3 +115,11 @@ def test_masking_modes_are_deterministic():
             assert all(len(set(a[words == w])) == 1 for w in np.unique(words))
         if mode == "span":
             assert a.sum() == 20
+
+
+def test_span_mean_is_a_flag_and_reaches_the_masks():
+    from extract_fixtures import config_from_args
+
+    base = ["--mlm", "m", "--ar", "a", "--corpus", "c", "--store", "s", "--mask-mode", "span"]
+    assert config_from_args(base).masking.span_mean == 3.0
+    assert config_from_args(base + ["--mask-span-mean", "6"]).masking.span_mean == 6.0
