@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 
-from huggingface_hub import ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
+
+INSTALL = "pip install maria-infill"  # the distribution; its import name is `maria`
 
 ROLES = {"mlm": "masked LM", "ar": "causal LM"}
 
@@ -57,9 +59,37 @@ def eval_rows(meta: dict, eval_results: dict | None) -> list[str]:
     return rows or ["No evaluation was recorded: run `maria eval` and export with `--eval RESULT.json` to include it."]
 
 
-def model_card(name: str, config: dict, head_meta: dict, eval_results: dict | None = None) -> str:
+def card_license(licenses: dict) -> tuple[str, str]:
+    """(the card's license field, a line saying where it comes from). A MARIA checkpoint carries both
+    backbones' weights, so it is under both licenses: one when they agree, "other" (naming them) when not."""
+    known = {k: v for k, v in licenses.items() if v}
+    if known and len(set(known.values())) == 1 and len(known) == len(licenses):
+        value = next(iter(known.values()))
+        return value, f"License: `{value}`, the license of both backbones."
+    named = ", ".join(f"{ROLES[k]}: `{v or 'not recorded'}`" for k, v in licenses.items())
+    return "other", f"License: the backbones' own terms apply to their weights ({named}); check both before use."
+
+
+def model_index(name: str, eval_results: dict | None) -> list[EvalResult] | None:
+    """The `maria eval` table as model-index results: NLL and perplexity per masked token for each model."""
+    if not eval_results:
+        return None
+    out = []
+    for key, m in eval_results["models"].items():
+        for metric, value in (("perplexity", m["ppl"]), ("nll", m["nll"])):
+            if value is not None and math.isfinite(value):
+                out.append(EvalResult(task_type="fill-mask", task_name="masked infilling", dataset_type="maria-feature-store",
+                                      dataset_name=str(eval_results.get("store")), metric_type=metric, metric_value=round(float(value), 4),
+                                      metric_name=f"{m['label']} {metric} per masked token"))
+    return out or None
+
+
+def model_card(name: str, config: dict, head_meta: dict, eval_results: dict | None = None, licenses: dict | None = None) -> str:
     hub_ids = [config[k]["id"] for k in ("mlm", "ar") if (config.get(k) or {}).get("id")]
-    data = ModelCardData(base_model=hub_ids or None, tags=["maria", "text-infilling", "fill-in-the-middle"])
+    license_value, license_line = card_license(licenses or {"mlm": None, "ar": None})
+    data = ModelCardData(library_name="maria-infill", license=license_value, pipeline_tag="fill-mask", base_model=hub_ids or None,
+                         tags=["maria", "text-infilling", "fill-in-the-middle"], model_name=name,
+                         eval_results=model_index(name, eval_results))
     params = config["vocab_size"] * (config["d_mlm"] + config["d_ar"] + 1)
     lines = [
         "---", data.to_yaml(), "---", "", f"# {name}: a MARIA infilling model", "",
@@ -67,7 +97,8 @@ def model_card(name: str, config: dict, head_meta: dict, eval_results: dict | No
         "trained linear head over their concatenated states (`logits = W [h_mlm ; h_ar] + b`, over the causal LM's "
         f"vocabulary). Head: {config['vocab_size']} x ({config['d_mlm']} + {config['d_ar']}) + bias = {params:,} parameters; "
         f"weights stored in {str(config.get('dtype') or 'float32').replace('torch.', '')}.", "",
-        "## Use", "", "```python",
+        license_line, "",
+        "## Use", "", f"Install the library that defines the model type: `{INSTALL}` (import name `maria`).", "", "```python",
         "import maria  # makes the \"maria\" model type known to transformers (no remote code)",
         "from transformers import AutoModel, AutoTokenizer", "",
         f"model = AutoModel.from_pretrained(\"{name}\")  # this folder, or its hub id",

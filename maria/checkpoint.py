@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
+from huggingface_hub import ModelCard, hf_hub_download, snapshot_download
 from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from safetensors import SafetensorError, safe_open
@@ -64,6 +64,18 @@ def _commit(hub_id: str, revision: str | None) -> str | None:
     except Exception:  # noqa: BLE001 -- best effort: keep what the user asked for
         return revision
     return Path(folder).name
+
+
+def backbone_license(name: str | None) -> str | None:
+    """The `license:` of a backbone's model card (its folder's README.md, or the hub card in the local cache)."""
+    if not name:
+        return None
+    try:
+        path = Path(name).expanduser() / "README.md" if is_local(name) else Path(
+            hf_hub_download(name, "README.md", local_files_only=True))
+        return ModelCard.load(path).data.to_dict().get("license")
+    except Exception:  # noqa: BLE001 -- no card, or not cached: the card says the license was not recorded
+        return None
 
 
 def backbone_refs(bb: Backbones, reference: bool, dtype: torch.dtype) -> dict:
@@ -106,7 +118,8 @@ def write_checkpoint(out: str | Path, bb: Backbones, head: FusionHead, head_meta
         save_head(tmp, head, {**bb.describe(), **head_meta}, dtype=dtype)  # training's record of the identity wins
         save_file({"mlm_to_ar": bb.mlm_to_ar.contiguous()}, str(tmp / VOCAB_MAP), metadata={"format": "pt"})
         config.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(out.name, config.to_dict(), json.loads((tmp / HEAD_META).read_text()), eval_results))
+        (tmp / "README.md").write_text(model_card(out.name, config.to_dict(), json.loads((tmp / HEAD_META).read_text()), eval_results,
+                                                  {k: backbone_license(bb.identity[k].get("id")) for k in ("mlm", "ar")}))
     return out
 
 

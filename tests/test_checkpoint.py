@@ -116,6 +116,13 @@ def test_eval_results_go_into_the_card(pairs, trained, tmp_path, capsys):
     assert main(args + ["--eval", str(tmp_path / "eval.json")]) == 0
     card = (tmp_path / "ck" / "README.md").read_text()
     assert "`stores/val` (1234 masked tokens)" in card and "| MARIA (trained head) | 2.2500 | 9.49 |" in card
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard(card).data.to_dict()  # the fields the hub indexes
+    assert meta["library_name"] == "maria-infill" and meta["pipeline_tag"] == "fill-mask" and meta["license"] == "other"
+    (result,) = [r for r in meta["model-index"][0]["results"] if r["metrics"][0]["name"].startswith("MARIA (trained head) perplexity")]
+    assert result["metrics"][0]["value"] == pytest.approx(9.4877) and result["dataset"]["name"] == "stores/val"
+    assert "pip install maria-infill" in card and "License: the backbones' own terms" in card
     (tmp_path / "bad.json").write_text("[1, 2]")
     assert main(args[:-1] + [str(tmp_path / "ck2"), "--eval", str(tmp_path / "bad.json")]) == 2
     assert "maria eval --json" in capsys.readouterr().err and not (tmp_path / "ck2").exists()
@@ -324,3 +331,14 @@ def test_a_head_attaches_to_backbones_already_in_python(pairs, trained):
     assert model.mlm is mlm and model.ar is ar  # attached, not copied
     assert torch.equal(model.proj.bias, trained[0].proj.bias)
     assert [r["text"] for r in model.infill_text(TEXTS, temperature=0)] == [r["text"] for r in trained[0].infill_text(TEXTS, temperature=0)]
+
+
+def test_card_license_comes_from_both_backbones(tmp_path):
+    from maria.card import card_license
+    from maria.checkpoint import backbone_license
+
+    assert card_license({"mlm": "apache-2.0", "ar": "apache-2.0"})[0] == "apache-2.0"
+    value, line = card_license({"mlm": "apache-2.0", "ar": "llama3"})
+    assert value == "other" and "`apache-2.0`" in line and "`llama3`" in line
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a backbone\n")
+    assert backbone_license(str(tmp_path)) == "mit" and backbone_license(str(tmp_path / "none")) is None

@@ -207,3 +207,26 @@ def test_an_unfinished_store_is_refused_by_train_and_eval(bb, stores, tmp_path, 
     with pytest.raises(DataError, match=why):
         run_eval(EvalConfig(store=store.url, device="cpu"))
     run_eval(EvalConfig(store=store.url, device="cpu", allow_incomplete=True))
+
+
+def test_feature_dataset_is_seeded_resumable_and_the_same_across_workers(stores):
+    from torch.utils.data import DataLoader
+
+    from maria_train_head.dataset import FeatureDataset
+
+    ds = FeatureDataset(stores["train"], batch_size=256, seed=4, epochs=2)
+    alone = list(DataLoader(ds, batch_size=None))
+    assert len(alone) == len(ds) == 2 * ds.batches_per_epoch
+    assert alone[0]["features"].dtype == torch.float32 and alone[0]["targets"].dtype == torch.int64
+    rows = torch.cat([b["targets"] for b in alone[: ds.batches_per_epoch]])
+    assert len(rows) == ds._reader().num_rows()  # one epoch is every row once
+    assert not torch.equal(alone[0]["targets"], alone[ds.batches_per_epoch]["targets"])  # epochs reshuffle
+    workers = list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn"))
+    assert len(workers) == len(alone) and all(torch.equal(a["features"], b["features"]) for a, b in zip(alone, workers))
+    state = ds.state_dict(5)
+    later = FeatureDataset(stores["train"], batch_size=256, seed=4, epochs=2)
+    later.load_state_dict(state)
+    tail = list(DataLoader(later, batch_size=None))
+    assert len(tail) == len(alone) - 5 and all(torch.equal(a["targets"], b["targets"]) for a, b in zip(alone[5:], tail))
+    with pytest.raises(ValueError, match="another stream"):
+        FeatureDataset(stores["train"], batch_size=256, seed=5).load_state_dict(state)
