@@ -15,6 +15,7 @@ from typing import Literal
 import logging
 import contextlib
 import dataclasses
+import os
 import resource
 import shlex
 import sys
@@ -121,6 +122,8 @@ def run_extract(cfg: ExtractConfig, hooks: BlockHooks | None = None) -> dict:
     """Plan, run the pipeline over the blocks not yet committed, finalize. Re-runnable."""
     import ray
 
+    if "://" not in cfg.store:  # Ray's workers run in other folders: a relative store path must mean the driver's
+        cfg = dataclasses.replace(cfg, store=os.path.abspath(os.path.expanduser(cfg.store)))
     corpus = list_corpus(cfg.corpus, cfg.split)  # file names only: a missing corpus fails before Ray starts
     embedded = resolve_address(cfg.address) is None
     started = init_ray(cfg.address, cfg.ray_temp_dir)

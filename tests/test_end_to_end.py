@@ -43,3 +43,21 @@ def test_end_to_end(ray_local, pairs, corpus, tmp_path, capsys):
     x, traj = anneal(loaded, AnnealConfig(steps=3, length=12, chains=2, seed=0))
     assert x.shape == (2, 12) and len(traj) == 4
     assert torch.isfinite(torch.tensor(traj[-1]["energy"])).all()
+
+
+def test_the_readmes_python_pipeline_runs_as_written(ray_local, pairs, corpus, tmp_path, monkeypatch):
+    """The README's notebook block, executed as written: only its backbones, corpus and window change."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "run_extract(" in b)
+    mlm, ar = pairs["modernbert-olmo"]
+    line = next(x for x in block.splitlines() if x.startswith("MLM, AR, CORPUS, WINDOW = "))
+    block = block.replace(line, f"MLM, AR, CORPUS, WINDOW = {mlm!r}, {ar!r}, {str(corpus)!r}, 24")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["extracted"]["rows"] > 0 and scope["trained"]["best_val_loss"] <= scope["trained"]["init_val_loss"]
+    assert set(scope["table"]["models"]) == {"trained", "poe_init", "ar_only", "mlm_only"}
+    assert (tmp_path / "runs" / "maria" / "config.json").exists()
