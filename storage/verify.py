@@ -64,7 +64,7 @@ class VerifyReport(list):
         if all(p.where.startswith("block ") or p.where == "plan" for p in self.corrupt):
             rerun = f"`{self.command}`" if self.command else "the extraction (same command)"
             return f"delete the damaged blocks' commits/<block_id>.json in the store and re-run {rerun} to rewrite them"
-        return "re-extract into a new --out (the store's shared metadata or init weights are damaged)"
+        return "re-extract into a new --store (the store's shared metadata or init weights are damaged)"
 
 
 def _check_init(store: FeatureStore, check_data: bool) -> list[str]:
@@ -128,7 +128,7 @@ def _completeness(store: FeatureStore, blocks: list[str]) -> tuple[list[Problem]
     plan = store.plan()
     if plan is None:
         return [], [], None  # hand-made or format-1 store: nothing says what "complete" is
-    command = plan["command"]
+    command = store.finish_command()
     missing = store.missing_blocks(blocks)
     problems = []
     if missing:
@@ -140,7 +140,7 @@ def _completeness(store: FeatureStore, blocks: list[str]) -> tuple[list[Problem]
     extra = sorted(set(blocks) - set(plan["blocks"]))
     if extra:
         problems.append(Problem(CORRUPT, "plan", f"{len(extra)} committed blocks are not in the plan (first: "
-                                f"{', '.join(extra[:3])}); delete their commits/<id>.json or re-extract into a new --out"))
+                                f"{', '.join(extra[:3])}); delete their commits/<id>.json or re-extract into a new --store"))
     return problems, missing, command
 
 

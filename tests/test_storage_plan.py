@@ -15,7 +15,7 @@ from maria_storage import (CORRUPT, INCOMPLETE, UNREADABLE, CorruptBlockError, C
                      verify_store)
 from test_storage import MANIFEST, block, init_weights, make_store
 
-CMD = "maria extract --mlm m --ar a --corpus c.jsonl --out STORE"
+CMD = "maria extract --mlm m --ar a --corpus c.jsonl --store STORE"
 
 
 def planned(url, sizes=(30, 40, 50), commit=None):
@@ -39,7 +39,7 @@ def test_plan_is_recorded_idempotent_and_guarded(tmp_path):
     assert open_store(url).planned_blocks() == ["b1", "b2"] and store.missing_blocks() == ["b1", "b2"]
     store.write_plan(["b1", "b2"], CMD + " --batch-size 8")  # a re-run with other run-time flags
     assert store.plan()["command"].endswith("--batch-size 8")
-    with pytest.raises(StoreMismatchError, match="planned with 2 other blocks; .*use another --out"):
+    with pytest.raises(StoreMismatchError, match="planned with 2 other blocks; .*use another --store"):
         store.write_plan(["b1", "b3"], CMD)
     with pytest.raises(StoreError, match="block id"):
         store.write_plan(["../x"], CMD)
@@ -54,13 +54,14 @@ def test_incomplete_store_is_not_ok_and_names_the_command(tmp_path):
     url = str(tmp_path / "s")
     store, ids = planned(url, commit=1)
     report = verify_store(url)
-    assert len(report) == 1 and report.missing_blocks == ids[1:] and report.command == CMD
+    cmd = CMD.replace("STORE", url)  # the store as its reader names it, whatever path created it
+    assert len(report) == 1 and report.missing_blocks == ids[1:] and report.command == cmd
     (problem,) = report.problems
     assert problem.kind == INCOMPLETE and str(problem) == (
-        f"plan: 2 of 3 planned blocks are missing (first: b000001, b000002); finish the job with `{CMD}`")
+        f"plan: 2 of 3 planned blocks are missing (first: b000001, b000002); finish the job with `{cmd}`")
     error = report.error()
     assert isinstance(error, IncompleteStoreError) and not isinstance(error, CorruptStoreError)
-    assert "\n" not in str(error) and CMD in str(error)
+    assert "\n" not in str(error) and cmd in str(error)
     with pytest.raises(IncompleteStoreError, match=r"2 of 3 planned blocks are missing; finish it with `maria extract"):
         store.require_complete()
     for i, n in ((1, 40), (2, 50)):
@@ -83,7 +84,7 @@ def test_corrupt_beats_incomplete_and_unplanned_blocks_are_corrupt(tmp_path):
                                                              ("plan", CORRUPT)]
     assert any("not in the plan (first: x9)" in p for p in report)
     assert isinstance(report.error(), CorruptStoreError) and "(and 1 more); delete the damaged" in str(report.error())
-    assert f"re-run `{CMD}`" in str(report.error())
+    assert f"re-run `{CMD.replace('STORE', url)}`" in str(report.error())
 
 
 def test_missing_store_is_unreadable_not_corrupt(tmp_path):
@@ -170,7 +171,7 @@ def test_block_groups_repaired_from_markers(tmp_path):
     report = verify_store(url)
     assert [p.kind for p in report.problems] == [INCOMPLETE]
     assert "2 committed blocks have no Zarr group naming their committed attempt (first: b000001, b000002)" in report[0]
-    assert CMD in report[0]
+    assert CMD.replace("STORE", url) in report[0]
     store.gc_uncommitted()
     assert verify_store(url) == []
     root = zarr.open_group(url, mode="r")
@@ -188,7 +189,7 @@ def test_format1_store_is_read_but_not_resumed(tmp_path):
     os.remove(f"{url}/blocks/b000000/zarr.json")  # format 1 had no block groups
     assert len(open_store(url).read_block("b000000", verify=True)["targets"]) == 20
     assert verify_store(url) == []
-    with pytest.raises(StoreError, match="format_version 1; this code writes version 2; extract into a new --out"):
+    with pytest.raises(StoreError, match="format_version 1; this code writes version 2; extract into a new --store"):
         create_store(url, MANIFEST, None)
     with pytest.raises(StoreError, match="format_version 1"):
         open_store(url).write_block("b1", block(3))
@@ -215,6 +216,6 @@ def test_malformed_plan_is_corrupt_not_a_traceback(tmp_path):
     meta = json.load(open(f"{url}/zarr.json"))
     meta["attributes"]["maria_plan"] = {"blocks": "b000000"}
     json.dump(meta, open(f"{url}/zarr.json", "w"))
-    with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --out"):
+    with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --store"):
         store.require_complete()
     assert [(p.where, p.kind) for p in verify_store(url).problems] == [("plan", CORRUPT)]
