@@ -27,8 +27,8 @@ def check_complete(store, url: str, allow_incomplete: bool) -> None:
     """An extraction that was killed or hit a full disk leaves a store that looks fine but is short."""
     missing = store.missing_blocks()
     if missing and not allow_incomplete:
-        raise DataError(f"store {url} is incomplete: {len(missing)} planned block(s) were never written; finish it by "
-                        f"re-running its `maria extract` command (see `maria verify --store {url}`), or pass --allow-incomplete")
+        raise DataError(f"store {url} is incomplete: {len(missing)} planned block(s) were never written; finish it with "
+                        f"`{store.finish_command()}`, or pass --allow-incomplete")
 
 
 def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
@@ -61,16 +61,40 @@ def available_memory() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def read_rows(store, blocks: list[str], skip_corrupt: bool = False) -> dict[str, torch.Tensor]:
-    """Every row of the blocks, features kept in their stored 16-bit dtype (half the RAM of float32)."""
+def skip_fix(url: str) -> str:
+    """The fix a trainer names for a damaged block: find them all, or train without them."""
+    return f"run `maria verify --store {url}` to list the damaged blocks, or pass --skip-corrupt to train without them"
+
+
+def skip_or_raise(e: CorruptBlockError, skip_corrupt: bool, fix: str | None) -> None:
+    """A damaged block is corrupt data (exit code 3) unless the caller skips it (--skip-corrupt): then a warning."""
+    if not skip_corrupt:
+        raise CorruptBlockError(e.block_id, e.reason, e.url, fix=fix) from None
+    warnings.warn(f"skipping corrupt block {e.block_id} of {e.url}: {e.reason}")
+
+
+def usable_blocks(store, blocks: list[str], skip_corrupt: bool, fix: str | None = None) -> list[str]:
+    """The blocks whose commit markers are sound: a damaged marker (garbled JSON, a missing field) is a damaged
+    block like any other, skipped with --skip-corrupt, else corrupt data."""
+    good = []
+    for b in blocks:
+        try:
+            store.commit_info(b)
+            good.append(b)
+        except CorruptBlockError as e:
+            skip_or_raise(e, skip_corrupt, fix)
+    return good
+
+
+def read_rows(store, blocks: list[str], skip_corrupt: bool = False, fix: str | None = None) -> dict[str, torch.Tensor]:
+    """Every row of the blocks, features kept in their stored 16-bit dtype (half the RAM of float32). A damaged
+    block raises CorruptBlockError naming `fix` (default: how to rewrite it), or is skipped with skip_corrupt."""
     feats, targets, rates = [], [], []
     for b in blocks:
         try:
             a = store.read_block(b, verify=True)
         except CorruptBlockError as e:
-            if not skip_corrupt:
-                raise DataError(f"{e} (or pass --skip-corrupt to train without it)") from None
-            warnings.warn(f"skipping corrupt block {b}: {e}")
+            skip_or_raise(e, skip_corrupt, fix)
             continue
         f = torch.from_numpy(np.ascontiguousarray(a["features"]))
         feats.append(f.view(torch.bfloat16) if f.dtype == torch.uint16 else f)  # bf16 is stored as its bits
