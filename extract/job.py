@@ -30,7 +30,7 @@ from maria_extract.corpus import Corpus, CorpusError, corpus_fingerprint, doc_of
 from maria_extract.masking import MaskingConfig
 from maria_extract.source import read_corpus
 from maria_extract.stages import FeatureActor, describe_backbones, make_windows, write_blocks
-from maria_storage import StoreError, create_store
+from maria_storage import StoreError, create_store, probe_store
 from maria_storage.location import check_url, is_local, local_path
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
@@ -143,8 +143,10 @@ def check_store_target(url: str, corpus: Corpus) -> None:
     the store's files as corpus files, so it could never resume), or a corpus inside the store; an unsupported URL;
     a local store this process cannot write (read-only), which even a resume writes into."""
     check_url(url, "store")
-    if is_local(url) != (not corpus.remote):
-        return  # one local, one remote: they cannot overlap
+    if is_local(url) != (not corpus.remote):  # one local, one remote: they cannot overlap
+        if not is_local(url):
+            probe_store(url)
+        return
     norm = local_path if is_local(url) else (lambda u: u.rstrip("/"))
     store = norm(url)
     source = norm(re.split(r"[*?\[]", corpus.source)[0] or ".")  # a glob's fixed part
@@ -153,6 +155,7 @@ def check_store_target(url: str, corpus: Corpus) -> None:
         raise StoreError(f"--store {url} overlaps the corpus {corpus.source}: a re-run would list the store's files as "
                          f"corpus files; put the store outside the corpus folder")
     if not is_local(url):
+        probe_store(url)  # the first contact, before Ray starts: no credentials, access denied, no server: one line now
         return
     probe = store
     while not os.path.isdir(probe):  # the store, or the nearest folder it will be created in

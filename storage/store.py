@@ -111,6 +111,12 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def probe_store(url: str, storage_options: dict | None = None) -> bool:
+    """Reach `url` once: True when a MARIA store is there, False when nothing is. An unsupported URL, missing
+    credentials, a denied or unreachable server raise StoreAccessError: a job checks its store before it starts."""
+    return read_root(Location(url, storage_options)) is not None
+
+
 def open_store(url: str, storage_options: dict | None = None) -> "FeatureStore":
     loc = Location(url, storage_options)
     root = read_root(loc)

@@ -219,3 +219,49 @@ def test_malformed_plan_is_corrupt_not_a_traceback(tmp_path):
     with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --store"):
         store.require_complete()
     assert [(p.where, p.kind) for p in verify_store(url).problems] == [("plan", CORRUPT)]
+
+
+def test_a_missing_chunk_is_corrupt_on_every_read_path(tmp_path):
+    """A deleted chunk file used to read as zeros through a lazy read (verify=False)."""
+    url = str(tmp_path / "s")
+    store, blocks = make_store(url, sizes=(300, 4600))
+    os.remove(chunks(url, store, "b000001", "features")[-1])  # rows 4096..4599 of the block
+    with pytest.raises(CorruptBlockError, match=r"b000001 .* corrupt: array features has 1 of its 2 chunk files"):
+        store.block_arrays("b000001")["features"][4500:4600]
+    for verify in (True, False):
+        with pytest.raises(CorruptBlockError, match="b000001"):
+            list(ShuffledReader(url, batch_size=512, verify=verify))
+    assert verify_store(url, check_data=False)[0].startswith("block b000001: array features has 1 of its 2 chunk files")
+
+
+def test_a_copied_store_is_told_its_own_path(tmp_path, monkeypatch):
+    """The finish command names the store as its reader named it, not the path it was created at."""
+    import shutil
+
+    store, ids = planned(str(tmp_path / "original"), commit=1)
+    store.write_plan(ids, CMD.replace("STORE", str(tmp_path / "original")))
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    report = verify_store("copy")
+    assert report.command == "maria extract --mlm m --ar a --corpus c.jsonl --store copy" and "original" not in str(report.error())
+    with pytest.raises(IncompleteStoreError, match="finish it with `maria extract .* --store copy`"):
+        open_store("copy").require_complete()
+    with pytest.raises(StoreNotFoundError, match=r"run `maria extract \.\.\. --store nowhere` to create it"):
+        open_store("nowhere")  # extract takes --store (the hints used to say --out)
+
+
+def test_verify_writes_json_and_shows_progress(tmp_path, capsys):
+    from maria_app.cli import main
+
+    url = str(tmp_path / "s")
+    store, ids = planned(url, commit=1)
+    report_file = tmp_path / "verify.json"
+    assert main(["verify", "--store", url, "--json", str(report_file)]) == 2  # incomplete: the report is written anyway
+    report = json.loads(report_file.read_text())
+    assert report["ok"] is False and report["missing_blocks"] == ids[1:] and report["command"].endswith(f"--store {url}")
+    assert [p["kind"] for p in report["problems"]] == [INCOMPLETE]
+    assert "verify: 100%" in capsys.readouterr().err  # a progress bar over the blocks
+    assert main(["verify", "--store", url, "--json", str(report_file)]) == 2  # an existing report needs --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["verify", "--store", url, "--json", f"{url}/report.json", "--overwrite"]) == 2
+    assert "inside the store" in capsys.readouterr().err and not os.path.exists(f"{url}/report.json")
