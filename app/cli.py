@@ -7,7 +7,8 @@ its `# comment` in the dataclass is its help, and `--config FILE.yaml` supplies 
 
 Exit codes (the one rule for every verb): 0 success; 2 bad usage or bad input (a one-line
 message naming the input and the fix); 3 corrupt data (a damaged store block or checkpoint);
-130 interrupted. `--debug` (or MARIA_DEBUG=1) shows the traceback instead of the one line.
+75 a transient failure of the infrastructure (a lost Ray node): re-running the same command resumes;
+130 interrupted (Ctrl-C or SIGTERM). `--debug` (or MARIA_DEBUG=1) shows the traceback instead of the one line.
 """
 from __future__ import annotations
 
@@ -20,12 +21,16 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import typing
 from importlib.metadata import PackageNotFoundError, version
 
 import tyro
 import yaml
+
+from maria_app.supervise import EXIT_TRANSIENT, in_child, supervise
 
 # verb: (module, config class, function, one-line description)
 VERBS = {
@@ -41,6 +46,7 @@ VERBS = {
     "bench": ("maria_bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality) with JSON and PNG output"),
 }
 EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
+SUPERVISED = ("extract",)  # verbs whose Ray driver runs in a child process when run as a command (app/supervise.py)
 
 
 class UsageError(ValueError):
@@ -60,10 +66,35 @@ def _is_corrupt(e: BaseException) -> bool:
     return any(cls.__name__.startswith("Corrupt") for cls in type(e).__mro__)
 
 
+def exit_code(e: BaseException) -> int:
+    """Corrupt* classes: 3; Transient* classes (the infrastructure failed, a re-run resumes): 75; else 2."""
+    if _is_corrupt(e):
+        return EXIT_CORRUPT
+    transient = isinstance(e, (ConnectionError, TimeoutError)) or any(cls.__name__.startswith("Transient") for cls in type(e).__mro__)
+    return EXIT_TRANSIENT if transient else EXIT_USAGE
+
+
+def rerun_hint(verb: str, argv: list[str]) -> str:
+    """What to run after an interruption: a command that works as written."""
+    if verb == "train" and "--resume" not in argv:
+        return "re-run the same command with --resume to continue from its last checkpoint"
+    if verb in ("train", "extract"):
+        return "re-run the same command to continue where it stopped"
+    return "re-run the same command"
+
+
+def _terminated(signum, frame):
+    """SIGTERM (a scheduler or `kill` stopping the job) is handled like Ctrl-C: cleanup runs, exit 130."""
+    raise KeyboardInterrupt
+
+
 def one_line(e: BaseException) -> str | None:
     """The user-facing line of a deliberate error (ours, a bad input, a full disk); None for a bug."""
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return f"no space left on device ({e.filename or 'output'}): free space or pick another --out, then re-run the same command (committed work is kept)"
+    if isinstance(e, (ConnectionError, TimeoutError)):  # a network failure mid-run (the first contact names its URL)
+        what = " ".join(str(e).split())[:200] or type(e).__name__
+        return f"lost the connection to a server ({type(e).__name__}: {what}); re-run the same command to resume"
     ours = type(e).__module__.split(".")[0].startswith("maria")  # maria and the maria_* rooms
     if ours or isinstance(e, (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         text = " ".join(str(e).split()) if str(e) else type(e).__name__
@@ -96,6 +127,9 @@ def yaml_to_flags(path: str, config_cls) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if value is None and type(None) not in typing.get_args(hints[name]):
             raise UsageError(f"--config {path}: field {key!r} cannot be null; give it a value or leave it out")
+        problem = yaml_type_problem(value, hints[name])
+        if problem:
+            raise UsageError(f"--config {path}: field {key!r} {problem}")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, list):
@@ -105,6 +139,39 @@ def yaml_to_flags(path: str, config_cls) -> list[str]:
         else:
             flags += [flag, "None" if value is None else str(value)]
     return flags
+
+
+def yaml_type_problem(value, hint) -> str | None:
+    """What is wrong with a YAML value for a field of type `hint` (tyro's own error would name neither the file
+    nor the field: a list for a number reads as "Unrecognized options: 2"), or None."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args and typing.get_origin(hint) is not list else hint
+    if typing.get_origin(base) is list:
+        items, base = (value if isinstance(value, list) else [value]), typing.get_args(base)[0]
+    elif isinstance(value, list):
+        return f"takes one value, not a list ({value!r}); write it as a single value"
+    else:
+        items = [value]
+    for v in items:
+        if base is bool and not isinstance(v, bool):
+            return f"must be true or false, not {v!r}"
+        if base in (int, float) and (isinstance(v, bool) or isinstance(v, (list, dict))):
+            return f"must be a number, not {v!r}"
+        if base is int and not isinstance(v, int):
+            try:
+                int(str(v))
+            except ValueError:
+                return f"must be a whole number, not {v!r}"
+        if base is float and not isinstance(v, (int, float)):
+            try:
+                float(str(v))
+            except ValueError:
+                return f"must be a number, not {v!r}"
+        if base is str and isinstance(v, (bool, list, dict)):
+            return f"must be text, not {v!r}" + (" (quote it: 'true')" if isinstance(v, bool) else "")
+    return None
 
 
 BOX = "─━═-+|│┃╭╮╰╯┌┐└┘"  # tyro draws its report with rich: unicode boxes on a terminal, ASCII ones elsewhere
@@ -173,7 +240,7 @@ def parse(verb: str, argv: list[str]):
 def usage() -> str:
     lines = [f"usage: maria <verb> [options]   (maria <verb> --help for its options; maria --version)", "", "verbs:"]
     lines += [f"  {verb:<13} {desc}" for verb, (*_, desc) in VERBS.items()]
-    lines += ["", "exit codes: 0 ok, 2 bad usage or input, 3 corrupt data, 130 interrupted; --debug shows tracebacks"]
+    lines += ["", "exit codes: 0 ok, 2 bad usage or input, 3 corrupt data, 75 transient failure (re-run to resume), 130 interrupted; --debug shows tracebacks"]
     return "\n".join(lines)
 
 
@@ -199,8 +266,10 @@ def show_logs() -> None:
 
 
 def main(argv: list[str] | None = None, **stage_kwargs) -> int:
-    """`maria <verb> ...`; its exit code. `stage_kwargs` go to the verb's function beside its config:
-    what tests inject (extraction's fault hooks, training's stop_after), never a user flag."""
+    """The `maria` command (argv None: the process's arguments); main([...]) from Python runs in-process.
+    `stage_kwargs` go to the verb's function beside its config: what tests inject (extraction's fault
+    hooks, training's stop_after), never a user flag."""
+    command = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     show_logs()
     if argv[:1] in (["--version"], ["-V"]):
@@ -215,11 +284,15 @@ def main(argv: list[str] | None = None, **stage_kwargs) -> int:
         print(f"maria: error: {what}; pick one of {', '.join(VERBS)}", file=sys.stderr)
         return EXIT_USAGE
     verb, argv = argv[0], argv[1:]
+    if command and verb in SUPERVISED and not in_child():
+        return supervise(verb, argv)
     debug = "--debug" in argv or os.environ.get("MARIA_DEBUG") not in (None, "", "0")
     argv = [a for a in argv if a != "--debug"]
     if verb == "bench" and argv and not argv[0].startswith("-"):
         argv = ["--what", argv[0]] + argv[1:]  # `maria bench decode ...`
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         config, print_config = parse(verb, argv)
         if print_config:
@@ -228,7 +301,7 @@ def main(argv: list[str] | None = None, **stage_kwargs) -> int:
         module_name, _, func_name, _ = VERBS[verb]
         getattr(importlib.import_module(module_name), func_name)(config, **stage_kwargs)
     except KeyboardInterrupt:
-        print(f"maria {verb}: interrupted; re-run the same command to continue", file=sys.stderr)
+        print(f"maria {verb}: interrupted; {rerun_hint(verb, argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:
         raise
@@ -237,7 +310,10 @@ def main(argv: list[str] | None = None, **stage_kwargs) -> int:
         if msg is None or debug:
             raise
         print(f"maria {verb}: error: {msg}", file=sys.stderr)
-        return EXIT_CORRUPT if _is_corrupt(e) else EXIT_USAGE
+        return exit_code(e)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

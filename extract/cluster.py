@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -48,6 +50,9 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
         return False
     given, address = address, resolve_address(address)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # ray.init replaces the SIGTERM handler with sys.exit(15); a caller's own (the CLI's: SIGTERM is an
+    # interruption, exit 130 and a re-run line) is put back
+    term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address:  # worker output goes to this driver, so `ray job logs` shows progress and errors
             _check_reachable(address)
@@ -61,6 +66,9 @@ def init_ray(address: str | None, temp_dir: str | None, num_cpus: int | None = N
         raise
     except Exception as e:  # noqa: BLE001 -- Ray's start/connect errors are pages; name the fix in one line
         raise RayClusterError(_start_failure(address, temp_dir, e)) from None
+    finally:
+        if callable(term):
+            signal.signal(signal.SIGTERM, term)
     return True
 
 

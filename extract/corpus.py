@@ -21,8 +21,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from maria_storage.location import resolve_storage_options
 from maria_extract.datasets_compat import saved_dataset_shards
+from maria_storage.format import StoreAccessError
+from maria_storage.location import access_error, check_url, resolve_storage_options
 
 KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text",
          ".arrow": "arrow"}
@@ -73,6 +74,10 @@ def _url(fs, path: str, source: str) -> str:
 
 def list_corpus(source: str, split: str | None = None) -> Corpus:
     """The corpus's files, sorted, all of one kind; one-line errors for what cannot be a corpus."""
+    try:
+        check_url(source, "corpus")
+    except StoreAccessError as e:
+        raise CorpusError(str(e)) from None
     fs, root, options = _fs(source)
     try:
         if any(ch in source for ch in "*?["):
@@ -83,8 +88,13 @@ def list_corpus(source: str, split: str | None = None) -> Corpus:
             paths = [root]
         else:
             paths = None
-    except (OSError, ValueError) as e:  # unreachable bucket, bad credentials: one line, not a traceback
-        raise CorpusError(f"cannot list corpus {source}: {str(e).splitlines()[0][:200]}") from None
+    except CorpusError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- unreachable bucket, no credentials: one line, not a traceback
+        error = access_error(e, source, "corpus")
+        if error is None and not isinstance(e, (OSError, ValueError)):
+            raise
+        raise CorpusError(str(error) if error else f"cannot list corpus {source}: {str(e).splitlines()[0][:200]}") from None
     if not paths:
         raise CorpusError(f"corpus {source} does not exist or matches no files; pass a datasets folder, parquet, "
                           f"JSON(L), CSV or .txt files (a file, a folder, a glob or an s3:// or gs:// URL)")
@@ -127,20 +137,31 @@ def file_texts(kind: str, f, name: str, column: str) -> Iterator[list]:
         yield from _parquet_texts(f, name, column)
         return
     if kind == "arrow":
-        import pyarrow as pa
-
-        reader = pa.ipc.open_stream(f)
-        _check_column(reader.schema, name, column)
-        for batch in reader:
-            yield batch.column(column).to_pylist()
+        yield from _arrow_texts(f, name, column)
         return
-    data = _utf8(f.read(), name)
+    data = _utf8(_read_all(f, name), name)
     if kind == "text":
         yield [data.decode("utf-8")]
     elif kind == "json":
         yield from _json_texts(data, name, column)
     else:
         yield from _csv_texts(data, name, column)
+
+
+def _read_all(f, name: str) -> bytes:
+    """The file's bytes, decompressed by suffix on the way; a file that is not what its suffix says (not gzip, a
+    truncated .gz, not zstd) is bad input, named in one line. A network error stays what it is: transient."""
+    try:
+        return f.read()
+    except (ConnectionError, TimeoutError):
+        raise
+    except (OSError, EOFError, ValueError) as e:  # zlib/zstd/lz4 failures, "Truncated compressed stream", ...
+        suffix = next((c for c in COMPRESSIONS if name.lower().endswith(c)), None)
+        if suffix is None:
+            raise
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise CorpusError(f"cannot decompress {name} as {suffix} ({reason}); check it is a complete {suffix} file, "
+                          f"or rename it without the {suffix} suffix if it is not compressed") from None
 
 
 def _utf8(data: bytes, name: str) -> bytes:
@@ -160,6 +181,22 @@ def _check_column(schema, name: str, column: str) -> None:
     t = schema.field(column).type
     if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t)):
         raise CorpusError(f"column {column!r} of {name} holds {t}, not text; pass --text-column naming a text column")
+
+
+def _arrow_texts(f, name: str, column: str) -> Iterator[list]:
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_stream(f)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"cannot read {name} as an Arrow stream (a datasets shard): {str(e).splitlines()[0][:200]}; "
+                          f"pass the folder `datasets.save_to_disk` wrote") from None
+    _check_column(reader.schema, name, column)
+    try:
+        for batch in reader:
+            yield batch.column(column).to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowIOError) as e:
+        raise CorpusError(f"{name} is damaged: {str(e).splitlines()[0][:200]}; rewrite it with `datasets.save_to_disk`") from None
 
 
 def _parquet_texts(f, name: str, column: str) -> Iterator[list]:
@@ -196,18 +233,33 @@ def _json_texts(data: bytes, name: str, column: str) -> Iterator[list]:
 
 
 def _csv_texts(data: bytes, name: str, column: str) -> Iterator[list]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
+    """Strict CSV (RFC 4180, Python's csv module): a quote left open, text after a closing quote, or a row with
+    another number of fields than the header is an error naming its line, never two rows merged into one
+    document (pyarrow's reader accepts all three). Every value is text ("123" stays a document)."""
+    import csv
 
     if not data.strip():
         return
-    try:  # the text column is text whatever it looks like ("123" stays a document)
-        table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(use_threads=False),
-                               convert_options=pacsv.ConvertOptions(column_types={column: pa.string()}))
-    except pa.ArrowInvalid as e:
-        raise CorpusError(f"cannot read {name} as CSV: {str(e).splitlines()[0][:200]}") from None
-    _check_column(table.schema, name, column)
-    yield table.column(column).to_pylist()
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # a document may be a whole book in one field
+    reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), strict=True)
+    texts, line = [], 1
+    try:
+        header = next(reader)
+        if column not in header:
+            raise CorpusError(f"corpus file {name} has no column {column!r} (columns: {header}); pass --text-column")
+        i = header.index(column)
+        line = reader.line_num + 1
+        for row in reader:
+            if row:  # a blank line is no row (as pyarrow and pandas read it)
+                if len(row) != len(header):
+                    raise CorpusError(f"{name} line {line}: {len(row)} fields, the header has {len(header)}; quote "
+                                      f"fields that hold commas or line breaks")
+                texts.append(row[i])
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise CorpusError(f"{name} line {line}: malformed CSV ({e}); close every quoted field, and write a quote "
+                          f"inside one as two quotes (\"\")") from None
+    yield texts
 
 
 def is_document(text) -> bool:
@@ -217,7 +269,16 @@ def is_document(text) -> bool:
 # --- local reading, no Ray ---------------------------------------------------------------------
 
 def open_local(corpus: Corpus, i: int):
-    """File i of the corpus opened for `file_texts`: decompressed by suffix, seekable for parquet."""
+    """File i of the corpus opened for `file_texts`: decompressed by suffix, seekable for parquet. Local files go
+    through pyarrow's streams, as the Ray job reads them (the same codecs and the same errors: zstd needs no
+    extra package), remote ones through fsspec."""
+    if not corpus.remote:
+        import pyarrow.fs as pafs
+
+        fs = pafs.LocalFileSystem()
+        if corpus.kind == "parquet":
+            return fs.open_input_file(corpus.files[i])
+        return fs.open_input_stream(corpus.files[i], compression="detect")
     import fsspec
 
     compression = None if corpus.kind == "parquet" else "infer"

@@ -16,7 +16,9 @@ import logging
 import contextlib
 import dataclasses
 import os
+import re
 import resource
+import tempfile
 import shlex
 import sys
 import time
@@ -29,7 +31,8 @@ from maria_extract.masking import MaskingConfig
 from maria_extract.ray_compat import drop_high_memory_detector
 from maria_extract.source import read_corpus
 from maria_extract.stages import BlockHooks, FeatureActor, StageSpec, describe_backbones, tokenize_and_mask, write_blocks
-from maria_storage import create_store
+from maria_storage import StoreError, create_store, probe_store
+from maria_storage.location import check_url, is_local, local_path
 from maria.device import Device, DType
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
@@ -78,6 +81,8 @@ class ExtractConfig:
             raise ValueError("window length must be >= 2, docs per block and batch size >= 1")
         if self.feature_dtype not in ("float16", "bfloat16"):
             raise ValueError(f"feature dtype {self.feature_dtype!r} is unknown; use float16 or bfloat16")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {self.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} is unknown; use auto, cpu or cuda (Ray picks the GPU of each actor)")
         if self.device == "cpu" and self.actor_gpus:
@@ -92,12 +97,15 @@ class ExtractConfig:
 
 def command_line(cfg: ExtractConfig) -> str:
     """The `maria extract` command that recreates cfg (flags that differ from the defaults): what
-    the store's plan records as the way to finish the job."""
+    the store's plan records as the way to finish the job. Local paths are made absolute, so it works
+    from any folder (the store's own path is the one its reader gives: FeatureStore.finish_command)."""
     parts = ["maria", "extract"]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.default is not dataclasses.MISSING and value == f.default:
             continue
+        if f.name in ("mlm", "ar", "corpus", "store") and is_local(value) and os.path.exists(os.path.expanduser(value)):
+            value = local_path(value)
         flag = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else "--no-" + flag[2:])
@@ -125,6 +133,7 @@ def run_extract(cfg: ExtractConfig, hooks: BlockHooks | None = None) -> dict:
     if "://" not in cfg.store:  # Ray's workers run in other folders: a relative store path must mean the driver's
         cfg = dataclasses.replace(cfg, store=os.path.abspath(os.path.expanduser(cfg.store)))
     corpus = list_corpus(cfg.corpus, cfg.split)  # file names only: a missing corpus fails before Ray starts
+    check_store_target(cfg.store, corpus)
     embedded = resolve_address(cfg.address) is None
     started = init_ray(cfg.address, cfg.ray_temp_dir)
     quiet_ray_data()
@@ -133,6 +142,39 @@ def run_extract(cfg: ExtractConfig, hooks: BlockHooks | None = None) -> dict:
     finally:
         if started:  # idle Ray workers would keep eating a small machine's CPUs after the job
             ray.shutdown()
+
+
+def check_store_target(url: str, corpus: Corpus) -> None:
+    """Before Ray starts, a store the job could never finish: one inside its own corpus folder (a re-run would list
+    the store's files as corpus files, so it could never resume), or a corpus inside the store; an unsupported URL;
+    a local store this process cannot write (read-only), which even a resume writes into."""
+    check_url(url, "store")
+    if is_local(url) != (not corpus.remote):  # one local, one remote: they cannot overlap
+        if not is_local(url):
+            probe_store(url)
+        return
+    norm = local_path if is_local(url) else (lambda u: u.rstrip("/"))
+    store = norm(url)
+    source = norm(re.split(r"[*?\[]", corpus.source)[0] or ".")  # a glob's fixed part
+    inside = lambda a, b: a == b or a.startswith(b.rstrip("/") + "/")  # noqa: E731
+    if inside(store, source) or any(inside(f if corpus.remote else local_path(f), store) for f in corpus.files):
+        raise StoreError(f"--store {url} overlaps the corpus {corpus.source}: a re-run would list the store's files as "
+                         f"corpus files; put the store outside the corpus folder")
+    if not is_local(url):
+        probe_store(url)  # the first contact, before Ray starts: no credentials, access denied, no server: one line now
+        return
+    probe = store
+    while not os.path.isdir(probe):  # the store, or the nearest folder it will be created in
+        if os.path.lexists(probe):
+            return  # a file where the store should be: create_store names it
+        probe = os.path.dirname(probe)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".maria-probe-", dir=probe)
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise StoreError(f"--store {url} cannot be written ({e.strerror}: {probe}); extraction writes into the store "
+                         f"even to resume it: pass a writable --store (copy a read-only store somewhere writable first)") from None
 
 
 def _scan(cfg: ExtractConfig, corpus: Corpus) -> tuple[list[int], str]:
@@ -185,14 +227,21 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) ->
                 r, t, steady = _pipeline(cfg, spec, corpus, rows, todo, request)
             new_rows, new_tokens = new_rows + r, new_tokens + t
         except Exception as e:  # noqa: BLE001 -- user errors came out of _user_errors as themselves
-            if _is_user_error(e) or attempt == PIPELINE_ATTEMPTS:
+            if _is_user_error(e):
+                raise
+            if attempt == PIPELINE_ATTEMPTS:
+                if _is_cluster_failure(e):
+                    first = (str(e).strip().splitlines() or [""])[0][:160]
+                    raise TransientClusterError(f"the Ray cluster failed {attempt} passes of the job ({type(e).__name__}: "
+                                                f"{first}); re-run the same command to resume (committed blocks are kept)") from e
                 raise
             log.warning(f"maria extract: pass {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
                         f"redoing the uncommitted blocks")
     committed = set(store.committed_blocks())
     missing = [b for b, *_ in plan if b not in committed]
     if missing:
-        raise RuntimeError(f"blocks {missing[:5]} were not committed; re-run the same command to finish them")
+        raise TransientClusterError(f"{len(missing)} blocks (first: {', '.join(missing[:3])}) were not committed after "
+                                    f"{PIPELINE_ATTEMPTS} passes; re-run the same command to finish them")
     store.gc_uncommitted()
     store.finalize()
     summary = {"store": cfg.store, "blocks": store.manifest["blocks"], "rows": store.manifest["rows"], "new_rows": new_rows,
@@ -270,14 +319,40 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class TransientClusterError(RuntimeError):
+    """The cluster failed the job (a lost node, actor, worker or object) more often than the job retries it; nothing
+    was wrong with the input. The CLI exits 75: re-running the same command resumes."""
+
+
+# what Ray appends to an error it did not retry ("Failed to read stream iteratively after 1/10 attempts ...")
+_RAY_RETRY_NOTE = re.compile(r"\s*Failed to [^\n]* after \d+/\d+ attempts \(total backoff.*", re.S)
+
+
 def _is_user_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, OSError)) and not type(e).__module__.startswith("ray")
 
 
+def _is_cluster_failure(e: BaseException) -> bool:
+    """A failure of the cluster, not of our code or input: what a re-run gets past."""
+    import ray.exceptions as rex
+
+    kinds = (rex.ActorDiedError, rex.ActorUnavailableError, rex.NodeDiedError, rex.WorkerCrashedError,
+             rex.ObjectLostError, rex.OwnerDiedError, rex.RaySystemError, rex.ObjectFetchTimedOutError,
+             rex.OutOfMemoryError, rex.LocalRayletDiedError, rex.GetTimeoutError)
+    seen, cur = set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, kinds):
+            return True
+        cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _user_errors():
-    """Ray wraps errors raised in tasks and actors; surface ours (ValueError, OSError) as themselves
-    so the CLI prints one line naming the fix instead of a remote traceback."""
+    """Ray wraps errors raised in tasks and actors; surface ours (ValueError, OSError) as themselves, without the
+    retry note Ray Data appends to their message, so the CLI prints our one line naming the fix instead of a
+    remote traceback."""
     try:
         yield
     except Exception as e:  # noqa: BLE001
@@ -285,6 +360,8 @@ def _user_errors():
         while cur is not None and id(cur) not in seen:
             seen.add(id(cur))
             if _is_user_error(cur):
+                if cur.args and isinstance(cur.args[0], str):
+                    cur.args = (_RAY_RETRY_NOTE.sub("", cur.args[0]),) + cur.args[1:]
                 raise cur from None
             cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
         raise

@@ -7,6 +7,7 @@ maria/modeling_maria.py).
     vocab_map.safetensors  mlm_to_ar (V_mlm,): the AR id of each MLM id, -1 where the AR lacks it
     tokenizer.json, tokenizer_config.json, ...  the AR's tokenizer (the target vocabulary)
     README.md              the model card (maria/card.py)
+    checksums.json         the sha256 of every safetensors file (checked on load: a flipped byte is found)
     mlm/, ar/              each backbone as its own Hugging Face model folder (config, safetensors,
                            tokenizer); with --reference a hub backbone is only named (id + commit)
 Every safetensors file carries {"format": "pt"}; its keys are MariaModel.state_dict() names (a
@@ -36,9 +37,10 @@ from maria.configuration_maria import FORMAT_VERSION, MariaConfig
 from maria.device import resolve_device
 from maria.head import FusionHead, HeadError, load_head, save_head
 from maria.identity import IdentityMismatchError, check_same_backbones
-from maria.io import CorruptDataError, atomic_dir, guard_output
+from maria.io import CorruptDataError, atomic_dir, check_outside_inputs, file_sha256, guard_output, output_lock
 
 CONFIG, HEAD, HEAD_META, VOCAB_MAP = "config.json", "head.safetensors", "head.json", "vocab_map.safetensors"
+CHECKSUMS = "checksums.json"  # {"sha256": {relative path: digest}} of every safetensors file, checked on load
 # what a hub snapshot may fetch: configs, safetensors, tokenizer files, the card. Never *.bin/*.pt (pickle)
 SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
 FIX = "re-run `maria export` to write the checkpoint again"
@@ -96,7 +98,16 @@ def write_checkpoint(out: str | Path, bb: Backbones, head: FusionHead, head_meta
                      reference: bool = False, overwrite: bool = False, inputs: tuple = (), eval_results: dict | None = None,
                      max_shard_size: int | str = "50GB", architecture: str = "MariaModel") -> Path:
     """Write the folder beside `out`, then swap it in. Refuses to replace anything that is not a
-    MARIA checkpoint, or one of the command's inputs (maria/io.py guard_output)."""
+    MARIA checkpoint, or one of the command's inputs (maria/io.py guard_output), and writes while holding
+    out's lock: two exports into one --out never share the folder they build."""
+    check_outside_inputs(out, inputs, what="checkpoint folder")
+    with output_lock(out, "checkpoint folder"):
+        return _write_checkpoint(out, bb, head, head_meta, dtype, reference=reference, overwrite=overwrite, inputs=inputs,
+                                 eval_results=eval_results, max_shard_size=max_shard_size, architecture=architecture)
+
+
+def _write_checkpoint(out, bb: Backbones, head: FusionHead, head_meta: dict, dtype: torch.dtype, *, reference: bool,
+                      overwrite: bool, inputs: tuple, eval_results: dict | None, max_shard_size, architecture: str) -> Path:
     out = guard_output(out, CONFIG, overwrite, inputs, what="checkpoint folder")
     if out.exists() and any(out.iterdir()):
         try:
@@ -120,7 +131,32 @@ def write_checkpoint(out: str | Path, bb: Backbones, head: FusionHead, head_meta
         config.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(out.name, config.to_dict(), json.loads((tmp / HEAD_META).read_text()), eval_results,
                                                   {k: backbone_license(bb.identity[k].get("id")) for k in ("mlm", "ar")}))
+        write_checksums(tmp)
     return out
+
+
+def write_checksums(d: Path) -> None:
+    """A digest of every weights file: safetensors' header check finds truncation, this finds a flipped byte."""
+    digests = {p.relative_to(d).as_posix(): file_sha256(p) for p in sorted(d.rglob("*.safetensors"))}
+    (d / CHECKSUMS).write_text(json.dumps({"sha256": digests}, indent=1))
+
+
+def check_checksums(d: Path) -> None:
+    """Every weights file matches the digest export wrote (a checkpoint written before digests has none to check)."""
+    if not (d / CHECKSUMS).is_file():
+        return
+    try:
+        digests = json.loads((d / CHECKSUMS).read_text())["sha256"]
+        items = sorted(digests.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CorruptCheckpointError(f"checkpoint file {CHECKSUMS} in {d} is damaged; {FIX}") from None
+    for name, want in items:
+        path = d / name
+        if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint {d} is missing {name} (listed in {CHECKSUMS}); {FIX}")
+        if file_sha256(path) != want:
+            raise CorruptCheckpointError(f"checkpoint file {name} in {d} is damaged (its sha256 does not match "
+                                         f"{CHECKSUMS}); {FIX}")
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -213,6 +249,7 @@ def check_files(d: Path, config: MariaConfig) -> None:
             raise CorruptCheckpointError(f"checkpoint {d} is missing {name}; {FIX}")
     for path in sorted(d.rglob("*.safetensors")):
         check_file(path, d)
+    check_checksums(d)
     for path in sorted(d.rglob("*.json")):  # configs, tokenizers, shard indexes: else a parser's traceback later
         try:
             json.loads(path.read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from maria.io import CorruptDataError, atomic_file, atomic_write
+from maria.io import CorruptDataError, atomic_file, atomic_write, file_sha256
 
 INITS = ("poe", "mix", "ar-only", "random")
 
@@ -116,8 +116,9 @@ def save_head(folder: str | Path, head: FusionHead, meta: dict, dtype: torch.dty
     tensors = {k: v.detach().to(dtype).cpu().contiguous() for k, v in head.state_dict().items()}
     with atomic_file(folder / "head.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        digest = file_sha256(tmp)  # load_head checks it: a flipped byte in a weight is found, not just truncation
     sizes = {"d_mlm": head.d_mlm, "d_ar": head.d_ar, "vocab_size": head.vocab_size}
-    atomic_write(folder / "head.json", json.dumps({**meta, **sizes}, indent=2))
+    atomic_write(folder / "head.json", json.dumps({**meta, **sizes, "sha256": digest}, indent=2))
     return folder
 
 
@@ -128,9 +129,14 @@ def load_head(folder: str | Path) -> tuple[FusionHead, dict]:
         raise HeadError(f"{d} is not a head folder (needs head.safetensors and head.json); pass the --out of `maria train`")
     try:
         meta = json.loads((d / "head.json").read_text())
+        if isinstance(meta, dict) and meta.get("sha256") not in (None, file_sha256(d / "head.safetensors")):
+            raise CorruptHeadError(f"head {d} is damaged (head.safetensors does not match the sha256 in head.json); "
+                                   f"re-run `maria train`")
         tensors = load_file(str(d / "head.safetensors"))
         head = FusionHead(int(meta["d_mlm"]), int(meta["d_ar"]), int(meta["vocab_size"]), random_init=False)
         head.load_state_dict(tensors)
+    except CorruptHeadError:
+        raise
     except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError, OSError) as e:
         raise CorruptHeadError(f"head {d} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); re-run `maria train`") from None
     return head, meta

@@ -8,19 +8,36 @@ path must never delete a user's data or one of the command's own inputs.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
+
+import psutil
 
 
 class OutputExistsError(ValueError):
     """An output path holds something we must not replace; the message names the fix."""
 
 
+class OutputLockedError(OutputExistsError):
+    """Another run holds the output's lock; the message names it and the fix."""
+
+
 class CorruptDataError(ValueError):
     """Data on disk is damaged (a truncated or garbled file). The CLI exits with code 3 for it (and
     for the store's CorruptBlockError), not 2: the input was right, its bytes are not."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (what checkpoints record for each weights file, and check when loading)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
@@ -72,9 +89,8 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def guard_output(out: str | Path, marker: str, overwrite: bool, inputs: tuple = (), what: str = "output") -> Path:
-    """Check that `out` may be written: it does not exist, is an empty folder, or holds `marker`
-    (so we wrote it) and `overwrite` is set. It may never be, contain or sit inside an input."""
+def check_outside_inputs(out: str | Path, inputs: tuple, what: str = "output") -> Path:
+    """`out` may never be, contain or sit inside an input (checked before anything, even a lock, is created)."""
     out = Path(out).expanduser().resolve()
     for given in inputs:
         if given is None or "://" in str(given) or not Path(given).expanduser().exists():
@@ -82,6 +98,13 @@ def guard_output(out: str | Path, marker: str, overwrite: bool, inputs: tuple = 
         src = Path(given).expanduser().resolve()
         if _inside(out, src) or _inside(src, out):
             raise OutputExistsError(f"{what} {out} overlaps the input {src}; pick an --out outside every input")
+    return out
+
+
+def guard_output(out: str | Path, marker: str, overwrite: bool, inputs: tuple = (), what: str = "output") -> Path:
+    """Check that `out` may be written: it does not exist, is an empty folder, or holds `marker`
+    (so we wrote it) and `overwrite` is set. It may never be, contain or sit inside an input."""
+    out = check_outside_inputs(out, inputs, what)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return out  # nothing there to lose
     if not out.is_dir():
@@ -122,3 +145,95 @@ def jsonl_with_keys(*keys: str):
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         return all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)
     return check
+
+
+# ---- one writer per output ----------------------------------------------------------------------
+
+def lock_path(out: str | Path) -> Path:
+    """Where the lock of an output folder lives: beside it, so the folder itself stays the run's alone."""
+    out = Path(out).expanduser().resolve()
+    if not out.name:
+        raise OutputExistsError(f"output {out} is the file system's root; pass a new folder as --out")
+    return out.with_name(f".{out.name}.lock")
+
+
+def _started(pid: int) -> float | None:
+    """When process `pid` started (None when there is none): a pid alone can be reused by another process."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool | None:
+    """Is the run a lock file names still running? None when this host cannot tell (it ran on another host)."""
+    if holder.get("host") != socket.gethostname():
+        return None
+    try:
+        started, recorded = _started(int(holder.get("pid"))), holder.get("pid_started")
+    except (TypeError, ValueError):
+        return False  # a lock file without a pid: nothing holds it
+    return started is not None and (not isinstance(recorded, (int, float)) or abs(started - recorded) < 1.0)
+
+
+def _describe(holder: dict) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) if "time" in holder else "an unknown time"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} since {when}"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, what: str = "output"):
+    """Hold `out` exclusively for one run. The lock file `.<name>.lock` beside it records the holder (pid, host,
+    start time) under an flock, which the kernel releases however the holder dies. A second run is refused in one
+    line naming the holder; a lock file left by a dead process of this host is taken over. One naming a process
+    of another host is refused even when its flock is free (a filesystem whose locks do not reach across hosts
+    cannot show it is gone): the message says which file to delete once that run is over."""
+    path = lock_path(out)
+    for _ in range(10):  # another run may delete the file between our open and our flock: retry on a fresh one
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise
+            raise OutputExistsError(f"{what} {Path(out)}: cannot create its lock {path} ({e.strerror}); pass an --out "
+                                    f"in a folder you can write") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputLockedError(f"{what} {Path(out)} is in use by another run ({_describe(holder)}); wait for it "
+                                    f"to finish or pick another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise OutputLockedError(f"{what} {Path(out)}: its lock {path} keeps changing; is another run starting there?")
+    held = False
+    try:
+        holder = _read_holder(fd)
+        if holder and holder.get("pid") != os.getpid() and _holder_alive(holder) is not False:
+            raise OutputLockedError(f"{what} {Path(out)} is locked by {_describe(holder)}, which this host cannot see "
+                                    f"finish; once that run is over, delete {path} and re-run")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": _started(os.getpid()), "time": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        held = True
+        yield path
+    finally:
+        if held:  # removed while we still hold the flock: a run that opened the old file sees it change and retries
+            path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -16,6 +16,11 @@ MASK_SPAN = re.compile(r"\{\{(\d*)\}\}")
 
 def parse_masked_text(text: str, tokenizer, max_tokens: int | None = None) -> tuple[list[int], list[bool]]:
     """Token ids and mask of a text whose masked spans are written {{N}} (N tokens, any leading space included)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line, or a JSON "\ud800"
+        raise ValueError(f"text {text[:40]!r} has a character that is not valid Unicode at position {e.start} (a lone "
+                         f"surrogate, e.g. from bytes that are not UTF-8); pass UTF-8 text") from None
     if text.count("{{") != text.count("}}") or len(MASK_SPAN.findall(text)) != text.count("{{"):
         raise ValueError(f"bad mask syntax in {text[:60]!r}: write each masked span as {{{{N}}}} with N a number of tokens, e.g. 'Paris is the {{{{2}}}} of France'")
     ids, mask, pos = [], [], 0

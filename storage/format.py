@@ -76,6 +76,11 @@ class StoreNotFoundError(StoreError):
     """No MARIA store at this URL."""
 
 
+class StoreAccessError(StoreError):
+    """A URL that cannot be used: an unsupported scheme, a backend package not installed, no credentials, access
+    denied, or no server answering. Bad input (exit code 2), reported at the first contact, never retried."""
+
+
 class IncompleteStoreError(StoreError):
     """The store's extraction has not finished: planned blocks are missing (or it was never finalized).
     Re-running the recorded extraction command finishes it; nothing stored is wrong."""
@@ -90,7 +95,7 @@ class CorruptBlockError(CorruptStoreError):
     `reason` let callers (the reader, verify) phrase their own fix."""
 
     def __init__(self, block_id: str, reason: str, url: str, fix: str | None = None):
-        self.block_id, self.reason = block_id, reason
+        self.block_id, self.reason, self.url = block_id, reason, url
         fix = fix or (f"run `maria verify --store {url}`, then delete commits/{block_id}.json in the store and "
                       f"re-run the extraction to rewrite the block")
         super().__init__(f"block {block_id} of {url} is corrupt: {reason}; {fix}")

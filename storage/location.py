@@ -2,11 +2,53 @@
 store needs beside zarr: atomic small-file writes (commit markers, group metadata), listing, removal."""
 from __future__ import annotations
 
+import importlib.util
 import os
+
+from maria_storage.format import StoreAccessError
+
+# URL schemes a store or corpus may use: object stores with listing and all-or-nothing single-object writes (what a
+# commit marker needs), each with the package that gives fsspec access to it and how to install that package
+BACKENDS = {"s3": ("s3fs", "pip install 'maria-infill[s3]'"), "s3a": ("s3fs", "pip install 'maria-infill[s3]'"),
+            "gs": ("gcsfs", "pip install 'maria-infill[gcs]'"), "gcs": ("gcsfs", "pip install 'maria-infill[gcs]'"),
+            "az": ("adlfs", "pip install adlfs"), "abfs": ("adlfs", "pip install adlfs"), "abfss": ("adlfs", "pip install adlfs")}
 
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
+
+
+def check_url(url: str, what: str) -> None:
+    """StoreAccessError for a URL no installed backend can serve: an unknown scheme (ftp://, http://, ...), or a
+    known one whose package is missing (gs:// without gcsfs), naming what to install."""
+    if is_local(url):
+        return
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in BACKENDS:
+        raise StoreAccessError(f"{what} {url}: {scheme}:// is not supported; use a local path or an s3://, gs:// or "
+                               f"az:// URL")
+    package, install = BACKENDS[scheme]
+    if importlib.util.find_spec(package) is None:
+        raise StoreAccessError(f"{what} {url}: {scheme}:// needs the {package} package, which is not installed; {install}")
+
+
+def access_error(e: BaseException, url: str, what: str) -> StoreAccessError | None:
+    """The one line for an error met reaching `url` (no credentials, access denied, no server answering), or None
+    when `e` is none of those. Callers turn a missing file into "nothing there" themselves."""
+    name, module = type(e).__name__, type(e).__module__.split(".")[0]
+    first = " ".join((str(e).strip().splitlines() or [name])[0].split())[:200] or name
+    cloud = module in ("botocore", "aiobotocore", "google", "aiohttp", "azure", "gcsfs", "s3fs")
+    if cloud and "Credentials" in name:  # botocore's NoCredentialsError, PartialCredentialsError
+        return StoreAccessError(f"cannot reach {what} {url}: no credentials ({first}); set AWS_ACCESS_KEY_ID and "
+                                f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or run where a role grants access)")
+    if isinstance(e, PermissionError) or any(k in str(e) for k in ("AccessDenied", "Forbidden", "InvalidAccessKeyId",
+                                                                    "SignatureDoesNotMatch")):
+        return StoreAccessError(f"cannot reach {what} {url}: access denied ({first}); use credentials allowed to read "
+                                f"it (and to write it, for a store being extracted)")
+    if isinstance(e, (ConnectionError, TimeoutError)) or (cloud and any(k in name for k in ("Connect", "Timeout", "Endpoint"))):
+        return StoreAccessError(f"cannot reach {what} {url}: {first}; check the URL, the network and, for an "
+                                f"S3-compatible server, MARIA_S3_ENDPOINT_URL")
+    return None
 
 
 def local_path(url: str) -> str:
@@ -33,6 +75,7 @@ class Location:
         import fsspec
         import zarr
 
+        check_url(url, "store")
         self.url = url
         self.local = is_local(url)
         if self.local:

@@ -6,6 +6,7 @@ storage/commit.py for how a block is committed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -13,13 +14,13 @@ import numpy as np
 import zarr
 
 from maria_storage import commit, layout
-from maria_storage.format import (BLOCK_ARRAYS, FORMAT_VERSION, INIT_ARRAYS, MANIFEST_KEY,
+from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY,
                             CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
                             StoreNotFoundError, check_block_id, features_finite, init_shapes, sha256_of,
                             stored_feature_dtype)
 from maria_storage.location import Location
+from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root, retarget
 from maria_storage.zarr_compat import group_metadata
-from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root
 
 _ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError,
                  zarr.errors.ArrayNotFoundError)
@@ -67,13 +68,13 @@ def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] |
         check_identity(existing[MANIFEST_KEY], manifest, url)
         return FeatureStore(loc, existing[MANIFEST_KEY])
     if loc.local and loc.exists() and not os.path.isdir(loc.root):
-        raise StoreMismatchError(f"{url} is a file, not a MARIA feature store; use another --out")
+        raise StoreMismatchError(f"{url} is a file, not a MARIA feature store; use another --store")
     # Only our own layout may be there already (a create that crashed before writing the manifest).
     foreign = sorted(set(loc.listdir()) - {"zarr.json", "init", "blocks", "commits"})
     if foreign or loc.listdir("commits"):
         found = foreign[:3] or ["commit markers without a manifest"]
         raise StoreMismatchError(f"{url} exists and is not a MARIA feature store (found {found}); "
-                                 f"use another --out or delete it")
+                                 f"use another --store or delete it")
     manifest["has_init"] = init_weights is not None
     if init_weights is not None:
         _write_init(loc, _check_init_weights(init_weights, manifest), manifest)
@@ -109,11 +110,17 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def probe_store(url: str, storage_options: dict | None = None) -> bool:
+    """Reach `url` once: True when a MARIA store is there, False when nothing is. An unsupported URL, missing
+    credentials, a denied or unreachable server raise StoreAccessError: a job checks its store before it starts."""
+    return read_root(Location(url, storage_options)) is not None
+
+
 def open_store(url: str, storage_options: dict | None = None) -> "FeatureStore":
     loc = Location(url, storage_options)
     root = read_root(loc)
     if root is None:
-        raise StoreNotFoundError(f"no MARIA feature store at {url}; check the path or run extraction with --out {url}")
+        raise StoreNotFoundError(f"no MARIA feature store at {url}; check the path or run `maria extract ... --store {url}` to create it")
     check_format_version(root[MANIFEST_KEY], url)
     return FeatureStore(loc, root[MANIFEST_KEY])
 
@@ -163,9 +170,25 @@ class FeatureStore:
             raise StoreError(f"block {block_id} is not committed in {self.url}; "
                              f"see committed_blocks() or re-run extraction for it") from None
         try:
-            return json.loads(data)
+            info = json.loads(data)
         except ValueError as e:
             raise CorruptBlockError(block_id, f"its commit marker is not valid JSON ({e})", self.url) from e
+        problem = marker_problem(info)
+        if problem:
+            raise CorruptBlockError(block_id, f"its commit marker {problem}", self.url)
+        return info
+
+    def fingerprint(self, blocks: list[str] | None = None) -> str:
+        """What the store holds, wherever it lives: its manifest's identity, its plan and each committed block's
+        rows and checksums (from the markers: no array is read). A relative path, a copy or an upload of the same
+        store agree; a store re-extracted from another corpus, seed or backbones, or with other blocks, does not."""
+        h = hashlib.sha256()
+        h.update(json.dumps({k: self.manifest.get(k) for k in IDENTITY_KEYS}, sort_keys=True).encode())
+        h.update(json.dumps(self.planned_blocks()).encode())
+        for b in sorted(self.committed_blocks() if blocks is None else blocks):
+            info = self.commit_info(b)
+            h.update(json.dumps([b, info["rows"], info["checksums"]], sort_keys=True).encode())
+        return h.hexdigest()[:32]
 
     def num_rows(self, blocks: list[str] | None = None) -> int:
         """Rows in `blocks` (default: every committed block), from their commit markers."""
@@ -194,7 +217,7 @@ class FeatureStore:
             return
         if old is not None and old["blocks"] != blocks:
             raise StoreMismatchError(f"{self.url} was planned with {len(old['blocks'])} other blocks; "
-                                     f"an extraction with the same settings plans the same blocks: use another --out "
+                                     f"an extraction with the same settings plans the same blocks: use another --store "
                                      f"or delete that store")
         self._write_root(self._root()[MANIFEST_KEY], plan)
 
@@ -204,8 +227,14 @@ class FeatureStore:
         if plan is None:
             return None
         if not (isinstance(plan, dict) and isinstance(plan.get("blocks"), list) and isinstance(plan.get("command"), str)):
-            raise CorruptStoreError(f"{self.url}/zarr.json has a malformed {PLAN_KEY}; re-extract into a new --out")
+            raise CorruptStoreError(f"{self.url}/zarr.json has a malformed {PLAN_KEY}; re-extract into a new --store")
         return plan
+
+    def finish_command(self) -> str | None:
+        """The recorded command that finishes the job, with this store named as its reader named it: a store
+        copied or moved elsewhere is finished where it is, not at the path it was created at. None: no plan."""
+        plan = self.plan()
+        return None if plan is None else retarget(plan["command"], self.url)
 
     def planned_blocks(self) -> list[str] | None:
         plan = self.plan()
@@ -223,7 +252,7 @@ class FeatureStore:
         plan = self.plan()
         if plan is None:
             return
-        missing, command = self.missing_blocks(), plan["command"]
+        missing, command = self.missing_blocks(), retarget(plan["command"], self.url)
         if missing:
             raise IncompleteStoreError(f"{self.url} is incomplete: {len(missing)} of {len(plan['blocks'])} "
                                        f"planned blocks are missing; finish it with `{command}`")
@@ -253,8 +282,8 @@ class FeatureStore:
     # --- reading ---------------------------------------------------------------------------------
 
     def block_arrays(self, block_id: str, info: dict | None = None) -> dict[str, BlockArray]:
-        """Lazy arrays of a committed block (row-range reads); CorruptBlockError when one is missing or a read
-        meets a chunk that cannot be decoded."""
+        """Lazy arrays of a committed block (row-range reads); CorruptBlockError when one is missing, lacks a chunk
+        file (one listing per array), or a read meets a chunk that cannot be decoded."""
         info = info or self.commit_info(block_id)
         store = self._loc.sub_store(f"blocks/{block_id}/{info['attempt']}", read_only=True)
         out = {}
@@ -264,6 +293,11 @@ class FeatureStore:
             except _ZARR_MISSING:
                 raise CorruptBlockError(block_id, f"array {name} of attempt {info['attempt']} is missing",
                                         self.url) from None
+            # every chunk of a committed block was written (write_empty_chunks): zarr would read a missing one as zeros
+            stored = array.nchunks_initialized if array.size else 0
+            if stored < (array.nchunks if array.size else 0):
+                raise CorruptBlockError(block_id, f"array {name} has {stored} of its {array.nchunks} chunk files (a "
+                                        f"missing chunk would read as zeros)", self.url)
             out[name] = BlockArray(array, block_id, self.url, name)
         return out
 
@@ -287,17 +321,17 @@ class FeatureStore:
                 out[name] = zarr.open_array(self._loc.zarr_store, path=f"init/{name}", mode="r", zarr_format=3)[...]
             except _ZARR_MISSING:
                 raise CorruptStoreError(f"{self.url} lacks init/{name}; run `maria verify --store {self.url}` "
-                                        f"and re-extract into a new --out") from None
+                                        f"and re-extract into a new --store") from None
             except Exception as e:
                 if decode_problem(e) is None:
                     raise
                 raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: {decode_problem(e)}; "
-                                        f"re-extract into a new --out") from e
+                                        f"re-extract into a new --store") from e
         if verify:
             for name, want in self.init_checksums().items():
                 if name in out and sha256_of(out[name]) != want:
                     raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: its checksum does not match; "
-                                            f"re-extract into a new --out")
+                                            f"re-extract into a new --store")
         return out
 
     def init_checksums(self) -> dict[str, str]:
@@ -331,6 +365,19 @@ class FeatureStore:
         plan = self._root().get(PLAN_KEY)
         self.manifest = dict(self.manifest, rows=self.num_rows(blocks), blocks=len(blocks))
         self._write_root(self.manifest, plan)
+
+
+def marker_problem(info) -> str | None:
+    """What is wrong with a parsed commit marker's shape (before anything trusts its fields), or None."""
+    if not isinstance(info, dict):
+        return f"is a JSON {type(info).__name__}, not an object"
+    if not isinstance(info.get("attempt"), str) or not BLOCK_ID_RE.match(info["attempt"]):
+        return f"names no valid attempt ({info.get('attempt')!r})"
+    if not isinstance(info.get("rows"), int) or isinstance(info["rows"], bool) or info["rows"] < 0:
+        return f"has no valid row count ({info.get('rows')!r})"
+    if not isinstance(info.get("checksums"), dict):
+        return "has no checksums"
+    return None
 
 
 def block_problem(data: dict[str, np.ndarray], info: dict, store: FeatureStore) -> str | None:

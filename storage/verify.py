@@ -3,6 +3,7 @@ unreadable, so a CLI can map them to different exit codes. Backs `maria verify -
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import zarr
@@ -56,6 +57,12 @@ class VerifyReport(list):
         unreadable = [p for p in self.problems if p.kind == UNREADABLE]
         return (unreadable[0].error or StoreError(str(unreadable[0]))) if unreadable else None
 
+    def as_dict(self) -> dict:
+        """The report as JSON-ready data (`maria verify --json`)."""
+        return {"store": self.url, "ok": not self.problems,
+                "problems": [{"kind": p.kind, "where": p.where, "message": p.message} for p in self.problems],
+                "missing_blocks": self.missing_blocks, "command": self.command}
+
     @staticmethod
     def _first(problems: list[Problem]) -> str:
         return f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
@@ -64,7 +71,7 @@ class VerifyReport(list):
         if all(p.where.startswith("block ") or p.where == "plan" for p in self.corrupt):
             rerun = f"`{self.command}`" if self.command else "the extraction (same command)"
             return f"delete the damaged blocks' commits/<block_id>.json in the store and re-run {rerun} to rewrite them"
-        return "re-extract into a new --out (the store's shared metadata or init weights are damaged)"
+        return "re-extract into a new --store (the store's shared metadata or init weights are damaged)"
 
 
 def _check_init(store: FeatureStore, check_data: bool) -> list[str]:
@@ -128,7 +135,7 @@ def _completeness(store: FeatureStore, blocks: list[str]) -> tuple[list[Problem]
     plan = store.plan()
     if plan is None:
         return [], [], None  # hand-made or format-1 store: nothing says what "complete" is
-    command = plan["command"]
+    command = store.finish_command()
     missing = store.missing_blocks(blocks)
     problems = []
     if missing:
@@ -140,13 +147,15 @@ def _completeness(store: FeatureStore, blocks: list[str]) -> tuple[list[Problem]
     extra = sorted(set(blocks) - set(plan["blocks"]))
     if extra:
         problems.append(Problem(CORRUPT, "plan", f"{len(extra)} committed blocks are not in the plan (first: "
-                                f"{', '.join(extra[:3])}); delete their commits/<id>.json or re-extract into a new --out"))
+                                f"{', '.join(extra[:3])}); delete their commits/<id>.json or re-extract into a new --store"))
     return problems, missing, command
 
 
-def verify_store(url: str, check_data: bool = True, storage_options: dict | None = None) -> VerifyReport:
+def verify_store(url: str, check_data: bool = True, storage_options: dict | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Every problem, each naming what it concerns ("block b000123: ..."); empty when the store is sound and
-    complete. check_data=False skips reading the arrays (no checksums, no NaN scan): metadata and counts only."""
+    complete. check_data=False skips reading the arrays (no checksums, no NaN scan): metadata and counts only.
+    progress(done, total) is called after each block."""
     try:
         store = open_store(url, storage_options)
     except StoreError as e:
@@ -157,10 +166,12 @@ def verify_store(url: str, check_data: bool = True, storage_options: dict | None
         return VerifyReport([Problem(CORRUPT, "manifest", f"lacks {missing}")], url)
     problems = [Problem(CORRUPT, "init", p) for p in _check_init(store, check_data)]
     blocks = store.committed_blocks()
-    for block_id in blocks:
+    for i, block_id in enumerate(blocks):
         problem = _check_block(store, block_id, check_data)
         if problem:
             problems.append(Problem(CORRUPT, f"block {block_id}", problem))
+        if progress:
+            progress(i + 1, len(blocks))
     try:
         plan_problems, missing_blocks, command = _completeness(store, blocks)
     except CorruptStoreError as e:  # a malformed plan

@@ -11,7 +11,7 @@ import torch
 from tiny import CORPUS
 
 
-FINISH_COMMAND = "maria extract --corpus tiny.jsonl --out {path}"  # recorded by make_store(plan=True)
+FINISH_COMMAND = "maria extract --corpus tiny.jsonl --store {path}"  # recorded by make_store(plan=True)
 
 
 def make_windows(bb, n_windows: int, seed: int, window_length: int = 24):

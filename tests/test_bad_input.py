@@ -107,3 +107,132 @@ def test_mask_covering_everything_is_generation(capsys, checkpoint, tmp_path):
     assert main(["infill", "--model", str(checkpoint), "--text", "{{6}}"]) == 0
     out = capsys.readouterr().out.strip()
     assert out
+
+
+# --- reliability round 3: refused before any work, in one line ----------------------------------------------------
+
+def extract_cli(pairs, corpus, store, *extra):
+    mlm, ar = pairs["modernbert-olmo"]
+    return ["extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", store, "--window-length", 24, *extra]
+
+
+def test_store_inside_its_own_corpus_is_refused(capsys, pairs, tmp_path):
+    """Such a store could never be resumed: the re-run would list its files as corpus files."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "a.jsonl", [{"text": "hello world " * 20}])
+    for store, source in ((corpus / "store", corpus), (corpus / "sub" / "store", f"{corpus}/*.jsonl"), (corpus, corpus / "a.jsonl")):
+        assert "overlaps the corpus" in run_cli(capsys, *extract_cli(pairs, source, store))
+    assert sorted(p.name for p in corpus.rglob("*")) == ["a.jsonl"]
+
+
+def test_unchecked_values_are_refused(capsys, pairs, tmp_path, checkpoint):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world " * 20}])
+    assert "--dtype 'float8' is unknown" in run_cli(capsys, *extract_cli(pairs, corpus, tmp_path / "s", "--dtype", "float8"))
+    # a byte that is not UTF-8 on the command line reaches Python as a lone surrogate
+    assert "not valid Unicode at position 3" in run_cli(capsys, "infill", "--model", checkpoint, "--text", "caf\udce9 {{2}} x")
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"text": "a \\ud800 {{2}} b"}\n')
+    assert "lone surrogate" in run_cli(capsys, "infill", "--model", checkpoint, "--jsonl", lines)
+
+
+def read_only(path):
+    """Make a folder unwritable even for root (chattr +i), or skip."""
+    import subprocess
+
+    path.chmod(0o555)
+    probe = path / ".probe"
+    try:
+        probe.touch()
+    except OSError:
+        return lambda: path.chmod(0o755)
+    probe.unlink()
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        path.chmod(0o755)
+        pytest.skip("cannot make a folder read-only here (root without chattr)")
+    return lambda: (subprocess.run(["chattr", "-i", str(path)]), path.chmod(0o755))
+
+
+def test_read_only_store_is_refused_before_ray(capsys, pairs, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world " * 20}])
+    store = tmp_path / "store"
+    store.mkdir()
+    undo = read_only(store)
+    try:
+        assert "cannot be written" in run_cli(capsys, *extract_cli(pairs, corpus, store))
+    finally:
+        undo()
+    assert list(store.iterdir()) == []
+
+
+@pytest.fixture
+def no_s3_credentials(monkeypatch, s3_endpoint):
+    """A reachable S3 server, but no credentials anywhere botocore looks."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made with the session's credentials
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_urls_are_one_line_naming_the_fix(capsys, pairs, tmp_path, no_s3_credentials):
+    import importlib.util
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world " * 20}])
+    no_creds = "no credentials (Unable to locate credentials); set AWS_ACCESS_KEY_ID"
+    assert no_creds in run_cli(capsys, "verify", "--store", "s3://maria-test/nothing")
+    assert no_creds in run_cli(capsys, "train", "--store", "s3://maria-test/nothing", "--out", tmp_path / "h")
+    assert no_creds in run_cli(capsys, "eval", "--store", "s3://maria-test/nothing")
+    assert no_creds in run_cli(capsys, *extract_cli(pairs, corpus, "s3://maria-test/new"))
+    assert no_creds in run_cli(capsys, *extract_cli(pairs, "s3://maria-test/corpus/", tmp_path / "s"))
+    for url in ("ftp://127.0.0.1:9/x", "http://127.0.0.1:9/x", "hf://datasets/x/y"):
+        assert f"{url.split(':')[0]}:// is not supported; use a local path or an s3://" in run_cli(capsys, "verify", "--store", url)
+        assert "is not supported" in run_cli(capsys, *extract_cli(pairs, url, tmp_path / "s"))
+    if importlib.util.find_spec("gcsfs") is None:
+        assert "gs:// needs the gcsfs package, which is not installed; pip install 'maria-infill[gcs]'" in \
+            run_cli(capsys, "eval", "--store", "gs://bucket/x")
+    assert not (tmp_path / "s").exists() and not (tmp_path / "h").exists()
+
+
+def test_strict_csv_names_the_line(tmp_path):
+    from maria_extract.corpus import CorpusError, iter_documents
+
+    ok = tmp_path / "ok.csv"
+    ok.write_text('text,n\n"a document, with a comma\nand a line break",1\n"a ""quoted"" word",2\n\nplain,3\n')
+    assert list(iter_documents(str(ok))) == ['a document, with a comma\nand a line break', 'a "quoted" word', 'plain']
+    for body, line in (('text,n\n"open quote,1\nnext row,2\n', 2),  # used to be one document of two rows
+                       ('text,n\nfine,1\n"closed" then text,2\n', 3), ('text,n\nfine,1\nshort\n', 3)):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(body)
+        with pytest.raises(CorpusError, match=f"bad.csv line {line}: "):
+            list(iter_documents(str(bad)))
+
+
+def test_damaged_compression_is_one_line(tmp_path):
+    import gzip
+
+    from maria_extract.corpus import CorpusError, iter_documents
+
+    good = b'{"text": "hello world"}\n' * 50
+    for name, data in (("plain.jsonl.gz", good), ("cut.jsonl.gz", gzip.compress(good)[:-20]), ("plain.jsonl.zst", good)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CorpusError, match=f"cannot decompress .*{name} as .{name.rsplit('.', 1)[1]} .*complete"):
+            list(iter_documents(str(tmp_path / name)))
+    (tmp_path / "ok.jsonl.gz").write_bytes(gzip.compress(good))
+    assert len(list(iter_documents(str(tmp_path / "ok.jsonl.gz")))) == 50
+
+
+def test_yaml_type_errors_name_the_file_and_field(capsys, tmp_path):
+    store = tmp_path / "s"
+    for body, problem in (("lr: [1, 2]\n", "field 'lr' takes one value, not a list"),
+                          ("batch_size: many\n", "field 'batch_size' must be a whole number"),
+                          ("resume: 3\n", "field 'resume' must be true or false"),
+                          ("init: yes\n", "field 'init' must be text")):
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(body)
+        assert f"--config {cfg}: {problem}" in run_cli(capsys, "train", "--store", store, "--out", tmp_path / "h", "--config", cfg)

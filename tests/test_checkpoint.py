@@ -142,7 +142,9 @@ def test_a_head_recorded_from_a_bf16_extraction_exports(pairs, trained, tmp_path
 @pytest.mark.parametrize("name,damage", [("head.safetensors", "truncate"), ("vocab_map.safetensors", "truncate"),
                                          ("mlm/model.safetensors", "truncate"), ("ar/model.safetensors", "garble"),
                                          ("config.json", "garble"), ("head.json", "garble"), ("head.json", "delete"),
-                                         ("mlm/tokenizer.json", "truncate")])
+                                         ("mlm/tokenizer.json", "truncate"), ("ar/model.safetensors", "flip"),
+                                         ("mlm/model.safetensors", "flip"), ("head.safetensors", "flip"),
+                                         ("vocab_map.safetensors", "flip"), ("checksums.json", "garble")])
 def test_damaged_checkpoint_is_one_line_and_exit_3(ckpt, tmp_path, capsys, name, damage):
     bad = shutil.copytree(ckpt, tmp_path / "bad")
     f = bad / name
@@ -150,6 +152,10 @@ def test_damaged_checkpoint_is_one_line_and_exit_3(ckpt, tmp_path, capsys, name,
         os.truncate(f, f.stat().st_size // 2)
     elif damage == "garble":
         f.write_bytes(b"{garbage" + bytes(range(256)))
+    elif damage == "flip":  # one bit of one weight: the header still parses (only the sha256 finds it)
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0x01
+        f.write_bytes(bytes(data))
     else:
         f.unlink()
     with pytest.raises(CorruptCheckpointError) as e:
@@ -162,9 +168,15 @@ def test_damaged_checkpoint_is_one_line_and_exit_3(ckpt, tmp_path, capsys, name,
     assert len(err) == 1 and err[0].startswith("maria infill: error: "), err
 
 
-def test_damaged_head_folder_is_exit_3_before_any_loading(pairs, trained, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_head_folder_is_exit_3_before_any_loading(pairs, trained, tmp_path, capsys, damage):
     head = shutil.copytree(trained[1], tmp_path / "head")
-    os.truncate(head / "head.safetensors", 100)
+    if damage == "truncate":
+        os.truncate(head / "head.safetensors", 100)
+    else:  # one bit of the bias: head.json's sha256 finds it
+        data = bytearray((head / "head.safetensors").read_bytes())
+        data[-2] ^= 0x01
+        (head / "head.safetensors").write_bytes(bytes(data))
     assert main(["export", "--mlm", pairs["modernbert-olmo"][0], "--ar", pairs["modernbert-olmo"][1], "--head", str(head),
                  "--out", str(tmp_path / "out")]) == 3
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.rstrip().endswith("/s]")]  # progress bars aside

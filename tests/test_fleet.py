@@ -203,6 +203,25 @@ def test_kuberay_rayjob_structure_and_entrypoint():
     assert cfg.corpus.startswith("s3://") and cfg.store.startswith("s3://") and cfg.device == "auto"
 
 
+def test_kuberay_rayjob_retries_has_a_deadline_a_hub_token_and_a_model_cache():
+    """A retry is safe (the re-run resumes exactly), so KubeRay retries; a hung job ends; backbones are downloaded
+    once into a shared cache, with the hub token from an optional secret."""
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    assert job["spec"]["backoffLimit"] >= 1 and job["spec"]["activeDeadlineSeconds"] > 3600
+    pvc = yaml.safe_load((ROOT / "k8s" / "hf-cache.yaml").read_text())
+    assert pvc["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    spec = job["spec"]["rayClusterSpec"]
+    for pod in [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert volumes["hf-cache"]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+        assert env["HF_HOME"]["value"] == mounts["hf-cache"]
+        token = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert token["optional"] is True and token["name"] == "maria-hf-token"
+
+
 # --- embedded Ray: the reader on the workers, and fast refusals --------------------------------
 
 @pytest.mark.ray

@@ -178,7 +178,7 @@ def test_create_store_identity(tmp_path):
     store, _ = make_store(url, sizes=(10,))
     resumed = create_store(url, dict(MANIFEST), None)  # same identity: resume
     assert resumed.committed_blocks() == ["b000000"]
-    with pytest.raises(StoreMismatchError, match=r"seed is 0 there but 1 now; use another --out or delete"):
+    with pytest.raises(StoreMismatchError, match=r"seed is 0 there but 1 now; use another --store or delete"):
         create_store(url, {**MANIFEST, "seed": 1}, None)
     with pytest.raises(StoreMismatchError, match="corpus_fingerprint"):
         create_store(url, {**MANIFEST, "corpus_fingerprint": "x"}, None)

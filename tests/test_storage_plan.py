@@ -15,7 +15,7 @@ from maria_storage import (CORRUPT, INCOMPLETE, UNREADABLE, CorruptBlockError, C
                      verify_store)
 from test_storage import MANIFEST, block, init_weights, make_store
 
-CMD = "maria extract --mlm m --ar a --corpus c.jsonl --out STORE"
+CMD = "maria extract --mlm m --ar a --corpus c.jsonl --store STORE"
 
 
 def planned(url, sizes=(30, 40, 50), commit=None):
@@ -39,7 +39,7 @@ def test_plan_is_recorded_idempotent_and_guarded(tmp_path):
     assert open_store(url).planned_blocks() == ["b1", "b2"] and store.missing_blocks() == ["b1", "b2"]
     store.write_plan(["b1", "b2"], CMD + " --batch-size 8")  # a re-run with other run-time flags
     assert store.plan()["command"].endswith("--batch-size 8")
-    with pytest.raises(StoreMismatchError, match="planned with 2 other blocks; .*use another --out"):
+    with pytest.raises(StoreMismatchError, match="planned with 2 other blocks; .*use another --store"):
         store.write_plan(["b1", "b3"], CMD)
     with pytest.raises(StoreError, match="block id"):
         store.write_plan(["../x"], CMD)
@@ -54,13 +54,14 @@ def test_incomplete_store_is_not_ok_and_names_the_command(tmp_path):
     url = str(tmp_path / "s")
     store, ids = planned(url, commit=1)
     report = verify_store(url)
-    assert len(report) == 1 and report.missing_blocks == ids[1:] and report.command == CMD
+    cmd = CMD.replace("STORE", url)  # the store as its reader names it, whatever path created it
+    assert len(report) == 1 and report.missing_blocks == ids[1:] and report.command == cmd
     (problem,) = report.problems
     assert problem.kind == INCOMPLETE and str(problem) == (
-        f"plan: 2 of 3 planned blocks are missing (first: b000001, b000002); finish the job with `{CMD}`")
+        f"plan: 2 of 3 planned blocks are missing (first: b000001, b000002); finish the job with `{cmd}`")
     error = report.error()
     assert isinstance(error, IncompleteStoreError) and not isinstance(error, CorruptStoreError)
-    assert "\n" not in str(error) and CMD in str(error)
+    assert "\n" not in str(error) and cmd in str(error)
     with pytest.raises(IncompleteStoreError, match=r"2 of 3 planned blocks are missing; finish it with `maria extract"):
         store.require_complete()
     for i, n in ((1, 40), (2, 50)):
@@ -83,7 +84,7 @@ def test_corrupt_beats_incomplete_and_unplanned_blocks_are_corrupt(tmp_path):
                                                              ("plan", CORRUPT)]
     assert any("not in the plan (first: x9)" in p for p in report)
     assert isinstance(report.error(), CorruptStoreError) and "(and 1 more); delete the damaged" in str(report.error())
-    assert f"re-run `{CMD}`" in str(report.error())
+    assert f"re-run `{CMD.replace('STORE', url)}`" in str(report.error())
 
 
 def test_missing_store_is_unreadable_not_corrupt(tmp_path):
@@ -170,7 +171,7 @@ def test_block_groups_repaired_from_markers(tmp_path):
     report = verify_store(url)
     assert [p.kind for p in report.problems] == [INCOMPLETE]
     assert "2 committed blocks have no Zarr group naming their committed attempt (first: b000001, b000002)" in report[0]
-    assert CMD in report[0]
+    assert CMD.replace("STORE", url) in report[0]
     store.gc_uncommitted()
     assert verify_store(url) == []
     root = zarr.open_group(url, mode="r")
@@ -188,7 +189,7 @@ def test_format1_store_is_read_but_not_resumed(tmp_path):
     os.remove(f"{url}/blocks/b000000/zarr.json")  # format 1 had no block groups
     assert len(open_store(url).read_block("b000000", verify=True)["targets"]) == 20
     assert verify_store(url) == []
-    with pytest.raises(StoreError, match="format_version 1; this code writes version 2; extract into a new --out"):
+    with pytest.raises(StoreError, match="format_version 1; this code writes version 2; extract into a new --store"):
         create_store(url, MANIFEST, None)
     with pytest.raises(StoreError, match="format_version 1"):
         open_store(url).write_block("b1", block(3))
@@ -215,6 +216,52 @@ def test_malformed_plan_is_corrupt_not_a_traceback(tmp_path):
     meta = json.load(open(f"{url}/zarr.json"))
     meta["attributes"]["maria_plan"] = {"blocks": "b000000"}
     json.dump(meta, open(f"{url}/zarr.json", "w"))
-    with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --out"):
+    with pytest.raises(CorruptStoreError, match="malformed maria_plan; re-extract into a new --store"):
         store.require_complete()
     assert [(p.where, p.kind) for p in verify_store(url).problems] == [("plan", CORRUPT)]
+
+
+def test_a_missing_chunk_is_corrupt_on_every_read_path(tmp_path):
+    """A deleted chunk file used to read as zeros through a lazy read (verify=False)."""
+    url = str(tmp_path / "s")
+    store, blocks = make_store(url, sizes=(300, 4600))
+    os.remove(chunks(url, store, "b000001", "features")[-1])  # rows 4096..4599 of the block
+    with pytest.raises(CorruptBlockError, match=r"b000001 .* corrupt: array features has 1 of its 2 chunk files"):
+        store.block_arrays("b000001")["features"][4500:4600]
+    for verify in (True, False):
+        with pytest.raises(CorruptBlockError, match="b000001"):
+            list(ShuffledReader(url, batch_size=512, verify=verify))
+    assert verify_store(url, check_data=False)[0].startswith("block b000001: array features has 1 of its 2 chunk files")
+
+
+def test_a_copied_store_is_told_its_own_path(tmp_path, monkeypatch):
+    """The finish command names the store as its reader named it, not the path it was created at."""
+    import shutil
+
+    store, ids = planned(str(tmp_path / "original"), commit=1)
+    store.write_plan(ids, CMD.replace("STORE", str(tmp_path / "original")))
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    monkeypatch.chdir(tmp_path)
+    report = verify_store("copy")
+    assert report.command == "maria extract --mlm m --ar a --corpus c.jsonl --store copy" and "original" not in str(report.error())
+    with pytest.raises(IncompleteStoreError, match="finish it with `maria extract .* --store copy`"):
+        open_store("copy").require_complete()
+    with pytest.raises(StoreNotFoundError, match=r"run `maria extract \.\.\. --store nowhere` to create it"):
+        open_store("nowhere")  # extract takes --store (the hints used to say --out)
+
+
+def test_verify_writes_json_and_shows_progress(tmp_path, capsys):
+    from maria_app.cli import main
+
+    url = str(tmp_path / "s")
+    store, ids = planned(url, commit=1)
+    report_file = tmp_path / "verify.json"
+    assert main(["verify", "--store", url, "--json", str(report_file)]) == 2  # incomplete: the report is written anyway
+    report = json.loads(report_file.read_text())
+    assert report["ok"] is False and report["missing_blocks"] == ids[1:] and report["command"].endswith(f"--store {url}")
+    assert [p["kind"] for p in report["problems"]] == [INCOMPLETE]
+    assert "verify: 100%" in capsys.readouterr().err  # a progress bar over the blocks
+    assert main(["verify", "--store", url, "--json", str(report_file)]) == 2  # an existing report needs --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["verify", "--store", url, "--json", f"{url}/report.json", "--overwrite"]) == 2
+    assert "inside the store" in capsys.readouterr().err and not os.path.exists(f"{url}/report.json")

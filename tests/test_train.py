@@ -1,6 +1,8 @@
 """Head training and evaluation from tiny feature stores (tiny random backbones, no Ray)."""
 import json
 import math
+import os
+import re
 import shutil
 
 import pytest
@@ -230,3 +232,103 @@ def test_feature_dataset_is_seeded_resumable_and_the_same_across_workers(stores)
     assert len(tail) == len(alone) - 5 and all(torch.equal(a["targets"], b["targets"]) for a, b in zip(alone[5:], tail))
     with pytest.raises(ValueError, match="another stream"):
         FeatureDataset(stores["train"], batch_size=256, seed=5).load_state_dict(state)
+
+
+# --- reliability: identity, not spelling; one run per --out; damage is exit 3 -------------------------------------
+
+def test_resume_trusts_the_store_not_its_path(stores, tmp_path, monkeypatch):
+    """The same store by another spelling (a relative path, a copy) resumes; another store put at the same path
+    is refused (it used to be accepted: the run finished on it, complete)."""
+    store, out = tmp_path / "s", tmp_path / "h"
+    shutil.copytree(stores["train"], store)
+    run_train(config(stores, out, store=str(store), max_steps=2))
+    monkeypatch.chdir(tmp_path)
+    run_train(config(stores, out, store="s", resume=True, max_steps=2))  # a relative path to the same store
+    shutil.rmtree(store)
+    shutil.copytree(stores["val"], store)  # other data, same backbones, same path
+    with pytest.raises(DataError, match=r"--store s holds other data than the store the checkpoint .* was trained on"):
+        run_train(config(stores, out, store="s", resume=True, max_steps=2))
+    with pytest.raises(DataError, match=r"trained with a --val-store"):
+        run_train(config(stores, out, store=stores["train"], val_store=None, resume=True, max_steps=2))
+
+
+def train_argv(stores, out, *extra):
+    return ["train", "--store", stores["train"], "--val-store", stores["val"], "--out", str(out), "--device", "cpu",
+            "--batch-size", "128", *map(str, extra)]
+
+
+def test_a_locked_output_is_refused_and_a_stale_lock_taken_over(stores, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from maria.io import lock_path, output_lock
+    from maria_app.cli import main
+
+    out = tmp_path / "h"
+    with output_lock(out, "head folder"):  # a live run holds it
+        assert main(train_argv(stores, out, "--max-steps", 1)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"is in use by another run (pid {os.getpid()} on host {socket.gethostname()}" in err[0], err
+    assert not out.exists() and not lock_path(out).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock_path(out).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "pid_started": 1.0, "time": 1.0}))
+    assert main(train_argv(stores, out, "--max-steps", 1)) == 0  # a crashed run's lock: taken over
+    assert not lock_path(out).exists()
+    lock_path(out).write_text(json.dumps({"pid": 1, "host": "another-host", "time": 1.0}))
+    assert main(train_argv(stores, out, "--max-steps", 2, "--resume")) == 2  # this host cannot tell: a person decides
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "host another-host" in err and f"delete {lock_path(out)}" in err
+
+
+def test_two_runs_into_one_out_one_wins(stores, tmp_path):
+    """Started together, two `maria train` into one --out: one trains, the other is refused in one line (it used
+    to run too, interleaving metrics.jsonl, or die with a traceback)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "h"
+    cmd = [sys.executable, "-m", "maria_app.cli", *train_argv(stores, out, "--max-steps", 40, "--eval-every", 1)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = [ln for ln in next(err for code, err in results if code == 2).splitlines() if not ln.rstrip().endswith("/s]")]
+    assert len(loser) == 1 and re.search(r"maria train: error: head folder .* (is in use by another run|already exists)", loser[0])
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(41))  # one run's lines, in order
+
+
+def damage(store_dir, how: str) -> str:
+    """Damage the first block of a copied store: a flipped features byte, or a garbled / emptied commit marker."""
+    from maria_storage import open_store
+
+    store = open_store(str(store_dir))
+    block = store.committed_blocks()[0]
+    if how == "chunk":
+        chunk = sorted(p for p in (store_dir / "blocks" / block).rglob("*") if p.is_file() and "features" in p.parts
+                       and p.name != "zarr.json")[0]
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        chunk.write_bytes(bytes(data))
+    else:
+        (store_dir / "commits" / f"{block}.json").write_text("{" if how == "garbled marker" else "{}")
+    return block
+
+
+@pytest.mark.parametrize("how", ["chunk", "garbled marker", "empty marker"])
+def test_a_damaged_block_is_exit_3_in_train_and_eval_and_skippable(stores, tmp_path, capsys, how):
+    from maria_app.cli import main
+
+    bad = tmp_path / "bad"
+    shutil.copytree(stores["train"], bad)
+    block = damage(bad, how)
+    for argv in (["eval", "--store", str(bad), "--device", "cpu"],
+                 ["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu",
+                  "--max-steps", "1", "--data-mode", "ram"]):
+        assert main(argv) == 3, capsys.readouterr().err
+        err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.rstrip().endswith("/s]")]
+        assert len(err) == 1 and f"block {block} of {bad} is corrupt" in err[0] and "Traceback" not in err[0], err
+        assert ("--skip-corrupt" in err[0]) == (argv[0] == "train")  # eval has no such flag: it names the rewrite instead
+    assert main(["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu",
+                 "--max-steps", "1", "--skip-corrupt"]) == 0

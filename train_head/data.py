@@ -55,13 +55,39 @@ def rows_bytes(store, blocks: list[str]) -> int:
     return rows * (2 * store.feature_dim + 8 + 4)
 
 
-def read_rows(store, blocks: list[str], skip_corrupt: bool = False) -> dict[str, torch.Tensor]:
-    """Every row of the blocks (maria_storage.load_all), features kept in their stored 16-bit dtype (half
-    the RAM of float32)."""
+def skip_fix(url: str) -> str:
+    """The fix a trainer names for a damaged block: find them all, or train without them."""
+    return f"run `maria verify --store {url}` to list the damaged blocks, or pass --skip-corrupt to train without them"
+
+
+def skip_or_raise(e: CorruptBlockError, skip_corrupt: bool, fix: str | None) -> None:
+    """A damaged block is corrupt data (exit code 3) unless the caller skips it (--skip-corrupt): then a warning."""
+    if not skip_corrupt:
+        raise CorruptBlockError(e.block_id, e.reason, e.url, fix=fix) from None
+    warnings.warn(f"skipping corrupt block {e.block_id} of {e.url}: {e.reason}")
+
+
+def usable_blocks(store, blocks: list[str], skip_corrupt: bool, fix: str | None = None) -> list[str]:
+    """The blocks whose commit markers are sound: a damaged marker (garbled JSON, a missing field) is a damaged
+    block like any other, skipped with --skip-corrupt, else corrupt data."""
+    good = []
+    for b in blocks:
+        try:
+            store.commit_info(b)
+            good.append(b)
+        except CorruptBlockError as e:
+            skip_or_raise(e, skip_corrupt, fix)
+    return good
+
+
+def read_rows(store, blocks: list[str], skip_corrupt: bool = False, fix: str | None = None) -> dict[str, torch.Tensor]:
+    """Every row of the blocks (maria_storage.load_all), features kept in their stored 16-bit dtype (half the RAM
+    of float32). A damaged block raises CorruptBlockError naming `fix` (default: how to rewrite it), or is skipped
+    with skip_corrupt."""
     try:
         a = load_all(store, blocks, verify=True, skip_corrupt=skip_corrupt, float32=False)
     except CorruptBlockError as e:
-        raise DataError(f"{e} (or pass --skip-corrupt to train without it)") from None
+        skip_or_raise(e, False, fix)
     f = torch.from_numpy(np.ascontiguousarray(a["features"]))
     return {"features": f.view(torch.bfloat16) if f.dtype == torch.uint16 else f,  # bf16 is stored as its bits
             "targets": torch.from_numpy(a["targets"]), "mask_rates": torch.from_numpy(a["mask_rates"].astype(np.float32))}

@@ -24,18 +24,19 @@ from tqdm import tqdm
 from maria.device import Device, resolve_device
 from maria.head import INITS, FusionHead, init_head, save_head
 from maria.identity import check_same_backbones, identity_record
-from maria.io import guard_output
+from maria.io import check_outside_inputs, guard_output, output_lock
 from maria.limits import free_bytes
 from maria_storage import open_store
 from maria_train_head import checkpoint as ck
-from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, check_complete, eval_batches,
-                             read_rows, rows_bytes, split_blocks)
+from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, check_complete, eval_batches, read_rows, rows_bytes,
+                                   skip_fix, split_blocks, usable_blocks)
 from maria_train_head.evaluate import mean_nll
 from maria_train_head.init import expert_tensors, fit_mix_scales
 
 log = logging.getLogger("maria.train")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
-RESUME_KEYS = ("store", "val_store", "val_fraction", "init", "batch_size", "seed", "data_mode_resolved")  # must not change on resume
+RESUME_KEYS = ("val_fraction", "init", "batch_size", "seed", "data_mode_resolved")  # must not change on resume
+# (the stores are compared by what they hold, not by how their paths are spelled: TrainState.stores)
 
 
 @dataclass
@@ -99,16 +100,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
 
 
 def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
-    """(store, train batches, validation batch factory, train/val block lists, resolved data mode)."""
+    """(store, train batches, validation batch factory, train/val block lists, resolved data mode, the stores'
+    fingerprints)."""
     store = open_store(cfg.store)
     check_complete(store, cfg.allow_incomplete)
-    train_blocks = store.committed_blocks()
+    fix = skip_fix(cfg.store)
+    train_blocks = usable_blocks(store, store.committed_blocks(), cfg.skip_corrupt, fix)
+    stores = {"store": store.fingerprint(train_blocks), "val_store": None}
     if cfg.val_store:
         vstore = open_store(cfg.val_store)
         check_complete(vstore, cfg.allow_incomplete)
         check_same_backbones(store.manifest, vstore.manifest, f"store {cfg.store}", f"val store {cfg.val_store}",
                              "extract the validation store with the same --mlm and --ar as the training store")
-        val_blocks = vstore.committed_blocks()
+        val_blocks = usable_blocks(vstore, vstore.committed_blocks(), cfg.skip_corrupt, skip_fix(cfg.val_store))
+        stores["val_store"] = vstore.fingerprint(val_blocks)
     else:
         vstore = store
         train_blocks, val_blocks = split_blocks(train_blocks, cfg.val_fraction)
@@ -121,18 +126,19 @@ def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     if device.startswith("cuda"):  # keep room for the head, its gradient, AdamW moments, best and init copies
         gpu_budget = 0.5 * torch.cuda.mem_get_info()[0] - 6 * 4 * store.vocab_size * (store.feature_dim + 1)
     if mode == "ram":
-        train = MemoryBatches(read_rows(store, train_blocks, cfg.skip_corrupt), cfg.batch_size, cfg.seed, device,
+        train = MemoryBatches(read_rows(store, train_blocks, cfg.skip_corrupt, fix), cfg.batch_size, cfg.seed, device,
                               on_device=train_bytes + val_bytes < gpu_budget)
     else:
         train = StreamBatches(store, train_blocks, cfg.batch_size, cfg.seed, device, cfg.skip_corrupt)
     if val_bytes < budget:
-        val_rows = read_rows(vstore, val_blocks, cfg.skip_corrupt)
+        val_rows = read_rows(vstore, val_blocks, cfg.skip_corrupt, skip_fix(vstore.url))
         if val_bytes < gpu_budget - (train_bytes if mode == "ram" else 0):
             val_rows = {k: v.to(device) for k, v in val_rows.items()}
         val = lambda: eval_batches(val_rows, cfg.batch_size, device)  # noqa: E731
     else:  # too big for RAM: read it block by block at each validation
-        val = lambda: (b for blk in val_blocks for b in eval_batches(read_rows(vstore, [blk], cfg.skip_corrupt), cfg.batch_size, device))  # noqa: E731
-    return store, train, val, train_blocks, val_blocks, mode
+        val = lambda: (b for blk in val_blocks for b in eval_batches(read_rows(vstore, [blk], cfg.skip_corrupt, skip_fix(vstore.url)),  # noqa: E731
+                                                                     cfg.batch_size, device))
+    return store, train, val, train_blocks, val_blocks, mode, stores
 
 
 def mix_sample(cfg: TrainConfig, store, train, train_blocks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +146,7 @@ def mix_sample(cfg: TrainConfig, store, train, train_blocks) -> tuple[torch.Tens
         return train.features, train.targets
     rows, n, order = [], 0, torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     for i in order:  # stream mode: whole blocks in a seeded order until there are enough rows
-        rows.append(read_rows(store, [train_blocks[i]], cfg.skip_corrupt))
+        rows.append(read_rows(store, [train_blocks[i]], cfg.skip_corrupt, skip_fix(cfg.store)))
         n += len(rows[-1]["targets"])
         if n >= cfg.mix_rows:
             break
@@ -154,6 +160,7 @@ class TrainState:
     config: dict  # the run's TrainConfig (plus the resolved data mode): what a resume must match
     identity: dict  # the store's backbone identity (maria/identity.py)
     val_blocks: list  # blocks held out for validation (when there is no --val-store)
+    stores: dict | None = None  # fingerprints of what the store and val store hold (FeatureStore.fingerprint); None: an older run
     init_scales: list | None = None  # the mix init's fitted (a, b)
     step: int = 0
     data: dict | None = None  # the batch source's position
@@ -183,10 +190,21 @@ def head_meta(cfg: TrainConfig, store, s: TrainState) -> dict:
             "masking": m.get("masking"), "window_length": m.get("window_length"), "config": asdict(cfg)}
 
 
-def check_resume(saved: TrainState, now: dict, cfg: TrainConfig, store, out: Path) -> None:
+def check_resume(saved: TrainState, now: dict, cfg: TrainConfig, store, out: Path, stores: dict) -> None:
+    """A resumed run must read the same data: the same stores (by content, whatever path names them) and settings."""
     check_same_backbones(saved.identity, store.manifest, f"the checkpoint in {out}/ckpt", f"store {cfg.store}",
                          "pass the --store it was trained on, or a new --out (or --overwrite to start over)")
-    for key in RESUME_KEYS:
+    # a run saved before stores were fingerprinted is held to the paths it was given, as it was then
+    keys = RESUME_KEYS + (("store", "val_store") if saved.stores is None else ())
+    for key in ("store", "val_store") if saved.stores is not None else ():
+        if saved.stores.get(key) != stores.get(key):
+            flag = "--" + key.replace("_", "-")
+            given = getattr(cfg, key)
+            what = (f"{flag} {given} holds other data than the store the checkpoint in {out}/ckpt was trained on "
+                    f"(another extraction, or blocks added or removed since)" if given and saved.stores.get(key)
+                    else f"the checkpoint in {out}/ckpt was trained {'with' if saved.stores.get(key) else 'without'} a {flag}")
+            raise DataError(f"{what}; resume with the {flag} it was trained on, or pass a new --out (or --overwrite to start over)")
+    for key in keys:
         if saved.config.get(key) != now.get(key):
             raise DataError(f"the checkpoint in {out}/ckpt was made with {key}={saved.config.get(key)!r}, now {now.get(key)!r}; "
                             f"resume with the same {key}, or pass a new --out (or --overwrite to start over)")
@@ -218,11 +236,11 @@ def start_run(cfg: TrainConfig, device: str, out: Path):
     old = TrainState(**saved[1]) if saved else None
     # an "auto" run resumes in the mode it started in (RAM and stream orders differ), whatever memory is free now
     keep_mode = old.config.get("data_mode_resolved") if old and cfg.data_mode == "auto" else None
-    store, train, val, train_blocks, val_blocks, mode = prepare_data(cfg, device, keep_mode)
+    store, train, val, train_blocks, val_blocks, mode, stores = prepare_data(cfg, device, keep_mode)
     now = {**asdict(cfg), "data_mode_resolved": mode, "total_steps": cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train)))}
     if old:
-        check_resume(old, now, cfg, store, out)
-    state = old or TrainState(config=now, identity=identity_record(store.manifest), val_blocks=val_blocks)
+        check_resume(old, now, cfg, store, out, stores)
+    state = old or TrainState(config=now, identity=identity_record(store.manifest), val_blocks=val_blocks, stores=stores)
     if not old and cfg.init == "mix":
         state.init_scales = list(fit_mix_scales(store, *mix_sample(cfg, store, train, train_blocks), device, cfg.seed, cfg.mix_rows))
         log.info(f"mix init: fitted scales mlm {state.init_scales[0]:.4f}, ar {state.init_scales[1]:.4f}")
@@ -273,16 +291,18 @@ def run_train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
     """`maria train`; its summary. `stop_after` ends the call after that many steps as an interruption
     would (checkpoint written, head marked unfinished): how tests interrupt a run."""
     device, out = resolve_device(cfg.device), Path(cfg.out)
-    if not cfg.resume:
-        guard_output(out, "head.json", cfg.overwrite, (cfg.store, cfg.val_store), what="head folder")
-    fresh = not out.exists() or not any(out.iterdir())
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        return train_loop(cfg, device, out, stop_after)
-    except BaseException:
-        if fresh and not (out / "ckpt").exists():  # failed before its first checkpoint: leave nothing behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    check_outside_inputs(out, (cfg.store, cfg.val_store), what="head folder")
+    with output_lock(out, "head folder"):  # one run per --out: a second is refused, never interleaved
+        if not cfg.resume:  # under the lock: what another run is writing is not "a folder maria did not write"
+            guard_output(out, "head.json", cfg.overwrite, (cfg.store, cfg.val_store), what="head folder")
+        fresh = not out.exists() or not any(out.iterdir())
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            return train_loop(cfg, device, out, stop_after)
+        except BaseException:
+            if fresh and not (out / "ckpt").exists():  # failed before its first checkpoint: leave nothing behind
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def train_loop(cfg: TrainConfig, device: str, out: Path, stop_after: int | None = None) -> dict:
