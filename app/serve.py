@@ -2,20 +2,22 @@
 
     POST /infill   {"text": "Paris is the {{2}} of France."} (or a list of texts; optional temperature,
                    top_k, top_p, seed) -> {"input", "output", "filled", "spans"} (a list: {"results": [...]})
-    GET  /healthz  200 once the model is loaded, with this replica's batch counters
+    GET  /healthz  200 once the model is loaded (503 while draining), with this replica's counters
     GET  /docs     the OpenAPI page (FastAPI), /openapi.json its schema
 
 Concurrent texts are batched by Ray Serve (`@serve.batch`: a batch closes when it holds
 --max-batch-size texts or --batch-wait-ms after its first) and decoded together by the ragged
 decoder, one batch at a time per replica; while one batch decodes, the next one fills. Within a
-batch, texts are grouped by sampling settings: greedy texts decode together (greedy output does not
-depend on the batch: it equals `maria infill` on the text alone), a seeded text decodes alone (so it
-equals `maria infill --text ... --seed` too), unseeded sampling shares a batch. A request is checked
-before it joins a batch, by the same functions as the CLI (app/commands.py), so a bad one gets a 400
-with the CLI's one-line message. Load is bounded: a replica holds --max-ongoing-requests requests,
---max-queued-requests more wait, and past that Serve answers 503. A client that disconnects leaves
-its batch (Serve cancels its call; a batch already decoding just drops its answer). SIGTERM or
-Ctrl-C stops accepting, lets requests in flight finish (Serve's graceful shutdown), then exits.
+batch, texts are grouped by sampling settings: greedy texts decode together (the decoder's batched
+output equals each window alone: tests/test_decode.py; `maria bench serve` counts any difference
+from `maria infill`), a seeded text decodes alone (so it equals `maria infill --text ... --seed`),
+unseeded sampling shares a batch. A request is checked before it joins a batch, by the same
+functions as the CLI (app/commands.py), so a bad one gets a 400 with the CLI's one-line message.
+Load is bounded: a replica holds --max-ongoing-requests requests, --max-queued-requests more wait,
+and past that Serve answers 503. A client that disconnects leaves its batch (Serve cancels its
+call; a batch already decoding just drops its answer). SIGTERM or Ctrl-C drains: every replica
+answers new requests 503 (a user_config change, applied in place) and its requests in flight finish
+(at most --drain-timeout-s); then the application (on a cluster) or the embedded Ray is stopped.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time
 import asyncio
@@ -161,61 +163,12 @@ def error(status: int, e: BaseException) -> JSONResponse:
     return JSONResponse({"error": one_line(e) or f"{type(e).__name__} (a bug: see the replica's log)"}, status_code=status)
 
 
-@serve.deployment(name="MariaInfill")
-@serve.ingress(api)
-class InfillServer:
-    """One replica: the model, and the batch queue in front of it."""
+class Infiller:
+    """What a replica does to requests, without Ray or HTTP: check them, decode a batch of their texts."""
 
-    def __init__(self, model: str, device: str, dtype: str, threads: int, max_batch_size: int, batch_wait_ms: float,
-                 max_texts_per_request: int, max_request_kb: int):
-        device = resolve_device(device)
-        if device == "cpu":
-            torch.set_num_threads(threads or cpu_threads())  # Ray sets one thread per reserved CPU; decoding wants the cores
-        self.model = MariaModel.from_pretrained(model, device=device, dtype=resolve_dtype(dtype, device))
-        self.name, self.max_batch, self.max_texts, self.max_bytes = model, max_batch_size, max_texts_per_request, max_request_kb * 1024
-        self.decode.set_max_batch_size(max_batch_size)
-        self.decode.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+    def __init__(self, model: MariaModel, max_batch_size: int, max_texts_per_request: int):
+        self.model, self.max_batch, self.max_texts = model, max_batch_size, max_texts_per_request
         self.stats = {"batches": 0, "texts": 0, "largest_batch": 0}
-        self.draining, self.in_flight = False, 0
-
-    async def reconfigure(self, config: dict) -> None:
-        """Serve's user_config: {"draining": true} on SIGTERM; returns once this replica's requests are done."""
-        self.draining = bool(config.get("draining"))
-        end = time.monotonic() + float(config.get("drain_timeout_s", 30))
-        while self.draining and self.in_flight and time.monotonic() < end:
-            await asyncio.sleep(0.1)
-
-    @api.get("/healthz", summary="200 once the model is loaded (503 while shutting down)")
-    async def healthz(self):
-        body = {"status": "draining" if self.draining else "ok", "model": self.name, "device": str(self.model.bb.device),
-                "in_flight": self.in_flight, **self.stats}
-        return JSONResponse(body, status_code=503 if self.draining else 200)
-
-    @api.post("/infill", summary="fill the {{N}} spans of one text or a list of texts",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": InfillRequest.model_json_schema()}}}},
-              responses={200: {"model": InfillResult | InfillResults, "description": "one result, or {\"results\": [...]} for a list"},
-                         400: {"model": ErrorBody, "description": "bad request: the CLI's one-line message"},
-                         413: {"model": ErrorBody, "description": "body over --max-request-kb"},
-                         503: {"description": "overloaded: the bounded queue is full; retry later"}})
-    async def infill(self, request: Request):
-        if self.draining:
-            return error(503, ValueError("the server is shutting down; send the request again to a running server"))
-        self.in_flight += 1  # a drain waits for these
-        try:
-            try:
-                items, many = self.parse(await read_body(request, self.max_bytes))
-            except TooLarge as e:
-                return error(413, e)
-            except ValueError as e:
-                return error(400, e)
-            try:
-                records = await asyncio.gather(*(self.decode(item) for item in items))
-            except Exception as e:  # a checked request that fails to decode is a bug (or out of memory): 500
-                logging.getLogger("ray.serve").exception("infill failed")
-                return error(500, e)
-            return {"results": records} if many else records[0]
-        finally:
-            self.in_flight -= 1
 
     def parse(self, body: bytes) -> tuple[list[Item], bool]:
         """The request's texts, each checked as `maria infill --text` checks it (same messages)."""
@@ -236,24 +189,92 @@ class InfillServer:
         check_fits(self.model.bb, min(len(texts), self.max_batch), max(n for n, _ in sizes))
         return [Item(t, n, k, sampling, sampling_group(sampling)) for t, (n, k) in zip(texts, sizes)], many
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # set from the config in __init__
-    async def decode(self, items: list[Item]) -> list[dict]:
-        return await asyncio.to_thread(self.decode_batch, items)  # the event loop keeps accepting (and refusing) requests
-
     def decode_batch(self, items: list[Item]) -> list[dict]:
+        """One record per item, in order; texts of one sampling group decode together, by masked count."""
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(item.group, []).append(i)
         out: list[dict | None] = [None] * len(items)
         for idx in groups.values():
             for b in batches_by_masked_count([items[i].masked for i in idx], self.max_batch, [items[i].tokens for i in idx]):
-                rows = [idx[j] for j in b]
-                for i, record in zip(rows, infill_records(self.model, [items[i].text for i in rows], items[rows[0]].sampling)):
-                    out[i] = record
+                for rows in self.fitting([idx[j] for j in b], items):
+                    for i, record in zip(rows, infill_records(self.model, [items[i].text for i in rows], items[rows[0]].sampling)):
+                        out[i] = record
         self.stats["batches"] += 1
         self.stats["texts"] += len(items)
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(items))
         return out
+
+    def fitting(self, rows: list[int], items: list[Item]) -> list[list[int]]:
+        """Each request was checked alone; texts of many requests together may need more memory than
+        there is now: halve such a batch until each part fits (one text always does: it was checked)."""
+        try:
+            check_fits(self.model.bb, len(rows), max(items[i].tokens for i in rows))
+            return [rows]
+        except ValueError:
+            if len(rows) == 1:
+                return [rows]
+            return self.fitting(rows[: len(rows) // 2], items) + self.fitting(rows[len(rows) // 2 :], items)
+
+
+@serve.deployment(name="MariaInfill")
+@serve.ingress(api)
+class InfillServer:
+    """One replica: the model, and the batch queue in front of it."""
+
+    def __init__(self, model: str, device: str, dtype: str, threads: int, max_batch_size: int, batch_wait_ms: float,
+                 max_texts_per_request: int, max_request_kb: int):
+        device = resolve_device(device)
+        if device == "cpu":
+            torch.set_num_threads(threads or cpu_threads())  # Ray sets one thread per reserved CPU; decoding wants the cores
+        loaded = MariaModel.from_pretrained(model, device=device, dtype=resolve_dtype(dtype, device))
+        self.infiller, self.name, self.max_bytes = Infiller(loaded, max_batch_size, max_texts_per_request), model, max_request_kb * 1024
+        self.decode.set_max_batch_size(max_batch_size)
+        self.decode.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.draining, self.in_flight = False, 0
+
+    async def reconfigure(self, config: dict) -> None:
+        """Serve's user_config: {"draining": true} on SIGTERM; returns once this replica's requests are done."""
+        self.draining = bool(config.get("draining"))
+        end = time.monotonic() + float(config.get("drain_timeout_s", 30))
+        while self.draining and self.in_flight and time.monotonic() < end:
+            await asyncio.sleep(0.1)
+
+    @api.get("/healthz", summary="200 once the model is loaded (503 while shutting down)")
+    async def healthz(self):
+        body = {"status": "draining" if self.draining else "ok", "model": self.name, "device": str(self.infiller.model.bb.device),
+                "in_flight": self.in_flight, **self.infiller.stats}
+        return JSONResponse(body, status_code=503 if self.draining else 200)
+
+    @api.post("/infill", summary="fill the {{N}} spans of one text or a list of texts",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": InfillRequest.model_json_schema()}}}},
+              responses={200: {"model": InfillResult | InfillResults, "description": "one result, or {\"results\": [...]} for a list"},
+                         400: {"model": ErrorBody, "description": "bad request: the CLI's one-line message"},
+                         413: {"model": ErrorBody, "description": "body over --max-request-kb"},
+                         503: {"description": "overloaded (the bounded queue is full) or shutting down; retry later"}})
+    async def infill(self, request: Request):
+        if self.draining:
+            return error(503, ValueError("the server is shutting down; send the request again to a running server"))
+        self.in_flight += 1  # a drain waits for these
+        try:
+            try:
+                items, many = self.infiller.parse(await read_body(request, self.max_bytes))
+            except TooLarge as e:
+                return error(413, e)
+            except ValueError as e:
+                return error(400, e)
+            try:
+                records = await asyncio.gather(*(self.decode(item) for item in items))
+            except Exception as e:  # a checked request that fails to decode is a bug (or out of memory): 500
+                logging.getLogger("ray.serve").exception("infill failed")
+                return error(500, e)
+            return {"results": records} if many else records[0]
+        finally:
+            self.in_flight -= 1
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # set from the config in __init__
+    async def decode(self, items: list[Item]) -> list[dict]:
+        return await asyncio.to_thread(self.infiller.decode_batch, items)  # the event loop keeps accepting (and refusing) requests
 
 
 # ---- `maria serve`: start Ray and Serve, deploy, wait for a signal ---------------------------
