@@ -147,8 +147,11 @@ def partial_file(cfg: InfillConfig, texts: list[str]) -> Path:
     decides the output (input, model, sampling, batching), so only the same command resumes it."""
     out = Path(cfg.out).expanduser()
     model = str(Path(cfg.model).expanduser().resolve()) if Path(cfg.model).expanduser().exists() else cfg.model
-    key = [texts, model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.batch_size, cfg.group_lines, cfg.device, cfg.dtype]
-    return out.with_name(f".{out.name}.{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]}.partial")
+    digest = hashlib.sha256(json.dumps([model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.batch_size, cfg.group_lines,
+                                        cfg.device, cfg.dtype]).encode())
+    for text in texts:
+        digest.update(b"\0" + text.encode())
+    return out.with_name(f".{out.name}.{digest.hexdigest()[:12]}.partial")
 
 
 def resume(partial: Path, texts: list[str], overwrite: bool) -> list[dict]:

@@ -50,25 +50,31 @@ GOAL = 2.5  # concurrent throughput over one-at-a-time
 def demo_texts(tok, n: int, seed: int) -> list[str]:
     """n passages of the demo's validation articles with 1-3 spans of 1-5 words written {{N}}."""
     articles = pq.read_table(prepare_wiki_corpus(default_cache_dir() / "wiki")[1]).column("text").to_pylist()
+    return masked_passages(tok, articles, n, seed)
+
+
+def masked_passages(tok, articles: list[str], n: int, seed: int, words_per_text: int = 40) -> list[str]:
+    """n passages of `words_per_text` words from `articles`, each with 1-3 spans of 1-5 words written {{N}}
+    (N = the span's tokens, its leading space included: maria/text.py's rule)."""
+    long_enough = [a.split() for a in articles if len(a.split()) > words_per_text]
+    if not long_enough:
+        raise ValueError(f"no article has more than {words_per_text} words to mask spans in")
     g, texts = random.Random(seed), []
-    for article in itertools.cycle(articles):
-        words = article.split()
-        if len(words) < 48:
-            continue
-        start = g.randrange(len(words) - 40)
-        words = words[start : start + 40]
-        starts = sorted(g.sample(range(2, 34), g.randint(1, 3)))
+    for words in itertools.cycle(long_enough):
+        start = g.randrange(len(words) - words_per_text)
+        words = words[start : start + words_per_text]
         out, at = [], 0
-        for s in starts:
+        for s in sorted(g.sample(range(2, words_per_text - 6), g.randint(1, 3))):
             if s < at:
-                continue
+                continue  # overlaps the span before it
             end = s + g.randint(1, 5)
-            span = " " + " ".join(words[s:end])  # the space before a span belongs to it (maria/text.py)
-            out += [" ".join(words[at:s]), f"{{{{{len(tok(span, add_special_tokens=False).input_ids)}}}}}"]
+            n_tokens = len(tok(" " + " ".join(words[s:end]), add_special_tokens=False).input_ids)
+            out += [" ".join(words[at:s]), f"{{{{{n_tokens}}}}}"]
             at = end
-        texts.append(" ".join(out).strip() + " " + " ".join(words[at:]))
+        texts.append(" ".join(out + words[at:]))
         if len(texts) == n:
             return texts
+    raise AssertionError("unreachable")
 
 
 def read_texts(path: str, n: int) -> list[str]:

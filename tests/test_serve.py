@@ -264,3 +264,18 @@ def test_a_batch_groups_texts_by_sampling_and_halves_until_it_fits(ckpt, monkeyp
     assert sorted(calls) == sorted([(["g1", "g2"], None), (["h2", "h1"], None), (["s1"], 3), (["s2"], 3)])
     monkeypatch.setattr(app_serve, "check_fits", lambda bb, n, length: (_ for _ in ()).throw(ValueError("too big")) if n > 2 else None)
     assert replica.fitting([0, 1, 2, 3, 4], items) == [[0, 1], [2], [3, 4]]
+
+
+def test_bench_texts_mask_word_spans_with_their_token_counts(model):
+    from tiny import CORPUS
+
+    from maria_bench.serve import masked_passages
+    from maria.text import MASK_SPAN
+
+    article = " ".join(CORPUS)
+    texts = masked_passages(model.bb.ar_tokenizer, [article, "too short"], 12, seed=0)
+    assert len(texts) == 12 and len(set(texts)) > 6
+    for text in texts:
+        spans = MASK_SPAN.findall(text)
+        assert 1 <= len(spans) <= 3 and all(int(n) >= 1 for n in spans)
+        assert model.infill_text([text])[0]["mask"].count(True) == sum(int(n) for n in spans)
