@@ -40,10 +40,11 @@ VERBS = {
     "eval": ("maria_train_head.evaluate", "EvalConfig", "run_eval", "per-masked-token NLL/perplexity: trained head, PoE init, AR-only, MLM-only"),
     "export": ("maria_app.commands", "ExportConfig", "run_export", "write one combined checkpoint folder (backbones + head + vocabulary map)"),
     "infill": ("maria_app.commands", "InfillConfig", "run_infill", "fill {{N}} masked spans of a text (or a JSONL file) with a MARIA checkpoint"),
+    "serve": ("maria_app.serve", "ServeConfig", "run_serve", "serve infilling over HTTP (POST /infill, GET /healthz) on Ray Serve, batching concurrent requests"),
     "generate": ("maria_app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
     "pretrain-mlm": ("maria_defaults.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
     "demo": ("maria_app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
-    "bench": ("maria_bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality) with JSON and PNG output"),
+    "bench": ("maria_bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality | serve) with JSON and PNG output"),
 }
 EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
 SUPERVISED = ("extract",)  # verbs whose Ray driver runs in a child process when run as a command (app/supervise.py)

@@ -6,6 +6,7 @@ extract  bench/extract.py  the extraction job against bare backbone forwards; st
 train    bench/train.py    head training rows/s against its read and head-step bounds
 anneal   bench/anneal.py   generative perplexity against wall-clock time (Figure 5)
 quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength
+serve    bench/serve.py    `maria serve` under load: one client at a time against concurrent clients
 Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
 """
 from __future__ import annotations
@@ -33,13 +34,13 @@ PEAK_TFLOPS_BF16 = 790.0  # H200 dense bf16, for the fraction-of-peak line on a 
 
 @dataclass
 class BenchConfig:
-    what: str  # decode | extract | train | anneal | quality
+    what: str  # decode | extract | train | anneal | quality | serve
     json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
     overwrite: bool = False  # replace a --json written by an earlier `maria bench`
     preset: Literal["tiny", "small", "smollm", "paper"] = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
     mlm: str | None = None  # or real backbones: MLM folder/id ...
     ar: str | None = None  # ... and AR folder/id
-    model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head)
+    model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head); serve: the checkpoint to serve (required)
     store: str | None = None  # train/extract: an existing store or corpus to measure on
     lengths: list[int] = field(default_factory=lambda: [128, 256, 512])  # decode: window lengths
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # decode: windows decoded together (each with its own mask)
@@ -55,16 +56,22 @@ class BenchConfig:
     dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
     windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain)
+    texts: str | None = None  # serve: JSONL of {"text": ...} requests (default: spans masked in the demo's validation articles)
+    requests: int = 64  # serve: requests per phase (the same texts one at a time and from --clients clients)
+    clients: int = 16  # serve: concurrent clients (also the server's --max-batch-size)
+    time_limit_s: float = 300.0  # serve: a phase sends no request after this many seconds (then it is marked truncated)
 
     def __post_init__(self):
-        if self.what not in ("decode", "extract", "train", "anneal", "quality"):
-            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train, anneal or quality")
+        if self.what not in ("decode", "extract", "train", "anneal", "quality", "serve"):
+            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train, anneal, quality or serve")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
         if self.repeats < 1 or not self.batch_sizes or min(self.batch_sizes) < 1 or not self.lengths or min(self.lengths) < 2:
             raise ValueError("bench needs --repeats >= 1, --batch-sizes >= 1 and --lengths >= 2")
         if not 0 < self.mask_rate <= 1 or self.max_chunk < 0 or self.threads < 0:
             raise ValueError("bench needs 0 < --mask-rate <= 1, --max-chunk >= 0 and --threads >= 0")
+        if self.requests < 1 or self.clients < 1 or not self.time_limit_s > 0:
+            raise ValueError("bench serve needs --requests >= 1, --clients >= 1 and --time-limit-s > 0")
 
 
 def resolve(device: str, dtype: str) -> tuple[str, torch.dtype]:

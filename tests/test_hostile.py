@@ -84,6 +84,7 @@ def valid_base(verb: str, world: dict, n: int) -> list[str]:
             "eval": ["--store", str(r / "store"), "--head", str(r / "head")],
             "export": ["--mlm", world["mlm"], "--ar", world["ar"], "--head", str(r / "head"), "--out", out],
             "infill": ["--model", str(r / "ckpt"), "--text", "Paris is the {{2}} of France."],
+            "serve": ["--model", str(r / "ckpt")],
             "generate": ["--model", str(r / "ckpt"), "--steps", "1", "--length", "8", "--chains", "1"],
             "extract": ["--mlm", world["mlm"], "--ar", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--store", out],
             "pretrain-mlm": ["--tokenizer-from", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--out", out],
