@@ -128,7 +128,7 @@ def test_store_inside_its_own_corpus_is_refused(capsys, pairs, tmp_path):
 
 def test_unchecked_values_are_refused(capsys, pairs, tmp_path, checkpoint):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello world " * 20}])
-    assert "--dtype 'float8' is unknown" in run_cli(capsys, *extract_cli(pairs, corpus, tmp_path / "s", "--dtype", "float8"))
+    assert "invalid choice 'float8' for argument '--dtype'" in run_cli(capsys, *extract_cli(pairs, corpus, tmp_path / "s", "--dtype", "float8"))
     # a byte that is not UTF-8 on the command line reaches Python as a lone surrogate
     assert "not valid Unicode at position 3" in run_cli(capsys, "infill", "--model", checkpoint, "--text", "caf\udce9 {{2}} x")
     lines = tmp_path / "in.jsonl"
