@@ -147,6 +147,9 @@ def yaml_type_problem(value, hint) -> str | None:
     nor the field: a list for a number reads as "Unrecognized options: 2"), or None."""
     if value is None:
         return None
+    if typing.get_origin(hint) is typing.Literal:  # a choice: say which are allowed
+        choices = typing.get_args(hint)
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}, not {value!r}"
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args and typing.get_origin(hint) is not list else hint
     if typing.get_origin(base) is list:

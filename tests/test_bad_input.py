@@ -232,7 +232,8 @@ def test_yaml_type_errors_name_the_file_and_field(capsys, tmp_path):
     for body, problem in (("lr: [1, 2]\n", "field 'lr' takes one value, not a list"),
                           ("batch_size: many\n", "field 'batch_size' must be a whole number"),
                           ("resume: 3\n", "field 'resume' must be true or false"),
-                          ("init: yes\n", "field 'init' must be text")):
+                          ("init: yes\n", "field 'init' must be one of poe, mix, random, ar-only, not True"),
+                          ("val_store: [a, b]\n", "field 'val_store' takes one value, not a list")):
         cfg = tmp_path / "c.yaml"
         cfg.write_text(body)
         assert f"--config {cfg}: {problem}" in run_cli(capsys, "train", "--store", store, "--out", tmp_path / "h", "--config", cfg)
