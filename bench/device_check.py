@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import importlib.util
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ from maria_extract.forward import block_features
 from maria_train_head.step import decode_features, make_optimizer, train_step
 
 GPU_TESTS = ("tests/test_decode.py", "tests/test_gpu.py")  # the files holding GPU-marked tests; none imports zarr or Ray
-STEP = dict(lr=3e-4, weight_decay=0.0, grad_clip=1.0, reg_to_init=1e-3)  # TrainConfig's defaults (a test checks they agree)
+STEP = {"lr": 3e-4, "weight_decay": 0.0, "grad_clip": 1.0, "reg_to_init": 1e-3}  # TrainConfig's defaults (a test checks they agree)
 
 
 @dataclass
@@ -68,8 +69,8 @@ class DeviceCheckConfig:
     dry_run: bool = False  # the CPU rehearsal: tiny preset, small sizes (CI runs it so this file cannot rot)
 
 
-DRY_RUN = dict(preset="tiny", device="cpu", dtype="bfloat16", windows=6, window_length=32, extract_batch=4, batch_sizes=[1, 3],
-               decode_length=16, repeats=1, train_rows=512, train_steps=2, train_batch=64)
+DRY_RUN = {"preset": "tiny", "device": "cpu", "dtype": "bfloat16", "windows": 6, "window_length": 32, "extract_batch": 4,
+           "batch_sizes": [1, 3], "decode_length": 16, "repeats": 1, "train_rows": 512, "train_steps": 2, "train_batch": 64}
 
 
 def sync(device: str) -> None:
@@ -93,7 +94,8 @@ def run_tests() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *timeout, "-m", "gpu", "-rs", *GPU_TESTS]
     t = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                              env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     except subprocess.TimeoutExpired as e:
         return {"command": " ".join(cmd), "returncode": None, "summary": "timed out after 300 s", "tail": str(e.stdout)[-3000:]}
     text = done.stdout + done.stderr
@@ -150,9 +152,25 @@ def fp8_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scales[:, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8), scales
 
 
+def train_batches(stored: tuple, targets: torch.Tensor, B: int, perm: torch.Tensor | None):
+    """Endless batches as the trainer's RAM mode makes them: a shuffled index, gather, decode on the device.
+    perm=None: the bare step, one batch decoded once and fed again and again."""
+    codes, scales = stored
+    if perm is None:
+        fixed = decode_features(codes[:B], None if scales is None else scales[:B]), targets[:B]
+        while True:
+            yield fixed
+    for i in itertools.count():
+        start = (i * B) % (len(perm) // B * B)  # whole batches of each epoch, then the next epoch (one order)
+        idx = perm[start : start + B]
+        yield decode_features(codes[idx], None if scales is None else scales[idx]), targets[idx]
+
+
 def check_train(bb, cfg: DeviceCheckConfig, device: str) -> dict:
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     N, B, D, V = cfg.train_rows, cfg.train_batch, bb.d_mlm + bb.d_ar, bb.vocab_size
+    if N < B:
+        raise ValueError(f"--train-rows {N} is less than one batch (--train-batch {B})")
     x = torch.randn(N, D, device=device, generator=g)
     targets = torch.randint(0, V, (N,), device=device, generator=g)
     stored = {"float16": (x.half(), None), "bfloat16": (x.bfloat16(), None), "float8": fp8_encode(x)}
@@ -163,23 +181,15 @@ def check_train(bb, cfg: DeviceCheckConfig, device: str) -> dict:
     for name in ("bare step", *stored):
         head = FusionHead(bb.d_mlm, bb.d_ar, V).to(device)
         opt, init = make_optimizer(head, step_cfg), [p.detach().clone() for p in head.parameters()]
-        fixed = decode_features(stored["float16"][0][:B])
-        perm = torch.randperm(N, device=device, generator=g)
-
-        def batch(i):
-            if name == "bare step":
-                return fixed, targets[:B]
-            idx = perm[(i * B) % N : (i * B) % N + B]
-            codes, scales = stored[name]
-            return decode_features(codes[idx], None if scales is None else scales[idx]), targets[idx]
-
-        train_step(head, opt, *batch(0), init, step_cfg, autocast)  # warm-up: kernels, AdamW state
+        perm = None if name == "bare step" else torch.randperm(N, device=device, generator=g)
+        batches = train_batches(stored.get(name, stored["float16"]), targets, B, perm)
+        train_step(head, opt, *next(batches), init, step_cfg, autocast)  # warm-up: kernels, AdamW state
         runs = []
         for _ in range(cfg.repeats):
             sync(device)
             t = time.perf_counter()
-            for i in range(cfg.train_steps):
-                train_step(head, opt, *batch(i), init, step_cfg, autocast)
+            for _ in range(cfg.train_steps):
+                train_step(head, opt, *next(batches), init, step_cfg, autocast)
             sync(device)
             runs.append(B * cfg.train_steps / (time.perf_counter() - t))
         out[name] = {"rows_per_s_median": sorted(runs)[len(runs) // 2], "rows_per_s_runs": runs}
@@ -243,7 +253,7 @@ def parse(argv: list[str]) -> tuple[DeviceCheckConfig, str | None]:
     """argparse over DeviceCheckConfig, each field's comment its help (tyro is not on the lent image);
     --plot JSON renders the PNG beside a device_check.json and exits."""
     p = argparse.ArgumentParser(prog="python -m maria_bench.device_check", description=__doc__.split("\n\n")[0])
-    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", inspect.getsource(DeviceCheckConfig), re.M))
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.+)$", inspect.getsource(DeviceCheckConfig), re.MULTILINE))
     for f in dataclasses.fields(DeviceCheckConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag, text = "--" + f.name.replace("_", "-"), f"{comments[f.name]} (default: {default})"

@@ -55,7 +55,7 @@ def test_round_trip_within_the_stated_bound():
 def test_store_round_trip_bytes_verify_and_reader(tmp_path):
     url = str(tmp_path / "s")
     store, blocks = make_store(url, feature_dtype="float8")
-    half, _ = make_store(str(tmp_path / "h"))
+    make_store(str(tmp_path / "h"))
     assert verify_store(url) == []
     for b, arrays in blocks.items():
         got = store.read_block(b, verify=True)
@@ -91,7 +91,7 @@ def test_plain_zarr_reads_float8_with_the_documented_recipe(tmp_path):
     assert "NOT integers" in features.attrs["encoding"] and data[SCALES].attrs["description"]
     recipe = features.attrs["encoding"].split("in numpy: ")[1].split(" (or ")[0]  # the attribute's numpy recipe, run as written
     scope = {"np": np}
-    exec(recipe.replace("; ", "\n"), scope)
+    exec(recipe.replace("; ", "\n"), scope)  # noqa: S102 -- the store's own attribute text, checked as a reader would run it
     decoded = scope["E4M3FN"][features[...]] * data[SCALES][...][:, None]
     np.testing.assert_array_equal(decoded.astype(np.float32), as_float32(features[...], store.manifest, data[SCALES][...]))
     done = subprocess.run([sys.executable, "-c", SNIPPET.read_text()], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
@@ -109,9 +109,9 @@ def test_damage_and_bad_values_are_caught(tmp_path):
         store.write_block("b9", bad)
     assert not store.is_committed("b9")
     chunk = glob.glob(f"{url}/blocks/b000001/{store.commit_info('b000001')['attempt']}/{SCALES}/c/*")[0]
-    data = bytearray(open(chunk, "rb").read())
+    data = bytearray(Path(chunk).read_bytes())
     data[len(data) // 2] ^= 0x01
-    open(chunk, "wb").write(bytes(data))
+    Path(chunk).write_bytes(bytes(data))
     problems = verify_store(url)
     assert len(problems) == 1 and problems[0].startswith("block b000001:"), problems
 
@@ -144,3 +144,23 @@ def test_float8_store_trains_and_evaluates_close_to_float16(pairs, tmp_path):
     for model in ("poe_init", "ar_only", "mlm_only"):  # the same weights on both: only the features' rounding differs (measured ~2e-4)
         assert nll["float8"][model] == pytest.approx(nll["float16"][model], abs=0.002)
     assert nll["float8"]["trained"] == pytest.approx(nll["float16"]["trained"], abs=0.01)  # two trainings (measured 0.003)
+
+
+def test_bench_fp8_reports_both_dtypes(pairs, tmp_path):
+    """`maria bench fp8` on two tiny float16 stores: both dtypes trained and scored, bytes and rates, JSON targets, PNG."""
+    from maria.backbones import load_backbones
+    from maria_bench.run import run_bench
+    from maria_bench.setup import BenchConfig
+
+    bb = load_backbones(*pairs["modernbert-olmo"])
+    make_tiny_store(tmp_path / "train", bb, 64, seed=1, windows_per_block=16, plan=True)
+    make_tiny_store(tmp_path / "val", bb, 16, seed=2, windows_per_block=16, plan=True)
+    r = run_bench(BenchConfig(what="fp8", store=str(tmp_path / "train"), val_store=str(tmp_path / "val"), steps=2, repeats=1,
+                              batch_size=64, device="cpu", json=str(tmp_path / "fp8.json")))
+    f16, f8 = r["dtypes"]["float16"], r["dtypes"]["float8"]
+    assert f16["rows"] == f8["rows"] == open_store(str(tmp_path / "train")).num_rows()
+    d = bb.d_mlm + bb.d_ar
+    assert f16["stored_bytes_per_row"] - f8["stored_bytes_per_row"] == d - 4  # one byte per value instead of two, plus a scale
+    assert set(f8["eval_nll"]) == {"trained", "poe_init", "ar_only", "mlm_only"} and f8["write_rows_per_s"] > 0
+    assert r["targets"]["trained_nll_float8_minus_float16"] == pytest.approx(f8["eval_nll"]["trained"] - f16["eval_nll"]["trained"])
+    assert (tmp_path / "fp8.png").stat().st_size > 0

@@ -53,13 +53,13 @@ def test_float8_decodes_on_cuda_as_the_stored_table():
 def test_train_step_under_bf16_autocast_learns():
     torch.manual_seed(0)
     head = FusionHead(16, 16, 50).cuda()
-    cfg = type("Cfg", (), dict(lr=1e-2, weight_decay=0.0, grad_clip=1.0, reg_to_init=0.0))()
+    cfg = type("Cfg", (), {"lr": 1e-2, "weight_decay": 0.0, "grad_clip": 1.0, "reg_to_init": 0.0})()
     opt = make_optimizer(head, cfg)
     f, t = torch.randn(256, 32, device="cuda"), torch.randint(0, 50, (256,), device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    first = float(train_step(head, opt, f, t, [], cfg, autocast))
+    first = float(train_step(head, opt, f, t, [], cfg, autocast).detach())
     for _ in range(30):
-        last = float(train_step(head, opt, f, t, [], cfg, autocast))
+        last = float(train_step(head, opt, f, t, [], cfg, autocast).detach())
     assert last < 0.8 * first
 
 
