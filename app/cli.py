@@ -44,7 +44,7 @@ VERBS = {
     "generate": ("maria_app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
     "pretrain-mlm": ("maria_defaults.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
     "demo": ("maria_app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
-    "bench": ("maria_bench", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality | serve) with JSON and PNG output"),
+    "bench": ("maria_bench.run", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality | serve | fp8 | shapes) with JSON and PNG output"),
 }
 EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
 SUPERVISED = ("extract",)  # verbs whose Ray driver runs in a child process when run as a command (app/supervise.py)

@@ -6,28 +6,11 @@ train    bench/train.py    head training rows/s against its read and head-step b
 anneal   bench/anneal.py   generative perplexity against wall-clock time (Figure 5)
 quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength (the demo's MLM and its snapshots)
 serve    bench/serve.py    `maria serve` under load: throughput and latency, one client at a time against 16 concurrent
-Shared set-up (config, presets, random backbones): bench/setup.py.
+fp8      bench/fp8.py      float8 against float16 feature stores: eval NLL of a head trained on each, bytes, rates
+shapes   bench/shapes.py   the whole pipeline at a preset's real shapes (`paper`: ModernBERT-large + OLMo-1B):
+                           wall time, peak RSS against the weights' bytes, store bytes per token
+The dispatcher is bench/run.py; shared set-up (config, presets, random backbones, timing): bench/setup.py.
+Outside `maria bench`: `python -m maria_bench.layout` (store layouts) and `python -m maria_bench.device_check`
+(the prepared GPU check, bench/device_check.sh). This file imports nothing, so the device check can import
+`maria_bench.device_check` on an image without Ray or zarr.
 """
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
-from maria_bench import anneal, decode, extract, quality, serve, train
-from maria_bench.setup import BenchConfig
-from maria.io import atomic_write, guard_output_file
-
-__all__ = ["BenchConfig", "run_bench"]
-RUNNERS = {"decode": decode.bench_decode, "extract": extract.bench_extract,
-           "train": train.bench_train_cli, "anneal": anneal.bench_anneal, "quality": quality.bench_quality,
-           "serve": serve.bench_serve}
-
-
-def run_bench(cfg: BenchConfig) -> dict:
-    out = Path(cfg.json)
-    guard_output_file(out, cfg.overwrite, lambda t: '"benchmark"' in t, flag="--json")
-    result = RUNNERS[cfg.what](cfg)
-    atomic_write(out, json.dumps(result, indent=2))
-    print(json.dumps(result.get("targets", result), indent=2))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return result

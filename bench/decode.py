@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from maria_bench.setup import PEAK_TFLOPS_BF16, BenchConfig, _timed, model_backbones, params, poe_head, resolve
+from maria_bench.setup import BenchConfig, _timed, model_backbones, params, peak_tflops, poe_head, resolve
 from maria.baselines import ar_generate, hf_generate, mlm_iterative_unmasking, mlm_left_to_right
 from maria.decode import infill, plan, step_cost_tokens
 from maria.device import cpu_threads
@@ -39,7 +39,7 @@ def spread(values: list[float]) -> dict:
             "runs": len(values)}
 
 
-def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device: str) -> dict:
+def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device: str, peak: float | None) -> dict:
     V = min(bb.vocab_size, int((bb.mlm_to_ar >= 0).sum()))
     ids = torch.randint(2, V, (B, L), generator=g).to(device)
     mask = (torch.rand(B, L, generator=g) < cfg.mask_rate).to(device)
@@ -85,9 +85,23 @@ def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device
     # model FLOPs per masked token: the AR reads every token once, the MLM reads the window once
     flops = (2 * params(bb.ar) * L + 2 * params(bb.mlm) * (L + 2)) * B / n_masked + 2 * head.proj.weight.numel()
     row["maria_tflops"] = flops * row["maria_tok_s"]["median"] / 1e12
-    if device.startswith("cuda"):
-        row["maria_fraction_of_peak"] = row["maria_tflops"] / PEAK_TFLOPS_BF16
+    if peak:
+        row["maria_fraction_of_peak"] = row["maria_tflops"] / peak
     return row
+
+
+def decode_rows(bb, head, cfg: BenchConfig, device: str) -> list[dict]:
+    """One row per (batch size, length) of cfg: the timed methods' medians and spreads (bench_decode's
+    `results`; the device check calls it on backbones it already holds)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    peak, rows = peak_tflops(device), []
+    for B in cfg.batch_sizes:
+        warm = torch.randint(2, 100, (B, 16), generator=g).to(device)
+        infill(bb, head, warm, torch.rand(B, 16, generator=g).to(device) < 0.5)
+        ar_generate(bb, warm, 4), hf_generate(bb, warm, 4)
+        for L in tqdm(cfg.lengths, desc=f"bench decode, batch {B}", unit="length"):
+            rows.append(_cell(bb, head, cfg, B, L, g, device, peak))
+    return rows
 
 
 def bench_decode(cfg: BenchConfig) -> dict:
@@ -96,15 +110,8 @@ def bench_decode(cfg: BenchConfig) -> dict:
         torch.set_num_threads(cfg.threads or cpu_threads())
     bb = model_backbones(cfg, device, dtype)
     head = poe_head(bb).to(device=device, dtype=dtype)
-    g = torch.Generator().manual_seed(cfg.seed)
     load_before = os.getloadavg()
-    rows = []
-    for B in cfg.batch_sizes:
-        warm = torch.randint(2, 100, (B, 16), generator=g).to(device)
-        infill(bb, head, warm, torch.rand(B, 16, generator=g).to(device) < 0.5)
-        ar_generate(bb, warm, 4), hf_generate(bb, warm, 4)
-        for L in tqdm(cfg.lengths, desc=f"bench decode, batch {B}", unit="length"):
-            rows.append(_cell(bb, head, cfg, B, L, g, device))
+    rows = decode_rows(bb, head, cfg, device)
     worst = min(rows, key=lambda r: r["maria_over_ar_generate"]["median"])
     result = {"benchmark": "decode", "config": asdict(cfg), "device": device, "dtype": str(dtype), "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),

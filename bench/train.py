@@ -23,7 +23,8 @@ from maria.head import FusionHead
 from maria.plots import bar_plot
 from maria_storage import create_store, open_store
 from maria_train_head.checkpoint import read_metrics
-from maria_train_head.train import TrainConfig, make_optimizer, run_train, train_step
+from maria_train_head.step import make_optimizer, train_step
+from maria_train_head.train import TrainConfig, run_train
 
 
 def _sync(device: str) -> None:

@@ -61,7 +61,7 @@ class ExtractConfig:
     batch_size: int = 16  # windows per backbone forward (length-bucketed)
     device: Device = "auto"  # auto (cuda on actors given a GPU, else cpu) | cpu | cuda; decided on each actor
     dtype: DType = "auto"  # backbone dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
-    feature_dtype: Literal["float16", "bfloat16"] = "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits)
+    feature_dtype: Literal["float16", "bfloat16", "float8"] = "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits) | float8 (e4m3 codes in uint8 with a float32 scale per row: half the bytes)
     actor_gpus: float | None = None  # GPUs per backbone actor (0.5 = two actors share a GPU); unset = 1 if the cluster has or can add GPUs and --device is not cpu, else 0
     actor_cpus: float = 0.5  # CPUs per backbone actor (fractional: on small nodes whole CPUs can starve the pipeline)
     actor_memory_gb: float | None = None  # RAM Ray reserves per backbone actor (set it on a fleet: about 3x both backbones' weights)
@@ -79,8 +79,8 @@ class ExtractConfig:
                                      masks_per_window=self.masks_per_window)
         if self.window_length < 2 or self.docs_per_block < 1 or self.batch_size < 1:
             raise ValueError("window length must be >= 2, docs per block and batch size >= 1")
-        if self.feature_dtype not in ("float16", "bfloat16"):
-            raise ValueError(f"feature dtype {self.feature_dtype!r} is unknown; use float16 or bfloat16")
+        if self.feature_dtype not in ("float16", "bfloat16", "float8"):
+            raise ValueError(f"feature dtype {self.feature_dtype!r} is unknown; use float16, bfloat16 or float8")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r} is unknown; use auto, float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu", "cuda"):

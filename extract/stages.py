@@ -16,10 +16,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from maria_extract.corpus import cut_windows
+from maria_extract.forward import block_features
 from maria_extract.masking import MaskingConfig, sample_mask, word_starts
 from maria.backbones import load_backbones
 from maria.device import cpu_threads, resolve_device as resolve_local_device
-from maria.features import aligned_features, ar_states
 from maria_storage import open_store
 
 
@@ -168,32 +168,12 @@ class FeatureActor:
                 **{k: objects(v) for k, v in out.items()}}
 
     def block_features(self, ids, lengths, masks):
-        """Rows (features, targets, window, position, k) sorted by (window, k, position), so the
-        block's bytes do not depend on how windows were bucketed into micro-batches."""
-        import torch
-
+        """Rows (features, targets, window, position, k) sorted by (window, k, position): extract/forward.py."""
         K, T = self.cfg.masking.masks_per_window, self.cfg.window_length
         lengths = np.asarray(lengths, dtype=np.int64)
-        ids = np.asarray(ids, dtype=np.int64).reshape(len(lengths), T)
         masks = np.asarray(masks, dtype=bool).reshape(K, len(lengths), T)
-        order = np.argsort(-lengths, kind="stable")  # length buckets: similar lengths share a batch
-        parts = []
-        for s in range(0, len(order), self.cfg.batch_size):
-            idx = order[s : s + self.cfg.batch_size]
-            n_max = int(lengths[idx].max())
-            x = torch.from_numpy(ids[idx, :n_max]).to(self.device)
-            n = torch.from_numpy(lengths[idx]).to(self.device)
-            h_ar = ar_states(self.bb, x, n)
-            for k in range(K):
-                af = aligned_features(self.bb, x, torch.from_numpy(masks[k][idx, :n_max]).to(self.device), n, h_ar=h_ar)
-                rows = idx[af.rows.cpu().numpy()]
-                parts.append((af.features.float().cpu().numpy(), af.targets.cpu().numpy(), rows,
-                              af.positions.cpu().numpy(), np.full(len(rows), k)))
-        if not parts:  # a block whose documents were all too short for a window: an empty block
-            return np.zeros((0, self.bb.d_mlm + self.bb.d_ar), np.float32), *(np.zeros(0, np.int64) for _ in range(4))
-        f, t, r, p, k = (np.concatenate(c) for c in zip(*parts))
-        key = np.lexsort((p, k, r))
-        return f[key], t[key], r[key], p[key], k[key]
+        return block_features(self.bb, np.asarray(ids).reshape(len(lengths), T), lengths, masks, self.cfg.batch_size,
+                              self.device)
 
 
 def write_blocks(batch: dict, cfg: StageSpec) -> dict:

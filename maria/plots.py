@@ -53,3 +53,28 @@ def line_plot(png: str | Path, series: dict[str, tuple[list, list]], xlabel: str
         ax.set_yscale("log")
     ax.legend(fontsize=7 if len(series) > 6 else 8, ncol=2 if len(series) > 6 else 1)
     return _save(plt, fig, ax, png)
+
+
+def bar_panels(png: str | Path, panels: dict[str, dict[str, float]], title: str, fmt: str = "%.3g") -> Path:
+    """Several small bar charts side by side, one per measured quantity (title -> {bar label: value}):
+    a comparison whose quantities have different units (bytes, rates, losses) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels.items()):
+        bars = ax.bar(list(values), [v if v is not None else 0.0 for v in values.values()],
+                      color=[f"C{i}" for i in range(len(values))])
+        ax.bar_label(bars, labels=["-" if v is None else fmt % v for v in values.values()], fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    png = Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png

@@ -20,9 +20,9 @@ import numpy as np
 import zarr
 
 from maria_storage import layout
+from maria_storage.format import (BLOCK_ARRAYS, SCALES, StoreError, block_array_dtypes, check_block_id, features_finite,
+                                  scales_valid, sha256_of, to_store_features)
 from maria_storage.zarr_compat import array_metadata_from_json, metadata_json
-from maria_storage.format import (BLOCK_ARRAYS, StoreError, check_block_id, features_finite, sha256_of,
-                            to_store_features)
 
 # write_empty_chunks=True: every chunk is a file (a missing one is damage, not zeros), and zarr skips its
 # "is this chunk all fill value?" scan over the data.
@@ -30,12 +30,13 @@ ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def validate_block(store, arrays: dict) -> dict[str, np.ndarray]:
-    """Check and convert everything before the first byte is written."""
+    """Check and convert everything before the first byte is written (a float8 store's per-row scales are
+    computed here, from the float features callers pass)."""
     missing = [k for k in BLOCK_ARRAYS if k not in arrays]
     unknown = [k for k in arrays if k not in BLOCK_ARRAYS]
     if missing or unknown:
         raise StoreError(f"block arrays: missing {missing}, unknown {unknown}; pass exactly {list(BLOCK_ARRAYS)}")
-    out = {"features": to_store_features(arrays["features"], store.manifest)}
+    out = to_store_features(arrays["features"], store.manifest)
     for name, dtype in BLOCK_ARRAYS.items():
         if name != "features":
             a = np.asarray(arrays[name])
@@ -49,7 +50,7 @@ def validate_block(store, arrays: dict) -> dict[str, np.ndarray]:
     for name, a in out.items():
         if name != "features" and a.shape != (n,):
             raise StoreError(f"block array {name} has shape {a.shape}, expected ({n},) like features' rows")
-    if not features_finite(f):
+    if not features_finite(f) or (SCALES in out and not scales_valid(out[SCALES])):
         raise StoreError("features contain NaN or inf (before or after conversion to "
                          f"{store.manifest['feature_dtype']}); check the extraction (fp16 overflow?)")
     t = out["targets"]
@@ -96,7 +97,7 @@ def block_group_from_marker(store, marker: dict) -> bytes:
     """Rebuild a block group's zarr.json from its marker and the attempt's own metadata (for repairs)."""
     loc, block_id, attempt = store._loc, marker["block_id"], marker["attempt"]
     metas = {}
-    for name in BLOCK_ARRAYS:
+    for name in block_array_dtypes(store.manifest):
         doc = json.loads(loc.read_bytes("blocks", block_id, attempt, name, "zarr.json"))
         metas[name] = array_metadata_from_json(doc)
     return metadata_json(layout.block_group(marker, layout.attempt_group(block_id, attempt, metas)))

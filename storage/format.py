@@ -23,6 +23,8 @@ import re
 import ml_dtypes
 import numpy as np
 
+from maria_storage import float8
+
 FORMAT_VERSION = 2  # 2: self-describing hierarchy, bf16 attributes, crc32c chunks, init checksums, plan
 READABLE_FORMATS = (1, 2)  # version 1 stores differ only in metadata this code does not need to read
 MANIFEST_KEY = "maria"
@@ -30,7 +32,7 @@ MANIFEST_KEY = "maria"
 # Manifest keys that decide whether two extraction runs may share a store (resume vs. refuse).
 IDENTITY_KEYS = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size", "feature_dtype", "masking",
                  "seed", "corpus_fingerprint", "window_length", "docs_per_block")  # block ids number docs_per_block-sized runs
-FEATURE_DTYPES = ("float16", "bfloat16")
+FEATURE_DTYPES = ("float16", "bfloat16", "float8")  # float8: e4m3fn codes + a per-row scale (storage/float8.py)
 
 # Row-aligned arrays of a block and their stored dtypes ("features" depends on the manifest).
 BLOCK_ARRAYS = {
@@ -41,6 +43,7 @@ BLOCK_ARRAYS = {
     "positions": np.dtype("<i4"),
     "mask_rates": np.dtype("<f4"),
 }
+SCALES = float8.SCALES  # float8 stores only: the per-row float32 scale of `features`
 INIT_ARRAYS = ("W1", "b1", "W2", "b2", "vocab_map")
 BLOCK_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 CHUNK_ROWS = 4096  # the reader's default row-range size; stored feature chunks divide it (see below)
@@ -105,11 +108,19 @@ class CorruptBlockError(CorruptStoreError):
 # dtypes
 
 def stored_feature_dtype(manifest: dict) -> np.dtype:
-    """bfloat16 has no numpy dtype: it is stored as its raw 16 bits in uint16."""
+    """bfloat16 and float8 have no numpy dtype: their raw bits are stored as uint16 / uint8."""
     kind = manifest.get("feature_dtype", "float16")
     if kind not in FEATURE_DTYPES:
         raise StoreError(f"manifest feature_dtype {kind!r} is unknown; use one of {FEATURE_DTYPES}")
-    return np.dtype("<u2") if kind == "bfloat16" else np.dtype("<f2")
+    return {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float8": np.dtype("u1")}[kind]
+
+
+def block_array_dtypes(manifest: dict) -> dict[str, np.dtype]:
+    """A block's arrays and their stored dtypes under this manifest: float8 stores add the per-row scales."""
+    arrays = {**BLOCK_ARRAYS, "features": stored_feature_dtype(manifest)}
+    if manifest.get("feature_dtype") == "float8":
+        arrays[SCALES] = np.dtype("<f4")
+    return arrays
 
 
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -117,38 +128,51 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32).astype(ml_dtypes.bfloat16).view("<u2")
 
 
-def as_float32(features: np.ndarray, manifest: dict | None = None) -> np.ndarray:
-    """Stored features (float16, or uint16 holding bfloat16 bits) -> float32."""
-    bf16 = features.dtype == np.uint16 or (manifest is not None and manifest.get("feature_dtype") == "bfloat16")
-    if bf16:
+def as_float32(features: np.ndarray, manifest: dict | None = None, scales: np.ndarray | None = None) -> np.ndarray:
+    """Stored features (float16; uint16 holding bfloat16 bits; uint8 float8 codes with their per-row `scales`)
+    -> float32."""
+    kind = (manifest or {}).get("feature_dtype")
+    if features.dtype == np.uint8 or kind == "float8":
+        if features.dtype != np.uint8 or scales is None:
+            raise StoreError(f"float8 features are uint8 codes decoded with their {SCALES}; got {features.dtype}"
+                             f"{'' if scales is not None else ' without scales'}")
+        return float8.decode(features, scales)
+    if features.dtype == np.uint16 or kind == "bfloat16":
         if features.dtype != np.uint16:
             raise StoreError(f"bfloat16 features must be stored as uint16 bits, got {features.dtype}")
         return features.view(ml_dtypes.bfloat16).astype(np.float32)
     return features.astype(np.float32)
 
 
-def to_store_features(features, manifest: dict) -> np.ndarray:
-    """Convert caller features (float32/float16/bfloat16 torch tensor, or uint16 bf16 bits) to the stored dtype."""
+def to_store_features(features, manifest: dict) -> dict[str, np.ndarray]:
+    """Caller features (float32/float16/bfloat16 torch tensor or numpy array; uint16 bf16 bits for a bfloat16
+    store) -> {"features": in the stored dtype, plus SCALES for a float8 store}."""
     if hasattr(features, "detach"):  # a torch tensor: bf16 has no numpy twin, so go through float32
         features = features.detach().cpu()
         features = (features.float() if str(features.dtype) == "torch.bfloat16" else features).numpy()
     features = np.asarray(features)
     target = stored_feature_dtype(manifest)
-    if target == np.uint16:
-        if features.dtype == np.uint16:
-            return np.ascontiguousarray(features, dtype="<u2")
-        if features.dtype.kind != "f":
-            raise StoreError(f"features must be floating point (or uint16 bfloat16 bits), got {features.dtype}")
-        return float32_to_bf16_bits(features)
+    if target == np.uint16 and features.dtype == np.uint16:
+        return {"features": np.ascontiguousarray(features, dtype="<u2")}
     if features.dtype.kind != "f":
-        raise StoreError(f"features must be floating point for a float16 store, got {features.dtype}")
+        raise StoreError(f"features must be floating point (or uint16 bfloat16 bits for a bfloat16 store), got {features.dtype}")
+    if target == np.uint16:
+        return {"features": float32_to_bf16_bits(features)}
+    if target == np.uint8:
+        if features.ndim != 2:
+            raise StoreError(f"features have shape {features.shape}, expected (N, d_mlm + d_ar)")
+        codes, scales = float8.encode(features)
+        return {"features": codes, SCALES: scales}
     with np.errstate(over="ignore"):  # overflow becomes inf, which the caller's finiteness check reports
-        return np.ascontiguousarray(features, dtype="<f2")
+        return {"features": np.ascontiguousarray(features, dtype="<f2")}
 
 
 def features_finite(features: np.ndarray) -> bool:
-    """No NaN/inf. On the raw bits (non-finite <=> all exponent bits set): 3x faster than np.isfinite on fp16."""
-    if features.dtype == np.uint16:  # bfloat16 bits
+    """No NaN/inf. On the raw bits (non-finite <=> all exponent bits set): 3x faster than np.isfinite on fp16.
+    float8 (e4m3fn codes) has no infinities; its NaNs are the codes with every bit but the sign set."""
+    if features.dtype == np.uint8:
+        exponent = np.uint8(0x7F)
+    elif features.dtype == np.uint16:  # bfloat16 bits
         exponent = np.uint16(0x7F80)
     elif features.dtype == np.float16:
         exponent, features = np.uint16(0x7C00), features.view(np.uint16)
@@ -158,6 +182,11 @@ def features_finite(features: np.ndarray) -> bool:
     flat = features.reshape(-1)
     step = 1 << 20  # slices keep the temporaries in cache: 3-10x faster than one pass over a 200 MB block
     return not any(np.any((flat[i:i + step] & exponent) == exponent) for i in range(0, len(flat), step))
+
+
+def scales_valid(scales: np.ndarray) -> bool:
+    """float8 row scales: finite and positive (an all-zero row has scale 1)."""
+    return bool(np.isfinite(scales).all() and (scales > 0).all())
 
 
 def sha256_of(array: np.ndarray) -> str:

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
-from maria_storage.format import FORMAT_VERSION, SMALL_CHUNK_ROWS, feature_chunk_rows
+from maria_storage import float8
+from maria_storage.format import FORMAT_VERSION, SCALES, SMALL_CHUNK_ROWS, feature_chunk_rows
 from maria_storage.zarr_compat import group_metadata, metadata_json
 
 # Codec choices, measured by `python -m maria_bench.layout` (README "The feature store"). Features are
@@ -38,6 +39,8 @@ BLOCK_DESCRIPTIONS = {
     "window_ids": "index of the window within its document",
     "positions": "position of the masked token within its window (0-based)",
     "mask_rates": "fraction of the window's tokens masked in the mask draw this row belongs to",
+    SCALES: "float8 stores only: the row's scale; the row's features are E4M3FN[features code] * this "
+            "(the row's largest |value| / 448). See the features array's `encoding` attribute",
 }
 
 
@@ -54,6 +57,8 @@ def _features_description(manifest: dict) -> dict:
     if attrs["dtype"] == "bfloat16":
         attrs["encoding"] = ("bfloat16 bit patterns stored as uint16: NOT integers. Decode with "
                              "(x.astype('uint32') << 16).view('float32'), or x.view(ml_dtypes.bfloat16)")
+    if attrs["dtype"] == "float8":
+        attrs.update(dtype="float8_e4m3fn", scale_array=SCALES, encoding=float8.DECODE_RECIPE)
     return attrs
 
 

@@ -15,16 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from maria_storage.format import CHUNK_ROWS, CorruptBlockError, StoreError, as_float32
+from maria_storage.format import CHUNK_ROWS, SCALES, CorruptBlockError, StoreError, as_float32, block_array_dtypes
 from maria_storage.store import FeatureStore, open_store
 
-_READ = ("features", "targets", "mask_rates")  # the arrays a training batch needs
+_READ = ("features", "targets", "mask_rates")  # the arrays a training batch needs (and a float8 store's scales)
 
 
 class ShuffledReader:
     """Seeded, shuffled mini-batches over committed blocks. Yields {"features": float32 (B, D),
     "targets": int64 (B,), "mask_rates": float32 (B,)}. Holds up to two windows in memory (the current one
-    and the next, loaded in a background thread): about 2 * buffer_rows * D * 2 bytes."""
+    and the next, loaded in a background thread): about 2 * buffer_rows * D * (2, or 1 for float8) bytes."""
 
     def __init__(self, store: FeatureStore | str, batch_size: int, seed: int = 0, buffer_rows: int = 65536,
                  chunk_rows: int = CHUNK_ROWS, blocks: list[str] | None = None, drop_last: bool = False,
@@ -38,6 +38,7 @@ class ShuffledReader:
         self.batch_size, self.seed, self.buffer_rows = batch_size, seed, buffer_rows
         self.drop_last, self.skip_corrupt, self.verify, self.prefetch = drop_last, skip_corrupt, verify, prefetch
         self.blocks = sorted(set(blocks if blocks is not None else self.store.committed_blocks()))
+        self._names = _READ + ((SCALES,) if SCALES in block_array_dtypes(self.store.manifest) else ())
         self._info = {b: self.store.commit_info(b) for b in self.blocks}
         self._chunks = [(b, start, min(start + chunk_rows, info["rows"]))
                         for b, info in self._info.items() for start in range(0, info["rows"], chunk_rows)]
@@ -113,10 +114,10 @@ class ShuffledReader:
             except CorruptBlockError as e:  # nothing of a corrupt block is kept, so the window stays exact
                 self._skip_or_raise(e)
         if not pieces:
-            return {"features": np.zeros((0, self.store.feature_dim), self.store.feature_dtype),
-                    "targets": np.zeros(0, np.int32), "mask_rates": np.zeros(0, np.float32)}
+            return {name: np.zeros((0, self.store.feature_dim) if name == "features" else 0, dtype)
+                    for name, dtype in block_array_dtypes(self.store.manifest).items() if name in self._names}
         ordered = [pieces[pos] for pos in sorted(pieces)]
-        return {name: np.concatenate([p[name] for p in ordered]) for name in _READ}
+        return {name: np.concatenate([p[name] for p in ordered]) for name in self._names}
 
     def _read_ranges(self, b: str, ranges: list[tuple[int, int, int]]) -> dict[int, dict[str, np.ndarray]]:
         """{window position: rows} of one block's chunks; CorruptBlockError when any of it is damaged."""
@@ -129,7 +130,7 @@ class ShuffledReader:
             if b not in self._arrays:
                 self._arrays[b] = self.store.block_arrays(b, self._info[b])
             source = self._arrays[b]  # BlockArray: a chunk that fails its crc32c raises CorruptBlockError
-        return {pos: {name: np.array(source[name][start:stop]) for name in _READ} for pos, start, stop in ranges}
+        return {pos: {name: np.array(source[name][start:stop]) for name in self._names} for pos, start, stop in ranges}
 
     # --- iteration -------------------------------------------------------------------------------
 
@@ -172,11 +173,11 @@ class ShuffledReader:
         self.epoch, self.batches_done_in_epoch = epoch + 1, 0
 
     def _gather(self, data: dict, idx: np.ndarray) -> dict:
-        return {name: data[name][idx] for name in _READ}
+        return {name: data[name][idx] for name in self._names}
 
     def _batch(self, parts: list[dict]) -> dict[str, np.ndarray]:
         cat = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
-        return {"features": as_float32(cat["features"], self.store.manifest),
+        return {"features": as_float32(cat["features"], self.store.manifest, cat.get(SCALES)),
                 "targets": cat["targets"].astype(np.int64),
                 "mask_rates": cat["mask_rates"].astype(np.float32, copy=False)}
 
@@ -200,7 +201,7 @@ def load_all(store: FeatureStore | str, blocks: list[str] | None = None, verify:
         raise StoreError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify --store {store.url}` "
                          "and re-extract")
     out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    if float32:
-        out["features"] = as_float32(out["features"], store.manifest)
+    if float32:  # else a float8 store's per-row scales stay beside the codes (SCALES), for the caller to decode
+        out["features"] = as_float32(out["features"], store.manifest, out.pop(SCALES, None))
     out["targets"] = out["targets"].astype(np.int64)
     return out

@@ -14,9 +14,10 @@ import numpy as np
 import zarr
 
 from maria_storage import commit, layout
-from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY,
-                            CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
-                            StoreNotFoundError, check_block_id, features_finite, init_shapes, sha256_of,
+from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY, SCALES,
+                                  CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
+                                  StoreNotFoundError, block_array_dtypes, check_block_id, features_finite, init_shapes, scales_valid,
+                                  sha256_of,
                             stored_feature_dtype)
 from maria_storage.location import Location
 from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root, retarget
@@ -287,7 +288,7 @@ class FeatureStore:
         info = info or self.commit_info(block_id)
         store = self._loc.sub_store(f"blocks/{block_id}/{info['attempt']}", read_only=True)
         out = {}
-        for name in BLOCK_ARRAYS:
+        for name in block_array_dtypes(self.manifest):
             try:
                 array = zarr.open_array(store, path=name, mode="r", zarr_format=3)  # 3: no v2 probes
             except _ZARR_MISSING:
@@ -302,7 +303,8 @@ class FeatureStore:
         return out
 
     def read_block(self, block_id: str, verify: bool = False) -> dict[str, np.ndarray]:
-        """All arrays of a block; features in the stored dtype (bf16 as uint16 bits, see as_float32)."""
+        """All arrays of a block; features in the stored dtype (bf16 as uint16 bits, float8 as uint8 codes with
+        their per-row `feature_scales`: see as_float32)."""
         info = self.commit_info(block_id)
         data = {name: arr[...] for name, arr in self.block_arrays(block_id, info).items()}
         if verify:
@@ -383,7 +385,8 @@ def marker_problem(info) -> str | None:
 def block_problem(data: dict[str, np.ndarray], info: dict, store: FeatureStore) -> str | None:
     """First thing wrong with a block's arrays against its marker and the manifest, or None."""
     rows = info.get("rows")
-    for name in BLOCK_ARRAYS:
+    names = block_array_dtypes(store.manifest)
+    for name in names:
         if name not in data:
             return f"array {name} is missing"
         if len(data[name]) != rows:
@@ -394,11 +397,13 @@ def block_problem(data: dict[str, np.ndarray], info: dict, store: FeatureStore) 
     if f.dtype != store.feature_dtype:
         return f"features have dtype {f.dtype}, the manifest says {store.feature_dtype}"
     checksums = info.get("checksums", {})
-    for name in BLOCK_ARRAYS:
+    for name in names:
         if name not in checksums:
             return f"commit marker has no checksum for {name}"
         if sha256_of(data[name]) != checksums[name]:
             return f"checksum of {name} does not match its commit marker (data damaged)"
     if not features_finite(f):
         return "features contain NaN or inf"
+    if SCALES in names and not scales_valid(data[SCALES]):
+        return f"{SCALES} hold a value that is not finite and positive"
     return None

@@ -31,7 +31,7 @@ def finished(tmp_path_factory):
 
 
 def test_storage_imports_no_torch_ray_or_maria():
-    code = ("import sys, maria_storage, maria_storage.verify_cli, maria_storage.zarr_compat; "
+    code = ("import sys, maria_storage, maria_storage.verify_cli, maria_storage.zarr_compat, maria_bench.layout; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'ray', 'maria')); "
             "print(bad); sys.exit(1 if bad else 0)")
     root = str(Path(__file__).parents[1])

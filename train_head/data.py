@@ -2,7 +2,8 @@
 
 Both sources give the same kind of batch (features float32 (B, D), targets int64 (B,) on the
 training device), are a pure function of (store, blocks, batch size, seed), and resume exactly
-from their `state_dict()`.
+from their `state_dict()`. In RAM, features stay in their stored form (float16, bfloat16, or float8
+codes with per-row scales) and are decoded to float32 one batch at a time, on the training device.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import warnings
 import numpy as np
 import torch
 
-from maria_storage import CorruptBlockError, IncompleteStoreError, ShuffledReader, load_all
+from maria_storage import SCALES, CorruptBlockError, IncompleteStoreError, ShuffledReader, load_all
+from maria_train_head.step import decode_features
 
 
 class DataError(ValueError):
@@ -50,9 +52,10 @@ def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], lis
 
 
 def rows_bytes(store, blocks: list[str]) -> int:
-    """Bytes the blocks take in RAM as stored (16-bit features) plus targets and mask rates."""
+    """Bytes the blocks take in RAM as stored (16- or 8-bit features, float8's row scales) plus targets and mask rates."""
     rows = store.num_rows(blocks)
-    return rows * (2 * store.feature_dim + 8 + 4)
+    scale = 4 if store.manifest.get("feature_dtype") == "float8" else 0
+    return rows * (store.feature_dtype.itemsize * store.feature_dim + scale + 8 + 4)
 
 
 def skip_fix(url: str) -> str:
@@ -81,23 +84,25 @@ def usable_blocks(store, blocks: list[str], skip_corrupt: bool, fix: str | None 
 
 
 def read_rows(store, blocks: list[str], skip_corrupt: bool = False, fix: str | None = None) -> dict[str, torch.Tensor]:
-    """Every row of the blocks (maria_storage.load_all), features kept in their stored 16-bit dtype (half the RAM
-    of float32). A damaged block raises CorruptBlockError naming `fix` (default: how to rewrite it), or is skipped
-    with skip_corrupt."""
+    """Every row of the blocks (maria_storage.load_all), features kept in their stored dtype (a half or a quarter of
+    the RAM of float32); a float8 store's rows also carry "scales" (see decode_features). A damaged block raises
+    CorruptBlockError naming `fix` (default: how to rewrite it), or is skipped with skip_corrupt."""
     try:
         a = load_all(store, blocks, verify=True, skip_corrupt=skip_corrupt, float32=False)
     except CorruptBlockError as e:
         skip_or_raise(e, False, fix)
     f = torch.from_numpy(np.ascontiguousarray(a["features"]))
-    return {"features": f.view(torch.bfloat16) if f.dtype == torch.uint16 else f,  # bf16 is stored as its bits
+    rows = {"features": f.view(torch.bfloat16) if f.dtype == torch.uint16 else f,  # bf16 is stored as its bits
             "targets": torch.from_numpy(a["targets"]), "mask_rates": torch.from_numpy(a["mask_rates"].astype(np.float32))}
+    return {**rows, "scales": torch.from_numpy(a[SCALES])} if SCALES in a else rows
 
 
 def eval_batches(rows: dict[str, torch.Tensor], batch_size: int, device: str):
     """In-order batches of (features float32, targets, mask_rates) on the device."""
-    n = len(rows["targets"])
+    n, scales = len(rows["targets"]), rows.get("scales")
     for s in range(0, n, batch_size):
-        yield tuple(rows[k][s : s + batch_size].to(device, non_blocking=True) for k in ("features", "targets", "mask_rates"))
+        f, t, r = (rows[k][s : s + batch_size].to(device, non_blocking=True) for k in ("features", "targets", "mask_rates"))
+        yield decode_features(f, None if scales is None else scales[s : s + batch_size].to(device, non_blocking=True)), t, r
 
 
 class MemoryBatches:
@@ -106,6 +111,7 @@ class MemoryBatches:
     def __init__(self, rows: dict[str, torch.Tensor], batch_size: int, seed: int, device: str, on_device: bool):
         where = device if on_device else "cpu"
         self.features, self.targets = rows["features"].to(where), rows["targets"].to(where)
+        self.scales = rows["scales"].to(where) if "scales" in rows else None  # float8 stores
         self.n, self.batch_size, self.seed, self.device = len(self.targets), batch_size, seed, device
         self.epoch, self.pos, self._perm = 0, 0, None
 
@@ -124,9 +130,11 @@ class MemoryBatches:
         idx = self._permutation()[self.pos * self.batch_size : (self.pos + 1) * self.batch_size]
         self.pos += 1
         f, t = self.features[idx], self.targets[idx]
+        s = None if self.scales is None else self.scales[idx]
         if f.device.type == "cpu" and self.device.startswith("cuda"):
-            f, t = f.pin_memory(), t.pin_memory()
-        return f.to(self.device, non_blocking=True).float(), t.to(self.device, non_blocking=True)
+            f, t, s = f.pin_memory(), t.pin_memory(), None if s is None else s.pin_memory()
+        s = None if s is None else s.to(self.device, non_blocking=True)
+        return decode_features(f.to(self.device, non_blocking=True), s), t.to(self.device, non_blocking=True)
 
     def state_dict(self) -> dict:
         return {"mode": "ram", "epoch": self.epoch, "pos": self.pos}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from maria.head import expert_logits
+from maria_train_head.step import decode_features
 
 MIX_LOGIT_BYTES = 2 << 30  # cached expert logits of the fitting sample (both experts, fp32)
 
@@ -32,12 +33,14 @@ def _expert_logits(features: torch.Tensor, e: dict, d_mlm: int, device: str, chu
 
 
 def fit_mix_scales(store, features: torch.Tensor, targets: torch.Tensor, device: str, seed: int,
-                   max_rows: int = 8192, iters: int = 50) -> tuple[float, float]:
-    """(a, b) minimising the mean NLL of a*l_mlm + b*l_ar on up to max_rows training rows."""
+                   max_rows: int = 8192, iters: int = 50, scales: torch.Tensor | None = None) -> tuple[float, float]:
+    """(a, b) minimising the mean NLL of a*l_mlm + b*l_ar on up to max_rows training rows (features as
+    stored; a float8 store's rows come with their `scales`)."""
     cap = max(256, MIX_LOGIT_BYTES // (8 * store.vocab_size))  # keep both cached logit matrices under 2 GiB
     n = min(len(targets), max_rows, cap)
     idx = torch.randperm(len(targets), generator=torch.Generator().manual_seed(seed))[:n]
-    l1, l2 = _expert_logits(features[idx], expert_tensors(store), store.d_mlm, device)
+    sample = decode_features(features[idx], None if scales is None else scales[idx.to(scales.device)])
+    l1, l2 = _expert_logits(sample, expert_tensors(store), store.d_mlm, device)
     t = targets[idx].to(device)
     ab = torch.tensor([0.0, 1.0], device=device, requires_grad=True)  # start from AR-only
     opt = torch.optim.LBFGS([ab], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)

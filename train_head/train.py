@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from maria.device import Device, resolve_device
@@ -32,6 +31,7 @@ from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, chec
                                    skip_fix, split_blocks, usable_blocks)
 from maria_train_head.evaluate import mean_nll
 from maria_train_head.init import expert_tensors, fit_mix_scales
+from maria_train_head.step import make_optimizer, train_step
 
 log = logging.getLogger("maria.train")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
@@ -141,16 +141,18 @@ def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     return store, train, val, train_blocks, val_blocks, mode, stores
 
 
-def mix_sample(cfg: TrainConfig, store, train, train_blocks) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_sample(cfg: TrainConfig, store, train, train_blocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(features as stored, targets, float8 scales or None) the mix init's scales are fitted on."""
     if isinstance(train, MemoryBatches):
-        return train.features, train.targets
+        return train.features, train.targets, train.scales
     rows, n, order = [], 0, torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     for i in order:  # stream mode: whole blocks in a seeded order until there are enough rows
         rows.append(read_rows(store, [train_blocks[i]], cfg.skip_corrupt, skip_fix(cfg.store)))
         n += len(rows[-1]["targets"])
         if n >= cfg.mix_rows:
             break
-    return torch.cat([r["features"] for r in rows]), torch.cat([r["targets"] for r in rows])
+    scales = torch.cat([r["scales"] for r in rows]) if "scales" in rows[0] else None
+    return torch.cat([r["features"] for r in rows]), torch.cat([r["targets"] for r in rows]), scales
 
 
 @dataclass
@@ -210,25 +212,6 @@ def check_resume(saved: TrainState, now: dict, cfg: TrainConfig, store, out: Pat
                             f"resume with the same {key}, or pass a new --out (or --overwrite to start over)")
 
 
-def make_optimizer(head, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-
-
-def train_step(head, opt, f: torch.Tensor, t: torch.Tensor, init_params: list, cfg: TrainConfig, autocast) -> torch.Tensor:
-    """One optimizer step of the head (the trainer's and the benchmark's); returns the loss, unsynced."""
-    with autocast:
-        logits = head(f)
-    loss = F.cross_entropy(logits.float(), t)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
-    for p, p0 in zip(head.parameters(), init_params):  # after clipping: the prior never shrinks with a data spike
-        p.grad.add_(p.detach() - p0, alpha=cfg.reg_to_init)
-    opt.step()
-    return loss
-
-
 def start_run(cfg: TrainConfig, device: str, out: Path):
     """(store, train batches, validation factory, head, its initial weights, optimizer, best head, state, data mode):
     a fresh run, or a resumed one exactly where it stopped."""
@@ -242,7 +225,8 @@ def start_run(cfg: TrainConfig, device: str, out: Path):
         check_resume(old, now, cfg, store, out, stores)
     state = old or TrainState(config=now, identity=identity_record(store.manifest), val_blocks=val_blocks, stores=stores)
     if not old and cfg.init == "mix":
-        state.init_scales = list(fit_mix_scales(store, *mix_sample(cfg, store, train, train_blocks), device, cfg.seed, cfg.mix_rows))
+        features, targets, scales = mix_sample(cfg, store, train, train_blocks)
+        state.init_scales = list(fit_mix_scales(store, features, targets, device, cfg.seed, cfg.mix_rows, scales=scales))
         log.info(f"mix init: fitted scales mlm {state.init_scales[0]:.4f}, ar {state.init_scales[1]:.4f}")
     head = init_head(cfg.init, expert_tensors(store) if cfg.init != "random" else
                      {"W1": torch.empty(0, store.d_mlm), "W2": torch.empty(store.vocab_size, store.d_ar)},
