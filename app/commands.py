@@ -29,13 +29,14 @@ class ExportConfig:
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
     dtype: str = "float32"  # dtype of every stored weight (backbones and head): float32 | bfloat16 | float16
     eval: str | None = None  # a `maria eval --json` result, shown in the model card's evaluation table
+    mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP); unset: its config's prediction_offset, else 0 (as at extraction)
 
 
 def run_export(cfg: ExportConfig) -> Path:
     with tqdm(total=1, desc="export", unit="checkpoint") as bar:
         out = export(cfg.mlm, cfg.ar, cfg.head, cfg.out, reference=cfg.reference, overwrite=cfg.overwrite,
                      allow_unfinished=cfg.allow_unfinished, dtype=cfg.dtype, eval_json=cfg.eval,
-                     trust_remote_code=cfg.trust_remote_code)
+                     trust_remote_code=cfg.trust_remote_code, mlm_offset=cfg.mlm_offset)
         bar.update(1)
     print(f"exported MARIA checkpoint to {out}")
     return out

@@ -66,6 +66,7 @@ class ExtractConfig:
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
     mlm_revision: str | None = None  # hub revision of the MLM
     ar_revision: str | None = None  # hub revision of the AR
+    mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP: at i - 1); unset: its config's prediction_offset, else 0
 
     def __post_init__(self):
         self.masking = MaskingConfig(self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, masks_per_window=self.masks_per_window)
