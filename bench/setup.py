@@ -5,7 +5,7 @@ decode   bench/decode.py   infilling tokens/s against plain AR generation and ML
 extract  bench/extract.py  the extraction job against bare backbone forwards; store write speed
 train    bench/train.py    head training rows/s against its read and head-step bounds
 anneal   bench/anneal.py   generative perplexity against wall-clock time (Figure 5)
-quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength
+quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength, one curve per pre-training run
 Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
 """
 from __future__ import annotations
@@ -54,6 +54,7 @@ class BenchConfig:
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
     windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain)
+    runs: list[str] = field(default_factory=list)  # quality: `pretrain-mlm` --out folders, one curve each over its step-N snapshots (default: --mlm, else the demo's MNTP MLM)
 
     def __post_init__(self):
         if self.what not in ("decode", "extract", "train", "anneal", "quality"):

@@ -187,7 +187,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """(leading, trailing) special tokens the tokenizer puts around a text, e.g. ([CLS], [SEP])."""
     plain = tokenizer("hello world", add_special_tokens=False).input_ids
     wrapped = tokenizer("hello world", add_special_tokens=True).input_ids
     for k in range(len(wrapped) - len(plain) + 1):
@@ -339,7 +340,7 @@ def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, ml
     mlm_to_ar, ar_to_mlm = align_vocabularies(mlm_tok, ar_tok, v_mlm, v_ar, fallback)
     offset = resolve_mlm_offset(mlm_model, mlm_offset, mlm)
     start = ar_start_token(ar_tok)
-    prefix, suffix = _special_wrap(mlm_tok)
+    prefix, suffix = special_wrap(mlm_tok)
     prefix = mntp_prefix(prefix, offset, start, mlm_to_ar, ar_to_mlm)
     if check_parity:
         device = next(ar_model.parameters()).device
