@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from maria.anneal import AnnealConfig, anneal
+from maria.backbones import MLM_OFFSETS
 from maria.device import resolve_device, resolve_dtype
 from maria.io import atomic_write, guard_output_file, jsonl_with_keys
 from maria.limits import check_fits
@@ -30,6 +31,11 @@ class ExportConfig:
     dtype: str = "float32"  # dtype of every stored weight (backbones and head): float32 | bfloat16 | float16
     eval: str | None = None  # a `maria eval --json` result, shown in the model card's evaluation table
     mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP); unset: its config's prediction_offset, else 0 (as at extraction)
+
+
+    def __post_init__(self):
+        if self.mlm_offset not in (None, *MLM_OFFSETS):
+            raise ValueError(f"--mlm-offset is {self.mlm_offset}; an MLM predicts x[i] at i (0, a classic MLM) or at i - 1 (-1, masked next-token prediction)")
 
 
 def run_export(cfg: ExportConfig) -> Path:

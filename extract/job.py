@@ -28,6 +28,7 @@ from maria_extract.masking import MaskingConfig
 from maria_extract.source import read_corpus
 from maria_extract.stages import FeatureActor, describe_backbones, make_windows, write_blocks
 from maria_storage import create_store
+from maria.backbones import MLM_OFFSETS
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
@@ -84,6 +85,8 @@ class ExtractConfig:
             raise ValueError(f"need 1 <= --min-actors ({self.min_actors}) <= --max-actors ({self.max_actors})")
         if self.actor_start_timeout_s <= 0 or (self.max_docs is not None and self.max_docs < 1):
             raise ValueError("--actor-start-timeout-s and --max-docs must be positive")
+        if self.mlm_offset not in (None, *MLM_OFFSETS):
+            raise ValueError(f"--mlm-offset is {self.mlm_offset}; an MLM predicts x[i] at i (0, a classic MLM) or at i - 1 (-1, masked next-token prediction)")
 
 
 def command_line(cfg: ExtractConfig) -> str:
