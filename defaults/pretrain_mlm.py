@@ -168,7 +168,7 @@ def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: 
     return inputs, labels
 
 
-def wrap_batch(inputs: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, data: "MLMData"):
+def wrap_batch(inputs: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, data: MLMData):
     """(input ids, attention mask, labels) of what the MLM reads, as MARIA feeds it (maria/features.py
     mlm_inputs): its prefix, the window, its suffix after each window's last token; the label of
     x[i] sits where the MLM predicts it, position i + offset of the window (i - 1 for mntp)."""
@@ -185,7 +185,7 @@ def wrap_batch(inputs: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, d
     return x, (torch.arange(P + T + S)[None, :] < (P + n + S)[:, None]).long(), y
 
 
-def masked_batch(x: torch.Tensor, data: "MLMData", prob: float, gen: torch.Generator, prob_low: float | None = None):
+def masked_batch(x: torch.Tensor, data: MLMData, prob: float, gen: torch.Generator, prob_low: float | None = None):
     """Mask a batch of windows and wrap it for the model: (input ids, attention mask, labels)."""
     attn = (x != data.pad_id).long()
     inputs, labels = mask_batch(x, attn, prob, data.mask_id, gen, prob_low)
@@ -197,7 +197,7 @@ def masked_batch(x: torch.Tensor, data: "MLMData", prob: float, gen: torch.Gener
 
 
 @torch.no_grad()
-def evaluate(model, data: "MLMData", prob: float, seed: int, batch_size: int) -> dict:
+def evaluate(model, data: MLMData, prob: float, seed: int, batch_size: int) -> dict:
     """Masked-token accuracy and loss on the held-out windows at a fixed masking rate (the same masks
     every call, and for either objective: the same tokens are hidden, only where they are predicted differs)."""
     model.eval()

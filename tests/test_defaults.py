@@ -179,7 +179,9 @@ def test_wrap_batch_puts_each_label_where_the_objective_predicts_it():
     attn = (x != 0).long()
     inputs = torch.tensor([[5, 99, 7, 99], [99, 6, 0, 0]])  # 99: the mask token
     labels = torch.tensor([[-100, 6, -100, 8], [5, -100, -100, -100]])
-    data = lambda prefix, offset, suffix=(): MLMData(None, x, x, 0, 99, 6, list(prefix), list(suffix), offset)  # noqa: E731
+    def data(prefix, offset, suffix=()):
+        return MLMData(None, x, x, 0, 99, 6, list(prefix), list(suffix), offset)
+
     ids, a, y = wrap_batch(inputs, labels, attn, data([], 0))
     assert torch.equal(ids, inputs) and torch.equal(a, attn) and torch.equal(y, labels)
     ids, a, y = wrap_batch(inputs, labels, attn, data([1], -1))  # mntp: start token 1 first

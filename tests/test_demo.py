@@ -30,7 +30,7 @@ def test_examples_prompts_annealing_and_goals(model, tmp_path):
     assert min(annealed["energy_end"]) == annealed["energy_end"][annealed["best"]]
     table = {"models": {"trained": {"nll": 3.0}, "ar_only": {"nll": 3.15}}}
     got = goals(table, prompts, annealed)
-    assert [g["met"] for g in got][0] is True and got[0]["value"] == 0.15
+    assert got[0]["met"] is True and got[0]["value"] == 0.15
     maria_right = sum(r["ok"] for r in prompts["right_context"]["maria"])
     ar_right = sum(r["ok"] for r in prompts["right_context"]["ar_only"])
     assert got[2]["value"] == f"MARIA {maria_right}, AR {ar_right}" and got[2]["met"] == (maria_right > ar_right)

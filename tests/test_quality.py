@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
 
 
 def test_quality_curves_per_objective(runs, tmp_path, monkeypatch):
-    ar_dir, out, root = runs
+    ar_dir, out, _ = runs
     monkeypatch.setenv("MARIA_CACHE", str(tmp_path / "cache"))  # the AR-state cache lands here
     js = tmp_path / "q.json"
     assert main(["bench", "quality", "--runs", str(out["mntp"]), str(out["mlm"]), "--ar", str(ar_dir), "--windows", "4",
