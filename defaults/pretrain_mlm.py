@@ -131,6 +131,8 @@ def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
     if cfg.val_corpus:
         return docs[cfg.skip_docs :], _read_documents(cfg.val_corpus)
     docs = docs[cfg.skip_docs :]
+    if not docs:
+        return [], []  # load_data names the problem
     if len(docs) < 2:  # a single document: hold out its tail
         cut = int(len(docs[0]) * (1 - cfg.val_fraction))
         return [docs[0][:cut]], [docs[0][cut:]]
@@ -143,7 +145,7 @@ def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
 def make_windows(docs: list[str], tokenizer, seq_len: int, pad_id: int) -> torch.Tensor:
     """(N, seq_len) token windows cut as extraction cuts them (extract.corpus.cut_windows: never two
     documents in one window); a short last piece is right-padded with pad_id."""
-    windows = [w + [pad_id] * (seq_len - len(w)) for ids in tokenizer(docs, add_special_tokens=False).input_ids
+    windows = [w + [pad_id] * (seq_len - len(w)) for ids in (tokenizer(docs, add_special_tokens=False).input_ids if docs else [])
                for w in cut_windows(ids, seq_len)]
     if not windows:
         raise ValueError("the corpus produced no token windows; is it empty?")
@@ -251,6 +253,10 @@ def load_data(cfg: PretrainMLMConfig) -> MLMData:
     if tokenizer.pad_token is None:  # padding only fills a document's last window; any special token will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.mask_token
     train_docs, val_docs = load_corpora(cfg)
+    for name, docs in (("training", train_docs), ("held-out", val_docs)):
+        if not docs:
+            raise ValueError(f"the {name} documents of {cfg.corpus if name == 'training' else cfg.val_corpus or cfg.corpus} are empty "
+                             f"(--skip-docs {cfg.skip_docs}); pass a corpus with more documents")
     pad_id = tokenizer.pad_token_id
     train = make_windows(train_docs, tokenizer, cfg.seq_len, pad_id)
     val = make_windows(val_docs, tokenizer, cfg.seq_len, pad_id)

@@ -209,6 +209,8 @@ def test_pretrain_objectives_record_their_offset(tmp_path):
         assert bb.mlm_prefix == ([bb.start_id] if objective == "mntp" else [])  # the tiny tokenizer adds no special token
     assert results["mntp"]["eval_masked_tokens"] == results["mlm"]["eval_masked_tokens"]
     assert results["mntp"]["accuracy"] != results["mlm"]["accuracy"] or results["mntp"]["loss"] != results["mlm"]["loss"]
+    with pytest.raises(ValueError, match="the training documents of .* are empty \\(--skip-docs 99\\)"):
+        pretrain_mlm(dataclasses.replace(cfg, skip_docs=99, out=str(tmp_path / "empty")))
     with pytest.raises(ValueError, match="unknown objective 'next'"):
         PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(corpus), out=str(tmp_path / "x"), objective="next")
 
