@@ -17,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from maria.anneal import AnnealConfig, anneal
-from maria.device import Device, DType, resolve_device, resolve_dtype
+from maria.backbones import MLM_OFFSETS
 from maria.decode import Sampling, batches_by_masked_count
+from maria.device import Device, DType, resolve_device, resolve_dtype
 from maria.features import check_mask
 from maria.io import CorruptDataError, OutputExistsError, atomic_write, guard_output_file, jsonl_with_keys
 from maria.limits import check_fits
@@ -38,13 +39,19 @@ class ExportConfig:
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of every stored weight (backbones and head): float32 | bfloat16 | float16
     eval: str | None = None  # a `maria eval --json` result, shown in the model card's evaluation table
+    mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP); unset: its config's prediction_offset, else 0 (as at extraction)
+
+
+    def __post_init__(self):
+        if self.mlm_offset not in (None, *MLM_OFFSETS):
+            raise ValueError(f"--mlm-offset is {self.mlm_offset}; an MLM predicts x[i] at i (0, a classic MLM) or at i - 1 (-1, masked next-token prediction)")
 
 
 def run_export(cfg: ExportConfig) -> Path:
     with tqdm(total=1, desc="export", unit="checkpoint") as bar:
         out = export(cfg.mlm, cfg.ar, cfg.head, cfg.out, reference=cfg.reference, overwrite=cfg.overwrite,
                      allow_unfinished=cfg.allow_unfinished, dtype=cfg.dtype, eval_json=cfg.eval,
-                     trust_remote_code=cfg.trust_remote_code)
+                     trust_remote_code=cfg.trust_remote_code, mlm_offset=cfg.mlm_offset)
         bar.update(1)
     print(f"exported MARIA checkpoint to {out}")
     return out

@@ -4,7 +4,7 @@ decode   bench/decode.py   infilling tokens/s against plain AR generation and ML
 extract  bench/extract.py  the extraction job against bare backbone forwards; store write speed
 train    bench/train.py    head training rows/s against its read and head-step bounds
 anneal   bench/anneal.py   generative perplexity against wall-clock time (Figure 5)
-quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength (the demo's MLM and its snapshots)
+quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength (pre-training runs and their snapshots)
 serve    bench/serve.py    `maria serve` under load: throughput and latency, one client at a time against 16 concurrent
 fp8      bench/fp8.py      float8 against float16 feature stores: eval NLL of a head trained on each, bytes, rates
 shapes   bench/shapes.py   the whole pipeline at a preset's real shapes (`paper`: ModernBERT-large + OLMo-1B):

@@ -1,35 +1,38 @@
-"""`maria bench --what quality`: MARIA's gain over the AR alone as a function of MLM strength.
+"""`maria bench --what quality`: MARIA's gain over the AR alone as a function of MLM strength, one
+curve per MLM pre-training run (e.g. `pretrain-mlm --objective mntp` and `--objective mlm`, same
+seed, corpus and steps: the equal-steps comparison is the last common point of their curves).
 
-For the MLM folder (default: the demo's cached MLM) and each of its pre-training snapshots
-(out/step-N, `pretrain-mlm --snapshots`), on 128-token windows of two text sets at 15% and 50%
-token masking, the NLL per masked token of:
+For each run folder (`--runs`; default `--mlm`, else the demo's MNTP MLM) and each of its
+snapshots (out/step-N, `pretrain-mlm --snapshots`) then its final model, on 128-token windows of
+two text sets at 15% and 50% token masking, the NLL per masked token of:
   ar    the AR alone (W2 h_ar + b2: left context only)
-  mlm   the MLM alone (W1 h_mlm + b1, one shot)
+  mlm   the MLM alone (W1 h_mlm + b1, one shot; h_mlm read where that MLM predicts x[i]: its offset)
   poe   the paper's product-of-experts init [W1/2, W2/2]
   mix   a*l_mlm + b*l_ar, (a, b) fitted (train_head.init.fit_mix_scales, the demo head's `mix` init)
         on the held-out training articles the MLM never saw (its skip_docs: the demo head's articles)
         at rates r ~ U(0, 1): the evaluated windows decide nothing
-  mix_on_eval   (a, b) fitted on the evaluated tokens themselves: not a result, the ceiling of two scales
-The text sets: the demo's validation articles ("wiki") and another domain the project was never
-tuned on ("python-docs": CPython's own reference prose, pydoc_data.topics, shipped with Python).
-x axis: the MLM's held-out masked-token accuracy at 50% masking (its metrics.json).
-AR states depend only on the text, so one AR pass per text set serves every MLM and rate.
+The text sets: the run's validation articles ("wiki" for the demo's corpus) and another domain the
+project was never tuned on ("python-docs": CPython's own reference prose, pydoc_data.topics).
+x axis: the MLM's held-out masked-token accuracy at 50% masking (its metrics.json), each point
+labelled with its pre-training step. AR states depend only on the text, so one AR pass per text
+set serves every run, snapshot and rate.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import types
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from pydoc_data.topics import topics  # CPython's own documentation text, shipped with every Python
 from safetensors.torch import load_file, save_file
 
 from maria_defaults.defaults import SMOLLM2_DIRNAME, default_cache_dir
-from maria_defaults.pretrain_mlm import make_windows
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, demo_mlm_dir, load_corpora, make_windows
+from maria_extract.corpus import iter_documents
 from maria.backbones import load_backbones
 from maria.device import cpu_threads
 from maria.features import ar_states, mlm_states
@@ -46,17 +49,32 @@ def python_docs() -> list[str]:
     return [t for t in topics.values() if len(t) > 2000]
 
 
-def text_sets(tok, mlm_dir: Path, cache: Path, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """(N, 128) token windows of the evaluated sets and of the fitting set."""
-    cfg = json.loads((mlm_dir / "pretrain_config.json").read_text())
-    skip = cfg.get("skip_docs", 0)
+CORPUS_KEYS = ("corpus", "val_corpus", "val_fraction", "skip_docs", "seed")  # what decides a run's text sets
+
+
+def run_config(run: Path) -> dict:
+    """The pretrain_config.json of a run folder (written by `maria pretrain-mlm`; an unfinished run: its first snapshot's)."""
+    found = [f / "pretrain_config.json" for f in [run, *mlm_folders(run)] if (f / "pretrain_config.json").is_file()]
+    if not found:
+        raise ValueError(f"{run} is not a `maria pretrain-mlm` output folder (no pretrain_config.json); pass its --out folders to --runs")
+    key = json.loads(found[0].read_text())
+    key.pop("stopped_at", None)
+    return key
+
+
+def text_sets(tok, key: dict, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """(N, 128) token windows of the evaluated sets (the run's held-out documents, Python's docs) and of the
+    fitting set (the first skip_docs training documents: the ones the MLM never saw, the demo head's)."""
+    cfg = PretrainMLMConfig(**{k: v for k, v in key.items() if k in PretrainMLMConfig.__dataclass_fields__}, out="-")
+    skip = cfg.skip_docs
     if not skip:
         print("warning: the MLM trained on every training article; (a, b) are fitted on text it has seen")
-    train = pq.read_table(cfg["corpus"]).column("text").to_pylist()
-    val = pq.read_table(cfg["val_corpus"] or cache / "wiki" / "wiki-val-v0.1-s0.parquet").column("text").to_pylist()
+    _, val = load_corpora(cfg)  # the run's own held-out documents
+    # the documents it skipped: the first skip_docs of its training corpus, in reading order
+    fit_source = load_corpora(dataclasses.replace(cfg, skip_docs=0))[0] if cfg.corpus == "wiki" else list(iter_documents(cfg.corpus))
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, docs, count in (("wiki", val, n), ("python-docs", python_docs(), n), ("fit", train[: max(skip, 1)], FIT_WINDOWS)):
+    for name, docs, count in (("wiki", val, n), ("python-docs", python_docs(), n), ("fit", fit_source[: max(skip, 1)], FIT_WINDOWS)):
         w = make_windows(docs, tok, 128, tok.eos_token_id)
         out[name] = w[torch.randperm(len(w), generator=g)[:count]]
     return out
@@ -127,47 +145,93 @@ def cached_ar_states(bb, sets: dict[str, torch.Tensor], path: Path) -> dict[str,
     return out
 
 
+def run_folders(cfg) -> list[Path]:
+    """The pre-training runs to draw: --runs, else --mlm, else the demo's MLM."""
+    runs = [Path(r) for r in cfg.runs] or [Path(cfg.mlm) if cfg.mlm else demo_mlm_dir(default_cache_dir(), "mntp")]
+    keys = [run_config(r) for r in runs]
+    for r, k in zip(runs[1:], keys[1:]):
+        differ = [c for c in CORPUS_KEYS if k.get(c) != keys[0].get(c)]
+        if differ:
+            raise ValueError(f"runs {runs[0]} and {r} were pre-trained on other texts ({', '.join(differ)} differ); compare runs of one corpus")
+    return runs
+
+
 def bench_quality(cfg) -> dict:
     torch.set_num_threads(cpu_threads())
     cache = default_cache_dir()
-    mlm_dir = Path(cfg.mlm or cache / "mlm-smollm2-init")
+    runs = run_folders(cfg)
     ar_dir = cfg.ar or str(cache / SMOLLM2_DIRNAME)
     rows, ar_cache = [], {}
-    for folder in mlm_folders(mlm_dir):
-        metrics = json.loads((folder / "metrics.json").read_text())
-        bb = load_backbones(str(folder), ar_dir, check_parity=False)
-        e = bb.expert_weights()
-        if not ar_cache:  # the AR and the texts are the same for every MLM: one AR pass per set
-            ar_cache = cached_ar_states(bb, text_sets(bb.ar_tokenizer, folder, cache, cfg.windows, cfg.seed),
-                                        cache / "bench-quality" / f"{bb.identity['ar']['fingerprint'][:12]}-n{cfg.windows}-s{cfg.seed}.safetensors")
-        pad = bb.ar_tokenizer.eos_token_id
-        w, h = ar_cache["fit"]
-        a, b = fit_scales(bb, e, w, h, _masks(w, pad, None, cfg.seed + 7), cfg.seed)
-        for name in ("wiki", "python-docs"):
-            w, h = ar_cache[name]
-            for rate in RATES:
-                nll = score(bb, e, w, h, _masks(w, pad, rate, cfg.seed + int(rate * 100)),
-                            {"ar": (0.0, 1.0), "mlm": (1.0, 0.0), "poe": (0.5, 0.5), "mix": (a, b)})
-                gain = nll["ar"] - nll["mix"]
-                row = {"mlm": str(folder), "mlm_steps": metrics["steps"], "mlm_accuracy": metrics["accuracy"],
-                       "set": name, "rate": rate, "tokens": len(gain), "mix_scales": [a, b],
-                       **{f"nll_{k}": v.mean().item() for k, v in nll.items()},
-                       "gain": gain.mean().item(), "gain_se": gain.std().item() / math.sqrt(len(gain))}
-                rows.append(row)
-                print(f"{folder.name:>24} acc {row['mlm_accuracy']:.3f} {name:>11} r={rate}: AR {row['nll_ar']:.4f} "
-                      f"mix {row['nll_mix']:.4f} gain {row['gain']:+.4f} ± {row['gain_se']:.4f} (a={a:.3f}, b={b:.3f})", flush=True)
+    for run in runs:
+        key = run_config(run)
+        for folder in mlm_folders(run):
+            metrics = json.loads((folder / "metrics.json").read_text())
+            bb = load_backbones(str(folder), ar_dir, check_parity=False)
+            e = bb.expert_weights()
+            if not ar_cache:  # the AR and the texts are the same for every MLM: one AR pass per set
+                ar_cache = cached_ar_states(bb, text_sets(bb.ar_tokenizer, key, cfg.windows, cfg.seed),
+                                            cache / "bench-quality" / f"{bb.identity['ar']['fingerprint'][:12]}-n{cfg.windows}-s{cfg.seed}.safetensors")
+            pad = bb.ar_tokenizer.eos_token_id
+            w, h = ar_cache["fit"]
+            a, b = fit_scales(bb, e, w, h, _masks(w, pad, None, cfg.seed + 7), cfg.seed)
+            for name in ("wiki", "python-docs"):
+                w, h = ar_cache[name]
+                for rate in RATES:
+                    nll = score(bb, e, w, h, _masks(w, pad, rate, cfg.seed + int(rate * 100)),
+                                {"ar": (0.0, 1.0), "mlm": (1.0, 0.0), "poe": (0.5, 0.5), "mix": (a, b)})
+                    gain = nll["ar"] - nll["mix"]
+                    row = {"run": str(run), "objective": key.get("objective", "mlm"), "mlm_offset": bb.mlm_offset, "mlm": str(folder),
+                           "mlm_steps": metrics["steps"], "mlm_accuracy": metrics["accuracy"], "mlm_train_minutes": metrics.get("train_minutes"),
+                           "set": name, "rate": rate, "tokens": len(gain), "mix_scales": [a, b],
+                           **{f"nll_{k}": v.mean().item() for k, v in nll.items()},
+                           "gain": gain.mean().item(), "gain_se": gain.std().item() / math.sqrt(len(gain))}
+                    rows.append(row)
+                    print(f"{row['objective']:>5} step {row['mlm_steps']:>5} acc {row['mlm_accuracy']:.3f} {name:>11} r={rate}: AR {row['nll_ar']:.4f} "
+                          f"mix {row['nll_mix']:.4f} gain {row['gain']:+.4f} ± {row['gain_se']:.4f} (a={a:.3f}, b={b:.3f})", flush=True)
     _plot(rows, Path(cfg.json).with_suffix(".png"))
-    last = {f"{r['set']}@{r['rate']}": round(r["gain"], 4) for r in rows if r["mlm"] == rows[-1]["mlm"]}
-    return {"benchmark": "quality", "windows_per_set": cfg.windows, "fit_windows": FIT_WINDOWS, "results": rows,
-            "targets": {"mlm": rows[-1]["mlm"], "mlm_accuracy": rows[-1]["mlm_accuracy"], "gain_nats": last,
-                        "bar_wiki_gain": 0.1, "bar_other_domain_gain": 0.0}}
+    return {"benchmark": "quality", "windows_per_set": cfg.windows, "fit_windows": FIT_WINDOWS, "ar": ar_dir,
+            "runs": [str(r) for r in runs], "results": rows, "targets": targets(rows)}
+
+
+def targets(rows: list[dict]) -> dict:
+    """Each run's last point against the goals (>= 0.1 nats on the validation articles, never below the AR
+    on the other domain), and the runs side by side at every step they all reached (equal steps, same seed)."""
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    last = {}
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run]
+        final = max(r["mlm_steps"] for r in mine)
+        pts = {f"{r['set']}@{r['rate']}": r for r in mine if r["mlm_steps"] == final}
+        last[run] = {"objective": mine[0]["objective"], "steps": final, "mlm_accuracy": mine[-1]["mlm_accuracy"],
+                     "gain_nats": {k: round(r["gain"], 4) for k, r in pts.items()},
+                     "goal_wiki_0.1_nats": all(r["gain"] >= 0.1 for k, r in pts.items() if k.startswith("wiki")),
+                     "goal_other_domain_not_worse": all(r["gain"] + 2 * r["gain_se"] >= 0 for k, r in pts.items() if k.startswith("python"))}
+    common = sorted(set.intersection(*({r["mlm_steps"] for r in rows if r["run"] == run} for run in runs)))
+    equal_steps = {str(step): {run: {"accuracy": next(r["mlm_accuracy"] for r in rows if r["run"] == run and r["mlm_steps"] == step),
+                                     **{f"gain {r['set']}@{r['rate']}": round(r["gain"], 4) for r in rows if r["run"] == run and r["mlm_steps"] == step}}
+                                for run in runs} for step in common}
+    out = {"last": last, "equal_steps": equal_steps, "bar_wiki_gain": 0.1, "bar_other_domain_gain": 0.0}
+    if len(runs) > 1 and common:  # the better run at the last common step: the larger gain on the validation articles at 50%
+        at = [r for r in rows if r["mlm_steps"] == common[-1] and r["set"] == "wiki" and r["rate"] == 0.5]
+        best = max(at, key=lambda r: r["gain"])
+        out["better_at_equal_steps"] = {"steps": common[-1], "run": best["run"], "objective": best["objective"]}
+    return out
 
 
 def _plot(rows: list[dict], png: Path) -> None:
-    series = {}
-    for name in ("wiki", "python-docs"):
-        for rate in RATES:
-            pts = [r for r in rows if r["set"] == name and r["rate"] == rate]
-            series[f"{name}, {rate:.0%} masked"] = ([r["mlm_accuracy"] for r in pts], [r["gain"] for r in pts])
-    line_plot(png, series, "MLM held-out masked-token accuracy (50% masking)", "AR-only NLL - MARIA (mix) NLL, nats/token",
-              "MARIA's gain over the AR alone vs MLM strength", hlines={"goal on wiki (0.1 nats)": 0.1, "no gain": 0.0})
+    series, styles, notes = {}, {}, {}
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    dashes = {("wiki", 0.5): "-", ("wiki", 0.15): "--", ("python-docs", 0.5): ":", ("python-docs", 0.15): "-."}
+    for i, run in enumerate(dict.fromkeys(r["run"] for r in rows)):
+        mine = [r for r in rows if r["run"] == run]
+        name = mine[0]["objective"] if Path(run).name == mine[0]["objective"] else f"{mine[0]['objective']} ({Path(run).name})"
+        for (text, rate), dash in dashes.items():
+            pts = [r for r in mine if r["set"] == text and r["rate"] == rate]
+            label = f"{name}: {text}, {rate:.0%} masked"
+            series[label] = ([r["mlm_accuracy"] for r in pts], [r["gain"] for r in pts])
+            styles[label] = {"color": colours[i % len(colours)], "ls": dash}
+            if (text, rate) == ("wiki", 0.5):
+                notes[label] = [str(r["mlm_steps"]) for r in pts]
+    line_plot(png, series, "MLM held-out masked-token accuracy at 50% masking (labels: steps)",
+              "AR-only NLL - MARIA (mix) NLL, nats/token", "MARIA's gain over the AR alone vs MLM strength",
+              hlines={"goal on wiki (0.1 nats)": 0.1, "no gain": 0.0}, annotate=notes, styles=styles)

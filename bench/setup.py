@@ -54,6 +54,7 @@ class BenchConfig:
     dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
     windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain); shapes: windows extracted
+    runs: list[str] = field(default_factory=list)  # quality: `pretrain-mlm` --out folders, one curve each over its step-N snapshots (default: --mlm, else the demo's MNTP MLM)
     texts: str | None = None  # serve: JSONL of {"text": ...} requests (default: spans masked in the demo's validation articles)
     requests: int = 64  # serve: requests per phase (the same texts one at a time and from --clients clients)
     clients: int = 16  # serve: concurrent clients (also the server's --max-batch-size)

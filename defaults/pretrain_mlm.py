@@ -2,19 +2,26 @@
 
 MARIA needs an MLM and an AR with one vocabulary. For the offline demo there is no such MLM to
 download, so we build one: the AR's tokenizer plus a mask token, a small ModernBERT started from
-the AR's embeddings and first blocks (defaults/mlm_from_ar.py), trained by masked-token prediction
-for a fixed number of steps. The budget is steps and a seed, never minutes: the same command
-trains the same model on a busy or a quiet machine (up to float rounding across thread counts).
+the AR's embeddings and first blocks (defaults/mlm_from_ar.py), trained for a fixed number of
+steps. The budget is steps and a seed, never minutes: the same command trains the same model on a
+busy or a quiet machine (up to float rounding across thread counts).
+
+Two objectives (`--objective`), both bidirectional with the same masks:
+- mntp (masked next-token prediction, as in LLM2Vec): masked token i is predicted at position i - 1,
+  where the copied AR blocks already predict it, so the first steps are not spent undoing the AR's
+  shift. The MLM reads one token before the window (the AR's start token, where it predicts x[0]);
+  its config.json says `prediction_offset: -1`, which MARIA reads (maria/backbones.py).
+- mlm (classic): masked token i is predicted at position i (`prediction_offset: 0`).
 
 Tokenizer (decision): the MLM tokenizer is the AR tokenizer with one added special token,
-`<|mask|>`; ordinary text gets exactly the AR's ids. It wraps input in nothing (SmolLM2's
-tokenizer adds no BOS/EOS): no [CLS]/[SEP], so MLM position i is token i and training windows
-look exactly like the windows MARIA feeds at extraction time.
+`<|mask|>`; ordinary text gets exactly the AR's ids. Training windows are wrapped exactly as MARIA
+wraps them at extraction time (maria/features.py mlm_inputs): the tokenizer's own special tokens
+(none for SmolLM2), and for mntp the start token in front.
 
-Measured on 2 CPU cores, same token budget (150k tokens, wiki sample, 50% masking held out):
-AR-initialised 576x4 9.4% at batch 32 vs 14.3% at batch 8; from scratch ~4.8% (barely above the
-unigram start). Freezing the tied embeddings costs nothing in accuracy and makes steps cheaper;
-training at 50% masking beats 30% slightly (15.0% vs 14.3%). Hence the defaults below.
+Measured on 2 CPU cores, same token budget (150k tokens, wiki sample, 50% masking held out, the
+mlm objective): AR-initialised 576x4 9.4% at batch 32 vs 14.3% at batch 8; from scratch ~4.8%
+(barely above the unigram start). Freezing the tied embeddings costs nothing in accuracy and makes
+steps cheaper; training at 50% masking beats 30% slightly (15.0% vs 14.3%). Hence the defaults below.
 
 The loop (pretrain_mlm) is: load data, build the model, then `train_step` on an MLMTrainState
 until the step budget, evaluating held-out masked-token accuracy before, at snapshots and after.
@@ -37,9 +44,16 @@ from maria_defaults.corpus_wiki import prepare_wiki_corpus
 from maria_defaults.defaults import default_cache_dir
 from maria_defaults.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
 from maria_extract.corpus import cut_windows, iter_documents
+from maria.backbones import ar_start_token, special_wrap
 from maria.device import Device, cpu_threads, resolve_device
 
 MASK_TOKEN = "<|mask|>"
+OBJECTIVES = {"mntp": -1, "mlm": 0}  # objective -> where the MLM predicts x[i] (its prediction_offset)
+
+
+def demo_mlm_dir(cache: Path, objective: str) -> Path:
+    """Where `maria demo` keeps its pre-trained MLM of one objective (and `maria bench quality` finds it)."""
+    return Path(cache) / f"mlm-smollm2-{objective}"
 
 
 @dataclass
@@ -50,6 +64,7 @@ class PretrainMLMConfig:
     corpus: str  # any corpus `maria extract` reads (parquet, JSON/JSONL, CSV, .txt = one document per file, datasets folder), or "wiki" (the offline Wikipedia sample)
     out: str  # output folder: model + tokenizer (save_pretrained), metrics.json, pretrain_config.json
     steps: int = 1200  # training steps (the budget: steps, not minutes, so a re-run anywhere trains the same model)
+    objective: str = "mntp"  # mntp: masked token i predicted at position i - 1, as the AR's copied blocks predict it (LLM2Vec) | mlm: at i (classic)
     hidden_size: int | None = None  # None: the AR's hidden size when init_from_ar (exact embedding copy), else 256
     num_layers: int = 4  # encoder blocks; with init_from_ar these are AR blocks first_ar_layer .. first_ar_layer + num_layers - 1
     first_ar_layer: int = 0  # with init_from_ar: the first AR block copied
@@ -85,6 +100,8 @@ class PretrainMLMConfig:
             raise ValueError(f"mask_prob and eval_mask_prob must be in (0, 1), got {self.mask_prob}, {self.eval_mask_prob}")
         if self.mask_prob_low is not None and not 0.0 < self.mask_prob_low <= self.mask_prob:
             raise ValueError(f"mask_prob_low must be in (0, mask_prob], got {self.mask_prob_low}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; use mntp (token i predicted at i - 1) or mlm (at i)")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {self.schedule!r}; use cosine or constant")
         for name in ("steps", "num_layers", "seq_len", "batch_size", "eval_windows"):
@@ -115,6 +132,8 @@ def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
     if cfg.val_corpus:
         return docs[cfg.skip_docs :], _read_documents(cfg.val_corpus)
     docs = docs[cfg.skip_docs :]
+    if not docs:
+        return [], []  # load_data names the problem
     if len(docs) < 2:  # a single document: hold out its tail
         cut = int(len(docs[0]) * (1 - cfg.val_fraction))
         return [docs[0][:cut]], [docs[0][cut:]]
@@ -127,7 +146,7 @@ def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
 def make_windows(docs: list[str], tokenizer, seq_len: int, pad_id: int) -> torch.Tensor:
     """(N, seq_len) token windows cut as extraction cuts them (extract.corpus.cut_windows: never two
     documents in one window); a short last piece is right-padded with pad_id."""
-    windows = [w + [pad_id] * (seq_len - len(w)) for ids in tokenizer(docs, add_special_tokens=False).input_ids
+    windows = [w + [pad_id] * (seq_len - len(w)) for ids in (tokenizer(docs, add_special_tokens=False).input_ids if docs else [])
                for w in cut_windows(ids, seq_len)]
     if not windows:
         raise ValueError("the corpus produced no token windows; is it empty?")
@@ -152,22 +171,45 @@ def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: 
     return inputs, labels
 
 
+def wrap_batch(inputs: torch.Tensor, labels: torch.Tensor, attn: torch.Tensor, data: MLMData):
+    """(input ids, attention mask, labels) of what the MLM reads, as MARIA feeds it (maria/features.py
+    mlm_inputs): its prefix, the window, its suffix after each window's last token; the label of
+    x[i] sits where the MLM predicts it, position i + offset of the window (i - 1 for mntp)."""
+    B, T = inputs.shape
+    P, S = len(data.prefix), len(data.suffix)
+    n = attn.sum(1)
+    x = torch.full((B, P + T + S), data.pad_id, dtype=torch.long)
+    x[:, :P] = torch.tensor(data.prefix, dtype=torch.long)
+    x[:, P : P + T] = inputs
+    for s, tok in enumerate(data.suffix):
+        x[torch.arange(B), P + n + s] = tok
+    y = torch.full_like(x, -100)
+    y[:, P + data.offset : P + data.offset + T] = labels
+    return x, (torch.arange(P + T + S)[None, :] < (P + n + S)[:, None]).long(), y
+
+
+def masked_batch(x: torch.Tensor, data: MLMData, prob: float, gen: torch.Generator, prob_low: float | None = None):
+    """Mask a batch of windows and wrap it for the model: (input ids, attention mask, labels)."""
+    attn = (x != data.pad_id).long()
+    inputs, labels = mask_batch(x, attn, prob, data.mask_id, gen, prob_low)
+    return wrap_batch(inputs, labels, attn, data)
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
 
 @torch.no_grad()
-def evaluate(model, windows: torch.Tensor, pad_id: int, mask_id: int, prob: float, seed: int, batch_size: int) -> dict:
-    """Masked-token accuracy and loss on held-out windows at a fixed masking rate (the same masks every call)."""
+def evaluate(model, data: MLMData, prob: float, seed: int, batch_size: int) -> dict:
+    """Masked-token accuracy and loss on the held-out windows at a fixed masking rate (the same masks
+    every call, and for either objective: the same tokens are hidden, only where they are predicted differs)."""
     model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed + 12345)
     correct = total = 0
     loss_sum = 0.0
-    for start in range(0, len(windows), batch_size):
-        x = windows[start : start + batch_size]
-        attn = (x != pad_id).long()
-        inputs, labels = mask_batch(x, attn, prob, mask_id, gen)
+    for start in range(0, len(data.val), batch_size):
+        inputs, attn, labels = masked_batch(data.val[start : start + batch_size], data, prob, gen)
         out = model(input_ids=inputs.to(device), attention_mask=attn.to(device), labels=labels.to(device))
         target = labels[labels != -100].to(device)  # sparse prediction: logits are only the masked positions, in order
         correct += (out.logits.argmax(-1) == target).sum().item()
@@ -187,6 +229,9 @@ class MLMData:
     pad_id: int
     mask_id: int
     train_tokens: int  # real (non-pad) tokens in one epoch
+    prefix: list[int]  # what the MLM reads before each window (as MARIA feeds it): the tokenizer's specials, for mntp the start token
+    suffix: list[int]  # ... and after it
+    offset: int  # where x[i] is predicted: window position i + offset (OBJECTIVES)
 
 
 @dataclass
@@ -209,11 +254,22 @@ def load_data(cfg: PretrainMLMConfig) -> MLMData:
     if tokenizer.pad_token is None:  # padding only fills a document's last window; any special token will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.mask_token
     train_docs, val_docs = load_corpora(cfg)
+    for name, docs in (("training", train_docs), ("held-out", val_docs)):
+        if not docs:
+            raise ValueError(f"the {name} documents of {cfg.corpus if name == 'training' else cfg.val_corpus or cfg.corpus} are empty "
+                             f"(--skip-docs {cfg.skip_docs}); pass a corpus with more documents")
     pad_id = tokenizer.pad_token_id
     train = make_windows(train_docs, tokenizer, cfg.seq_len, pad_id)
     val = make_windows(val_docs, tokenizer, cfg.seq_len, pad_id)
     val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.eval_windows]]
-    data = MLMData(tokenizer, train, val, pad_id, tokenizer.mask_token_id, int((train != pad_id).sum()))
+    prefix, suffix = special_wrap(tokenizer)
+    offset = OBJECTIVES[cfg.objective]
+    if offset and not prefix:  # the MLM predicts x[0] at the token before it: the one the AR reads first (backbones.mntp_prefix)
+        if ar_start_token(tokenizer) is None:
+            raise ValueError(f"--objective mntp predicts token 0 at the token before it, but the tokenizer of {cfg.tokenizer_from} "
+                             "has neither BOS nor EOS; use --objective mlm")
+        prefix = [ar_start_token(tokenizer)]
+    data = MLMData(tokenizer, train, val, pad_id, tokenizer.mask_token_id, int((train != pad_id).sum()), prefix, suffix, offset)
     print(f"MLM corpus: {len(train_docs)} train docs ({data.train_tokens:,} tokens, {len(train)} windows), "
           f"{len(val_docs)} held-out docs ({len(val)} windows evaluated)")
     return data
@@ -273,8 +329,7 @@ def train_step(state: MLMTrainState, data: MLMData, cfg: PretrainMLMConfig) -> f
         state.order, state.pos = torch.randperm(len(data.train), generator=state.gen), 0
     x = data.train[state.order[state.pos : state.pos + cfg.batch_size]]
     state.pos += cfg.batch_size
-    attn = (x != data.pad_id).long()
-    inputs, labels = mask_batch(x, attn, cfg.mask_prob, data.mask_id, state.gen, cfg.mask_prob_low)
+    inputs, attn, labels = masked_batch(x, data, cfg.mask_prob, state.gen, cfg.mask_prob_low)
     for g in state.opt.param_groups:
         g["lr"] = lr_at(cfg, state.step) * g["lr_scale"]
     device = next(state.model.parameters()).device
@@ -284,7 +339,7 @@ def train_step(state: MLMTrainState, data: MLMData, cfg: PretrainMLMConfig) -> f
     torch.nn.utils.clip_grad_norm_([p for p in state.model.parameters() if p.requires_grad], 1.0)
     state.opt.step()
     state.step += 1
-    state.tokens += int(attn.sum())
+    state.tokens += int((x != data.pad_id).sum())
     return loss.item()
 
 
@@ -299,6 +354,7 @@ def _config_key(cfg: PretrainMLMConfig) -> dict:
 def save_mlm(model, data: MLMData, folder: Path, key: dict, metrics: dict) -> None:
     """save_pretrained folder + pretrain_config.json; metrics.json is written last: it marks a complete folder."""
     model.config.sparse_prediction = False  # users call it without labels and expect logits at every position
+    model.config.prediction_offset = data.offset  # where it predicts x[i]: MARIA reads this (maria/backbones.py)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     data.tokenizer.save_pretrained(folder)
@@ -323,27 +379,30 @@ def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
     model.to(resolve_device(cfg.device)).train()
     state = MLMTrainState(model, make_optimizer(cfg, model, copied), torch.Generator().manual_seed(cfg.seed),
                           order=torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed)))
-    measure = lambda: evaluate(model, data.val, data.pad_id, data.mask_id, cfg.eval_mask_prob, cfg.seed, cfg.batch_size)  # noqa: E731
+    measure = lambda: evaluate(model, data, cfg.eval_mask_prob, cfg.seed, cfg.batch_size)  # noqa: E731
     before = measure()
     print(f"held-out masked-token accuracy at {cfg.eval_mask_prob:.0%} masking before training: {before['accuracy']:.2%}")
-    t0 = time.perf_counter()
+    train_s = 0.0  # time in training steps only (not evaluation): what a snapshot cost
     bar = tqdm(total=cfg.steps, desc="pretrain-mlm", unit="step")
     while state.step < cfg.steps:
+        t0 = time.perf_counter()
         loss = train_step(state, data, cfg)
+        train_s += time.perf_counter() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", epoch=f"{state.tokens / data.train_tokens:.2f}")
         if state.step in cfg.snapshots and state.step < cfg.steps:
-            snap = {**measure(), "steps": state.step, "epochs": state.tokens / data.train_tokens}
+            snap = {**measure(), "steps": state.step, "epochs": state.tokens / data.train_tokens, "objective": cfg.objective,
+                    "eval_mask_prob": cfg.eval_mask_prob, "train_minutes": train_s / 60}
             save_mlm(model, data, out / f"step-{state.step}", {**key, "stopped_at": state.step}, snap)
             bar.write(f"step {state.step}: held-out masked-token accuracy {snap['accuracy']:.2%} (saved {out}/step-{state.step})")
     bar.close()
-    train_s = time.perf_counter() - t0
     after = measure()
     metrics = {
         "accuracy": after["accuracy"], "loss": after["loss"], "eval_mask_prob": cfg.eval_mask_prob,
         "eval_masked_tokens": after["masked_tokens"], "accuracy_before_training": before["accuracy"],
         "steps": state.step, "train_tokens_seen": state.tokens, "epochs": state.tokens / max(data.train_tokens, 1),
         "train_minutes": train_s / 60, "init": init, "parameters": sum(p.numel() for p in model.parameters()),
+        "objective": cfg.objective, "prediction_offset": data.offset,
         "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
         "intermediate_size": model.config.intermediate_size,
     }

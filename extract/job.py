@@ -33,6 +33,7 @@ from maria_extract.source import read_corpus
 from maria_extract.stages import BlockHooks, FeatureActor, StageSpec, describe_backbones, tokenize_and_mask, write_blocks
 from maria_storage import StoreError, create_store, probe_store
 from maria_storage.location import check_url, is_local, local_path
+from maria.backbones import MLM_OFFSETS
 from maria.device import Device, DType
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
@@ -73,6 +74,7 @@ class ExtractConfig:
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
     mlm_revision: str | None = None  # hub revision of the MLM
     ar_revision: str | None = None  # hub revision of the AR
+    mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP: at i - 1); unset: its config's prediction_offset, else 0
 
     def __post_init__(self):
         self.masking = MaskingConfig(self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, span_mean=self.mask_span_mean,
@@ -93,6 +95,8 @@ class ExtractConfig:
             raise ValueError(f"need 1 <= --min-actors ({self.min_actors}) <= --max-actors ({self.max_actors})")
         if self.actor_start_timeout_s <= 0 or (self.max_docs is not None and self.max_docs < 1):
             raise ValueError("--actor-start-timeout-s and --max-docs must be positive")
+        if self.mlm_offset not in (None, *MLM_OFFSETS):
+            raise ValueError(f"--mlm-offset is {self.mlm_offset}; an MLM predicts x[i] at i (0, a classic MLM) or at i - 1 (-1, masked next-token prediction)")
 
 
 def command_line(cfg: ExtractConfig) -> str:

@@ -44,6 +44,7 @@ class StageSpec:
     mlm_revision: str | None
     ar_revision: str | None
     trust_remote_code: bool
+    mlm_offset: int | None
     dtype: str
     device: str
     window_length: int
@@ -81,7 +82,8 @@ def resolve_device(requested: str) -> str:
 def load(cfg: StageSpec, device: str, check_parity: bool = True):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     return load_backbones(cfg.mlm, cfg.ar, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                          mlm_revision=cfg.mlm_revision, ar_revision=cfg.ar_revision, check_parity=check_parity)
+                          mlm_revision=cfg.mlm_revision, ar_revision=cfg.ar_revision, check_parity=check_parity,
+                          mlm_offset=cfg.mlm_offset)
 
 
 def check_window_fits(bb, window_length: int) -> None:
@@ -99,7 +101,8 @@ def describe_backbones(cfg: StageSpec) -> tuple[dict, dict]:
     check_window_fits(bb, cfg.window_length)
     w = {k: v.float().cpu().numpy() for k, v in bb.expert_weights().items()}
     w["vocab_map"] = bb.mlm_to_ar.cpu().numpy()
-    info = {**bb.identity, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size, "start_token_id": bb.start_id}
+    info = {**bb.identity, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size, "start_token_id": bb.start_id,
+            "mlm_offset": bb.mlm_offset}
     return info, w
 
 

@@ -65,7 +65,7 @@ def ar_sample(bb, n: int, length: int, temperature: float, generator: torch.Gene
 
 def remask(cfg: AnnealConfig, n_mask: int, keep_first: bool, g: torch.Generator) -> torch.Tensor:
     """(chains, length) proposal mask: one span of n_mask positions per chain, or n_mask scattered ones."""
-    lo = int(keep_first)  # without a start token, position 0 is never masked
+    lo = int(keep_first)  # with nothing read before x[0] (no AR start token), position 0 is never masked
     n_mask = min(n_mask, cfg.length - lo)
     if cfg.span:
         start = torch.randint(lo, cfg.length - n_mask + 1, (cfg.chains, 1), generator=g)
@@ -87,8 +87,7 @@ def anneal(model, cfg: AnnealConfig, on_step=None) -> tuple[torch.Tensor, list[d
     else:
         ids = torch.zeros(cfg.chains, cfg.length, dtype=torch.long, device=bb.device)
         mask = torch.ones_like(ids, dtype=torch.bool)
-        if bb.start_id is None:
-            mask[:, 0] = False
+        mask[:, : bb.first_maskable] = False  # nothing is read before x[0] (no AR start token): it stays known
         x = infill(bb, head, ids, mask, sampling=Sampling(temperature=cfg.temperature, seed=cfg.seed))
     energy = ar_nll(bb, x)
     trajectory = [{"step": 0, "energy": energy.tolist(), "accepted": 0}]
@@ -96,7 +95,7 @@ def anneal(model, cfg: AnnealConfig, on_step=None) -> tuple[torch.Tensor, list[d
         frac = s / cfg.steps
         t = cfg.t_start * (cfg.t_end / cfg.t_start) ** frac
         n_mask = max(1, round((cfg.mask_start + (cfg.mask_end - cfg.mask_start) * frac) * cfg.length))
-        mask = remask(cfg, n_mask, bb.start_id is None, g).to(x.device)
+        mask = remask(cfg, n_mask, bool(bb.first_maskable), g).to(x.device)
         proposal = infill(bb, head, x, mask, sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                                                                  seed=int(torch.randint(0, 2**31, (1,), generator=g))))
         e_new = ar_nll(bb, proposal)

@@ -5,7 +5,12 @@ METHOD.md contracts implemented here:
   that tokenize probe text differently are refused, naming the first differing token;
 - each model's feature is the *input* of its output projection (get_output_embeddings()),
   captured with a forward pre-hook, so that W h + b reproduces the model's logits exactly;
-  a model that changes logits after the projection fails the parity check with a clear error.
+  a model that changes logits after the projection fails the parity check with a clear error;
+- where the MLM predicts x[i] (its offset): at i for a classic MLM (0), at i - 1 for a masked
+  next-token (MNTP) MLM (-1), read from its config's `prediction_offset` (maria pretrain-mlm
+  writes it) unless the caller says otherwise. An MNTP MLM predicts x[0] at the token before the
+  window: its tokenizer's leading special token ([CLS]), else the AR's start token, which it then
+  reads first; with neither, position 0 is never masked (as for an AR without a start token).
 """
 from __future__ import annotations
 
@@ -41,12 +46,18 @@ class Backbones:
     ar_tokenizer: object
     mlm_to_ar: torch.Tensor  # (V_mlm,) AR id of each MLM id, -1 where the AR lacks the token
     ar_to_mlm: torch.Tensor  # (V_ar,) MLM id of each AR id (the MLM's unk/mask id where it lacks it)
-    mlm_prefix: list[int]  # special tokens the MLM's tokenizer puts before a text ([CLS])
+    mlm_prefix: list[int]  # what the MLM reads before a window: its tokenizer's leading specials ([CLS]); see mntp_prefix
     mlm_suffix: list[int]  # ... and after it ([SEP])
     mlm_mask_id: int
     mlm_pad_id: int
     start_id: int | None  # AR start token: BOS, else EOS, else None (position 0 is then never masked)
     identity: dict = field(default_factory=dict)  # ids, revisions and fingerprints, stored with features
+    mlm_offset: int = 0  # where the MLM predicts x[i]: at MLM position i + mlm_offset (0 classic MLM, -1 MNTP)
+
+    @property
+    def first_maskable(self) -> int:
+        """0, or 1 when nothing precedes x[0] for the AR (no start token) or for an MNTP MLM (no leading token)."""
+        return int(self.start_id is None or len(self.mlm_prefix) + self.mlm_offset < 0)
 
     @property
     def d_mlm(self) -> int:
@@ -72,7 +83,7 @@ class Backbones:
             identity = {**identity, **{k: {**identity[k], "fingerprint": weights_fingerprint(m, as_dtype)}
                                        for k, m in (("mlm", self.mlm), ("ar", self.ar))}}
         return {**identity, "d_mlm": self.d_mlm, "d_ar": self.d_ar, "vocab_size": self.vocab_size,
-                "start_token_id": self.start_id}
+                "start_token_id": self.start_id, "mlm_offset": self.mlm_offset}
 
     def max_window(self) -> int | None:
         """Longest window both backbones can read: the MLM also reads its special tokens, and the AR the
@@ -177,7 +188,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
-def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """(leading, trailing) special tokens the tokenizer puts around a text, e.g. ([CLS], [SEP])."""
     plain = tokenizer("hello world", add_special_tokens=False).input_ids
     wrapped = tokenizer("hello world", add_special_tokens=True).input_ids
     for k in range(len(wrapped) - len(plain) + 1):
@@ -210,6 +222,35 @@ def align_vocabularies(mlm_tokenizer, ar_tokenizer, v_mlm: int, v_ar: int, fallb
                 "MARIA needs two models that share one vocabulary (e.g. ModernBERT with OLMo)"
             )
     return mlm_to_ar, ar_to_mlm
+
+
+MLM_OFFSETS = (0, -1)  # where an MLM predicts x[i]: at i (classic masked LM) or at i - 1 (masked next-token prediction)
+
+
+def ar_start_token(ar_tokenizer) -> int | None:
+    """The token the AR reads before a window: its BOS, else its EOS (pre-training separates documents with it)."""
+    return ar_tokenizer.bos_token_id if ar_tokenizer.bos_token_id is not None else ar_tokenizer.eos_token_id
+
+
+def resolve_mlm_offset(mlm_model: torch.nn.Module, mlm_offset: int | None, name: str) -> int:
+    """The caller's offset, else the MLM config's `prediction_offset` (written by `maria pretrain-mlm --objective mntp`), else 0."""
+    offset = getattr(mlm_model.config, "prediction_offset", 0) if mlm_offset is None else mlm_offset
+    if offset not in MLM_OFFSETS:
+        where = "--mlm-offset" if mlm_offset is not None else f"{name!r}'s config.json prediction_offset"
+        raise BackboneError(f"{where} is {offset!r}; an MLM predicts x[i] at i (0, a classic MLM) or at i - 1 (-1, masked next-token prediction)")
+    return int(offset)
+
+
+def mntp_prefix(prefix: list[int], offset: int, start: int | None, mlm_to_ar: torch.Tensor, ar_to_mlm: torch.Tensor) -> list[int]:
+    """What the MLM reads before the window. An MNTP MLM predicts x[0] at the token before it: its tokenizer's
+    leading special token, else the AR's start token (in MLM ids; the MLM must know it), else nothing (x[0] stays known)."""
+    if offset == 0 or prefix or start is None:
+        return prefix
+    mapped = int(ar_to_mlm[start])
+    if int(mlm_to_ar[mapped]) != start:
+        raise BackboneError(f"the MNTP MLM's tokenizer adds no leading token and lacks the AR's start token (id {start}), so nothing "
+                            "sits where it predicts x[0]; use an MLM whose vocabulary has the AR's BOS/EOS")
+    return [mapped]
 
 
 def _resolve(name_or_path: str, kind: str) -> str:
@@ -254,10 +295,12 @@ def load_backbones(
     ar_revision: str | None = None,
     check_parity: bool = True,
     safetensors_only: bool = False,
+    mlm_offset: int | None = None,
 ) -> Backbones:
     """Load both backbones (hub id or local folder), frozen and in eval mode, and align them.
     Local folders are always read from safetensors only; `safetensors_only` asks it of hub ids too
-    (a checkpoint's references: never a pickle, even one sitting in the cache)."""
+    (a checkpoint's references: never a pickle, even one sitting in the cache). `mlm_offset`: where
+    the MLM predicts x[i] (0 or -1; None: its config's prediction_offset, else 0)."""
     hf_logging.disable_progress_bar()  # "Loading weights" bars for two small folders are noise in every log
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -274,12 +317,12 @@ def load_backbones(
         models[kind] = model.to(device).eval().requires_grad_(False)
         toks[kind] = _load(AutoTokenizer, path, kind, **kw)
     return assemble_backbones(models["MLM"], models["AR"], toks["MLM"], toks["AR"], mlm, ar, mlm_revision=mlm_revision,
-                              ar_revision=ar_revision, check_parity=check_parity)
+                              ar_revision=ar_revision, check_parity=check_parity, mlm_offset=mlm_offset)
 
 
 def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, mlm_tok, ar_tok, mlm: str | None = None,
                        ar: str | None = None, mlm_revision: str | None = None, ar_revision: str | None = None,
-                       check_parity: bool = True) -> Backbones:
+                       check_parity: bool = True, mlm_offset: int | None = None) -> Backbones:
     """Backbones from two models already in memory (loaded by load_backbones, or by the caller:
     quantized, PEFT-wrapped, on any device) and their tokenizers: aligned and checked, never copied."""
     for kind, model in (("MLM", mlm_model), ("AR", ar_model)):
@@ -296,8 +339,10 @@ def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, ml
     v_ar = ar_model.get_output_embeddings().weight.shape[0]
     fallback = mlm_tok.unk_token_id if mlm_tok.unk_token_id is not None else mlm_tok.mask_token_id
     mlm_to_ar, ar_to_mlm = align_vocabularies(mlm_tok, ar_tok, v_mlm, v_ar, fallback)
-    prefix, suffix = _special_wrap(mlm_tok)
-    start = ar_tok.bos_token_id if ar_tok.bos_token_id is not None else ar_tok.eos_token_id
+    offset = resolve_mlm_offset(mlm_model, mlm_offset, mlm)
+    start = ar_start_token(ar_tok)
+    prefix, suffix = special_wrap(mlm_tok)
+    prefix = mntp_prefix(prefix, offset, start, mlm_to_ar, ar_to_mlm)
     if check_parity:
         device = next(ar_model.parameters()).device
         probe = torch.tensor([ar_tok(PROBE_TEXTS[0], add_special_tokens=False).input_ids[:16]], device=device)
@@ -310,4 +355,4 @@ def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, ml
     }
     pad = mlm_tok.pad_token_id if mlm_tok.pad_token_id is not None else mlm_tok.mask_token_id
     return Backbones(mlm_model, ar_model, mlm_tok, ar_tok, mlm_to_ar, ar_to_mlm, prefix, suffix,
-                     mlm_tok.mask_token_id, pad, start, identity)
+                     mlm_tok.mask_token_id, pad, start, identity, offset)

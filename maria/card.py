@@ -29,6 +29,9 @@ def backbone_rows(config: dict) -> list[str]:
         model = _code(ref.get("id")) if ref.get("id") else f"a local folder ({ref.get('architecture') or 'unknown class'})"
         where = f"copied into `{ref['path']}/`" if ref.get("path") else "referenced: loaded from the hub at this revision"
         rows.append(f"| {ROLES[kind]} | {model} | {_code(ref.get('revision'))} | {where} | {_code(ref.get('fingerprint'))} |")
+    offset = config.get("mlm_offset") or 0
+    rows += ["", "The masked LM predicts token i at position i - 1 (masked next-token prediction, `mlm_offset` -1)." if offset
+             else "The masked LM predicts token i at position i (a classic masked LM, `mlm_offset` 0)."]
     return rows
 
 

@@ -1,7 +1,7 @@
 """The combined checkpoint's folder format (MariaConfig: maria/configuration_maria.py, MariaModel:
 maria/modeling_maria.py).
 
-    config.json            model_type "maria": sizes, start/mask ids, dtype, the two backbone references
+    config.json            model_type "maria": sizes, start/mask ids, the MLM's offset, dtype, the two backbone references
     head.safetensors       the fusion head: proj.weight (V, d_mlm + d_ar), proj.bias (V,)  } maria/head.py's
     head.json              what training recorded (store, init, steps, validation loss)     } head format
     vocab_map.safetensors  mlm_to_ar (V_mlm,): the AR id of each MLM id, -1 where the AR lacks it
@@ -118,7 +118,7 @@ def _write_checkpoint(out, bb: Backbones, head: FusionHead, head_meta: dict, dty
             raise CheckpointError(f"{out} holds a config.json that is not a MARIA checkpoint's; pick a new --out folder")
     refs = backbone_refs(bb, reference, dtype)
     config = MariaConfig(d_mlm=bb.d_mlm, d_ar=bb.d_ar, vocab_size=bb.vocab_size, start_token_id=bb.start_id,
-                         mlm_mask_id=bb.mlm_mask_id, mlm=refs["mlm"], ar=refs["ar"], dtype=dtype,
+                         mlm_mask_id=bb.mlm_mask_id, mlm_offset=bb.mlm_offset, mlm=refs["mlm"], ar=refs["ar"], dtype=dtype,
                          tokenizer_fingerprint=bb.identity["tokenizer_fingerprint"], architectures=[architecture])
     with atomic_dir(out) as tmp:
         for kind, model, tok in (("mlm", bb.mlm, bb.mlm_tokenizer), ("ar", bb.ar, bb.ar_tokenizer)):
@@ -279,7 +279,8 @@ def load_checkpoint(d: Path, config: MariaConfig, dtype: str | torch.dtype | Non
     src = {k: str(d / r["path"]) if r.get("path") else r["id"] for k, r in refs.items()}
     try:
         bb = load_backbones(src["mlm"], src["ar"], dtype=stored, check_parity=False, safetensors_only=True,
-                            trust_remote_code=trust_remote_code, mlm_revision=None if refs["mlm"].get("path") else refs["mlm"].get("revision"),
+                            trust_remote_code=trust_remote_code, mlm_offset=int(config.mlm_offset or 0),
+                            mlm_revision=None if refs["mlm"].get("path") else refs["mlm"].get("revision"),
                             ar_revision=None if refs["ar"].get("path") else refs["ar"].get("revision"))
     except BackboneError as e:  # e.g. a referenced hub backbone missing from the cache while offline
         raise CheckpointError(f"checkpoint {d}: {e}") from None

@@ -24,6 +24,7 @@ class MariaConfig(PretrainedConfig):
     vocab_size: int = 0  # the AR's vocabulary: the head's output
     start_token_id: int | None = None  # fed to the AR before the window (its BOS, else EOS)
     mlm_mask_id: int | None = None  # the MLM's own mask token id (not an AR id)
+    mlm_offset: int = 0  # where the MLM predicts x[i]: at i (0, classic MLM) or at i - 1 (-1, masked next-token prediction)
     mlm: dict | None = None  # backbone references (see above)
     ar: dict | None = None
     tokenizer_fingerprint: str | None = None  # digest of the shared vocabulary

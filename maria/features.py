@@ -5,6 +5,10 @@ h_mlm with `mlm_states` and the same h_ar incrementally with a KV cache (tests p
 
 Windows come as right-padded AR token ids `ids` (B, T) with `lengths` (B,) and a boolean
 `mask` (B, T), True = masked. Positions at or past a row's length are ignored.
+
+Where each backbone predicts x[i]: the AR at the state after x[i-1] (the shift by one, always);
+the MLM at its position i + bb.mlm_offset: i for a classic MLM, i - 1 for an MNTP MLM, whose
+h_mlm[0] is its state at the token it reads before the window (backbones.mntp_prefix).
 """
 from __future__ import annotations
 
@@ -50,11 +54,15 @@ def mlm_inputs(bb: Backbones, ids: torch.Tensor, mask: torch.Tensor, lengths: to
 
 @torch.no_grad()
 def mlm_states(bb: Backbones, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """h_mlm (B, T, d_mlm): the MLM's feature at each window position (its special tokens cut off)."""
+    """h_mlm (B, T, d_mlm): h_mlm[i] is the MLM's feature where it predicts x[i], its position
+    i + mlm_offset (its special tokens cut off). With nothing read before the window, an MNTP MLM's
+    h_mlm[0] is zero (position 0 is then never masked: check_mask)."""
     x, attn = mlm_inputs(bb, ids, mask & valid_positions(ids, lengths), lengths)
     h = projection_input(bb.mlm, input_ids=x, attention_mask=attn)
-    P = len(bb.mlm_prefix)
-    return h[:, P : P + ids.shape[1]]
+    first = len(bb.mlm_prefix) + bb.mlm_offset  # where x[0] is predicted
+    if first < 0:
+        return torch.cat([torch.zeros_like(h[:, :1]), h[:, : ids.shape[1] - 1]], dim=1)
+    return h[:, first : first + ids.shape[1]]
 
 
 def ar_inputs(bb: Backbones, ids: torch.Tensor) -> torch.Tensor:
@@ -79,8 +87,9 @@ def ar_states(bb: Backbones, ids: torch.Tensor, lengths: torch.Tensor) -> torch.
 
 
 def check_mask(bb: Backbones, mask: torch.Tensor) -> None:
-    if bb.start_id is None and bool(mask[:, 0].any()):
-        raise BackboneError("the AR has neither BOS nor EOS, so position 0 cannot be masked; leave the first token unmasked")
+    if bb.first_maskable and bool(mask[:, 0].any()):
+        who = "the AR has neither BOS nor EOS" if bb.start_id is None else "the MNTP MLM reads no token before the window"
+        raise BackboneError(f"{who}, so position 0 cannot be masked; leave the first token unmasked")
 
 
 @torch.no_grad()

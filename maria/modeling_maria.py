@@ -84,7 +84,7 @@ class MariaModel(PreTrainedModel):
     def from_parts(cls, backbones: Backbones, head: FusionHead, head_meta: dict | None = None) -> "MariaModel":
         bb = backbones
         config = MariaConfig(d_mlm=bb.d_mlm, d_ar=bb.d_ar, vocab_size=bb.vocab_size, start_token_id=bb.start_id,
-                             mlm_mask_id=bb.mlm_mask_id, mlm=dict(bb.identity["mlm"]), ar=dict(bb.identity["ar"]),
+                             mlm_mask_id=bb.mlm_mask_id, mlm_offset=bb.mlm_offset, mlm=dict(bb.identity["mlm"]), ar=dict(bb.identity["ar"]),
                              tokenizer_fingerprint=bb.identity.get("tokenizer_fingerprint"), architectures=[cls.__name__])
         return cls(config, bb, head, head_meta or {**bb.describe()})
 
@@ -105,7 +105,7 @@ class MariaModel(PreTrainedModel):
         else:
             bb = assemble_backbones(mlm, ar, mlm_tokenizer or AutoTokenizer.from_pretrained(mlm.name_or_path),
                                     ar_tokenizer or AutoTokenizer.from_pretrained(ar.name_or_path),
-                                    check_parity=load_kw.get("check_parity", True))
+                                    check_parity=load_kw.get("check_parity", True), mlm_offset=load_kw.get("mlm_offset"))
             mlm, ar = bb.identity["mlm"]["id"], bb.identity["ar"]["id"]
         if head_dir is None:
             head, meta = init_head(init, bb.expert_weights()), {**bb.describe(), "init": init}

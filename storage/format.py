@@ -30,8 +30,9 @@ READABLE_FORMATS = (1, 2)  # version 1 stores differ only in metadata this code 
 MANIFEST_KEY = "maria"
 
 # Manifest keys that decide whether two extraction runs may share a store (resume vs. refuse).
-IDENTITY_KEYS = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size", "feature_dtype", "masking",
+IDENTITY_KEYS = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size", "mlm_offset", "feature_dtype", "masking",
                  "seed", "corpus_fingerprint", "window_length", "docs_per_block")  # block ids number docs_per_block-sized runs
+IDENTITY_DEFAULTS = {"mlm_offset": 0}  # a manifest written before the key existed has this value
 FEATURE_DTYPES = ("float16", "bfloat16", "float8")  # float8: e4m3fn codes + a per-row scale (storage/float8.py)
 
 # Row-aligned arrays of a block and their stored dtypes ("features" depends on the manifest).

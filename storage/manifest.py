@@ -6,7 +6,7 @@ import json
 import shlex
 
 from maria_storage import layout
-from maria_storage.format import (FORMAT_VERSION, IDENTITY_KEYS, MANIFEST_KEY, READABLE_FORMATS, CorruptStoreError,
+from maria_storage.format import (FORMAT_VERSION, IDENTITY_DEFAULTS, IDENTITY_KEYS, MANIFEST_KEY, READABLE_FORMATS, CorruptStoreError,
                             StoreError, StoreMismatchError, stored_feature_dtype)
 from maria_storage.location import Location, access_error
 
@@ -49,7 +49,8 @@ def read_root(loc: Location) -> dict | None:
 
 def check_identity(stored: dict, new: dict, url: str) -> None:
     for key in IDENTITY_KEYS:
-        if (key in stored or key in new) and stored.get(key) != new.get(key):
+        default = IDENTITY_DEFAULTS.get(key)
+        if (key in stored or key in new) and stored.get(key, default) != new.get(key, default):
             raise StoreMismatchError(
                 f"{url} holds features of another extraction: {key} is {stored.get(key)!r} there but {new.get(key)!r} "
                 f"now; use another --store or delete that store")

@@ -36,7 +36,7 @@ def make_windows(bb, n_windows: int, seed: int, window_length: int = 24):
 
 def manifest_of(bb, window_length: int = 24, feature_dtype: str = "float16") -> dict:
     return {**bb.identity, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size, "start_token_id": bb.start_id,
-            "feature_dtype": feature_dtype, "masking": {"mode": "token", "rate": "uniform"}, "seed": 0,
+            "mlm_offset": bb.mlm_offset, "feature_dtype": feature_dtype, "masking": {"mode": "token", "rate": "uniform"}, "seed": 0,
             "corpus_fingerprint": "test", "window_length": window_length}
 
 

@@ -70,7 +70,11 @@ def test_backbone_errors(capsys, pairs, tmp_path):
     assert "tokenizers disagree" in run_cli(capsys, "export", "--mlm", bad_mlm, "--ar", bad_ar, "--head", head, "--out", tmp_path / "o")
     assert "cannot load MLM 'nobody/nothing'" in run_cli(capsys, "export", "--mlm", "nobody/nothing", "--ar", ar, "--head", head, "--out", tmp_path / "o")
     assert "not a head folder" in run_cli(capsys, "export", "--mlm", mlm, "--ar", ar, "--head", tmp_path / "o", "--out", tmp_path / "o2")
-    assert not (tmp_path / "o").exists()
+    assert "--mlm-offset is 1; an MLM predicts x[i] at i" in run_cli(capsys, "export", "--mlm", mlm, "--ar", ar, "--head", head,
+                                                                     "--out", tmp_path / "o", "--mlm-offset", "1")
+    assert "--mlm-offset is -2" in run_cli(capsys, "extract", "--mlm", mlm, "--ar", ar, "--corpus", tmp_path, "--store", tmp_path / "s",
+                                           "--mlm-offset", "-2")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
 
 
 def test_gpu_asked_for_but_missing(capsys, pairs, tmp_path):

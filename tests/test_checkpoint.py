@@ -88,6 +88,26 @@ def test_folder_moves_and_loads_the_same_model(ckpt, trained, tmp_path):
     assert out.logits.shape == (3, model.bb.vocab_size)
 
 
+def test_mntp_checkpoint_records_its_offset_and_loads_it(pairs, tmp_path):
+    """An MNTP MLM (offset -1, given by --mlm-offset as at extraction) exports with mlm_offset -1 in config.json
+    and the card; the loaded model reads the MLM at that offset (teacher-forced features equal the extracted ones)."""
+    mlm, ar = pairs["bert-gpt2"]
+    model = MariaModel.from_backbones(mlm, ar, mlm_offset=-1)
+    head_dir = save_head(tmp_path / "head", model.head, {**model.bb.describe(), **TRAINED})
+    out = export(mlm, ar, str(head_dir), str(tmp_path / "ckpt"), mlm_offset=-1)
+    assert json.loads((out / "config.json").read_text())["mlm_offset"] == -1
+    assert "position i - 1" in (out / "README.md").read_text()
+    loaded = MariaModel.from_pretrained(out)
+    assert loaded.bb.mlm_offset == -1 and loaded.head_meta["mlm_offset"] == -1
+    ids = torch.tensor([model.bb.ar_tokenizer("Paris is the capital of France.").input_ids])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, [0, 2, 3]] = True
+    f = aligned_features(model.bb, ids, mask, torch.tensor([ids.shape[1]]))
+    torch.testing.assert_close(loaded(ids, mask).loss, torch.nn.functional.cross_entropy(model.head(f.features), f.targets))
+    with pytest.raises(ValueError, match="mlm_offset: -1 vs 0"):  # the head's features are not those of the MLM read at 0
+        export(mlm, ar, str(head_dir), str(tmp_path / "ckpt0"))
+
+
 def test_dtype_on_export_and_on_load(pairs, trained, ckpt, tmp_path, capsys):
     bf = export(*pairs["modernbert-olmo"], str(trained[1]), str(tmp_path / "bf16"), dtype="bfloat16")
     assert json.loads((bf / "config.json").read_text())["dtype"] == "bfloat16"

@@ -13,12 +13,15 @@ from maria.features import aligned_features
 from maria.head import FusionHead
 
 KINDS = ["modernbert-olmo", "bert-gpt2"]  # OLMo-style AR with RoPE; GPT-2 with learned positions
+# where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP; the ModernBERT reads [CLS] before x, the BERT, which
+# has no leading special token, the AR's start token)
+OFFSETS = [0, -1]
 T = 72
 
 
 @pytest.fixture(scope="module")
 def backbones(pairs):
-    return {k: load_backbones(*pairs[k]) for k in KINDS}
+    return {(k, o): load_backbones(*pairs[k], mlm_offset=o) for k in KINDS for o in OFFSETS}
 
 
 def windows(bb, start_token: bool = True):
@@ -62,8 +65,10 @@ def poe(bb):
 
 
 def no_start(bb):
-    """The same AR read without a start token (an AR with neither BOS nor EOS): position ids start at 0."""
-    return dataclasses.replace(bb, start_id=None)
+    """The same AR read without a start token (an AR with neither BOS nor EOS): position ids start at 0.
+    An MNTP MLM without a leading special token then reads nothing before x either (its h_mlm[0] is zero)."""
+    prefix = bb.mlm_prefix if bb.mlm_offset == 0 or bb.mlm_tokenizer.cls_token_id is not None else []
+    return dataclasses.replace(bb, start_id=None, mlm_prefix=prefix)
 
 
 def test_plan_takes_max_masked_count_steps():
@@ -91,8 +96,10 @@ def test_plan_takes_max_masked_count_steps():
 
 
 @pytest.mark.parametrize("max_chunk", [None, 1, 3, 1000])  # None: the CPU's cost rule cuts; 1000: never cut
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_batched_equals_each_window_alone(backbones, alone, kind, max_chunk):
+def test_batched_equals_each_window_alone(backbones, alone, kind, offset, max_chunk):
+    kind = (kind, offset)
     bb = backbones[kind]
     ids, mask, lengths = windows(bb)
     steps = plan((mask & (torch.arange(T) < lengths[:, None])).numpy(), 1, max_chunk, step_cost_tokens("cpu") if max_chunk is None else None).steps
@@ -108,9 +115,10 @@ def test_batched_equals_each_window_alone(backbones, alone, kind, max_chunk):
 
 
 @pytest.mark.parametrize("start_token", [True, False])
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_teacher_forced_features_equal_extracted(backbones, kind, start_token):
-    bb = backbones[kind] if start_token else no_start(backbones[kind])
+def test_teacher_forced_features_equal_extracted(backbones, kind, offset, start_token):
+    bb = backbones[kind, offset] if start_token else no_start(backbones[kind, offset])
     ids, mask, lengths = windows(bb, start_token)
     extracted = aligned_features(bb, ids, mask, lengths)
     head = FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size)
@@ -120,9 +128,10 @@ def test_teacher_forced_features_equal_extracted(backbones, kind, start_token):
         torch.testing.assert_close(seen, extracted.features, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_equals_uncached(backbones, kind):
-    bb = backbones[kind]
+def test_cached_equals_uncached(backbones, kind, offset):
+    bb = backbones[kind, offset]
     ids, mask, lengths = windows(bb)
     head = poe(bb)
     cached, f1 = infill(bb, head, ids, mask, lengths, return_features=True)
@@ -132,7 +141,7 @@ def test_cached_equals_uncached(backbones, kind):
 
 
 def test_seeded_sampling_is_reproducible(backbones):
-    bb = backbones["bert-gpt2"]
+    bb = backbones["bert-gpt2", 0]
     ids, mask, lengths = windows(bb)
     head = poe(bb)
     s = dict(temperature=1.0, top_k=50, top_p=0.95)
@@ -147,7 +156,7 @@ def test_seeded_sampling_is_reproducible(backbones):
 def test_sliding_window_ar_decodes_each_window_alone(backbones):
     """Padding inside the cache would move a sliding window (it counts slots): such ARs decode
     window by window, and still see the extracted features."""
-    bb = backbones["modernbert-olmo"]
+    bb = backbones["modernbert-olmo", -1]
     torch.manual_seed(0)
     ar = MistralForCausalLM(MistralConfig(vocab_size=bb.vocab_size, hidden_size=bb.d_ar, intermediate_size=64, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=512)).eval()

@@ -170,6 +170,51 @@ def test_pretrain_mlm_tiny(tmp_path, kind, monkeypatch):
     assert pretrain_mlm(cfg) == metrics
 
 
+def test_wrap_batch_puts_each_label_where_the_objective_predicts_it():
+    """mlm: x[i]'s label at the window's position i; mntp: at i - 1, with the start token read first (and
+    predicting x[0]), so the input is exactly what MARIA's aligned-feature function feeds the MLM."""
+    from maria_defaults.pretrain_mlm import MLMData, wrap_batch
+
+    x = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])  # pad id 0: the second window has 2 tokens
+    attn = (x != 0).long()
+    inputs = torch.tensor([[5, 99, 7, 99], [99, 6, 0, 0]])  # 99: the mask token
+    labels = torch.tensor([[-100, 6, -100, 8], [5, -100, -100, -100]])
+    def data(prefix, offset, suffix=()):
+        return MLMData(None, x, x, 0, 99, 6, list(prefix), list(suffix), offset)
+
+    ids, a, y = wrap_batch(inputs, labels, attn, data([], 0))
+    assert torch.equal(ids, inputs) and torch.equal(a, attn) and torch.equal(y, labels)
+    ids, a, y = wrap_batch(inputs, labels, attn, data([1], -1))  # mntp: start token 1 first
+    assert ids.tolist() == [[1, 5, 99, 7, 99], [1, 99, 6, 0, 0]] and a.tolist() == [[1] * 5, [1, 1, 1, 0, 0]]
+    assert y.tolist() == [[-100, 6, -100, 8, -100], [5, -100, -100, -100, -100]]  # x[1] = 6 predicted at position 0 of x
+    ids, a, y = wrap_batch(inputs, labels, attn, data([1], 0, [2]))  # [CLS] x [SEP], classic
+    assert ids.tolist() == [[1, 5, 99, 7, 99, 2], [1, 99, 6, 2, 0, 0]] and a.tolist() == [[1] * 6, [1, 1, 1, 1, 0, 0]]
+    assert y.tolist() == [[-100, -100, 6, -100, 8, -100], [-100, 5, -100, -100, -100, -100]]
+
+
+def test_pretrain_objectives_record_their_offset(tmp_path):
+    """--objective mntp writes prediction_offset -1 (MARIA then reads the MLM at i - 1), mlm writes 0; both
+    train, and the same seed hides the same tokens in the held-out measurement."""
+    from maria.backbones import load_backbones
+
+    ar_dir, corpus = _tiny_ar(tmp_path, "llama")
+    results = {}
+    for objective in ("mntp", "mlm"):
+        cfg = PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(corpus), out=str(tmp_path / objective), hidden_size=32,
+                                num_layers=2, seq_len=32, batch_size=4, steps=3, eval_windows=8, objective=objective)
+        results[objective] = pretrain_mlm(cfg)
+        assert json.loads((tmp_path / objective / "config.json").read_text())["prediction_offset"] == {"mntp": -1, "mlm": 0}[objective]
+        bb = load_backbones(str(tmp_path / objective), str(ar_dir))
+        assert bb.mlm_offset == results[objective]["prediction_offset"]
+        assert bb.mlm_prefix == ([bb.start_id] if objective == "mntp" else [])  # the tiny tokenizer adds no special token
+    assert results["mntp"]["eval_masked_tokens"] == results["mlm"]["eval_masked_tokens"]
+    assert results["mntp"]["accuracy"] != results["mlm"]["accuracy"] or results["mntp"]["loss"] != results["mlm"]["loss"]
+    with pytest.raises(ValueError, match="the training documents of .* are empty \\(--skip-docs 99\\)"):
+        pretrain_mlm(dataclasses.replace(cfg, skip_docs=99, out=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match="unknown objective 'next'"):
+        PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(corpus), out=str(tmp_path / "x"), objective="next")
+
+
 def test_init_from_ar_copies_llama_blocks_exactly(tmp_path):
     """Copied attention (run bidirectionally in both) and MLP blocks compute what the AR's do."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

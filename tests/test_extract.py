@@ -40,6 +40,31 @@ def test_stored_features_equal_the_aligned_feature_function(store_a, pairs, corp
     assert set(np.unique(block["doc_ids"])) == {3, 4, 5}
 
 
+def test_mntp_store_records_its_offset_and_stores_shifted_features(store_a, pairs, corpus, tmp_path):
+    """--mlm-offset -1: the manifest says so, the rows are the aligned feature function's at that offset
+    (the MLM's state at i - 1), and a store made at the other offset is never resumed with it."""
+    from maria.backbones import load_backbones
+    from maria.features import aligned_features
+    from maria_storage import StoreMismatchError, open_store
+
+    out = tmp_path / "mntp"
+    run_extract(config(pairs, corpus, out, max_docs=3, mlm_offset=-1))
+    store = open_store(str(out))
+    assert store.manifest["mlm_offset"] == -1 and open_store(str(store_a)).manifest["mlm_offset"] == 0
+    bb = load_backbones(*pairs["modernbert-olmo"], mlm_offset=-1)
+    docs = list(iter_documents(corpus))
+    feats = []
+    for d in (0, 1, 2):
+        for w, ids in enumerate(cut_windows(bb.ar_tokenizer(docs[d], add_special_tokens=False).input_ids, 24)):
+            for k in range(2):
+                m, _ = sample_mask(np.array(ids), MaskingConfig(masks_per_window=2), 0, d, w, k)
+                feats.append(aligned_features(bb, torch.tensor([ids]), torch.tensor(m)[None], torch.tensor([len(ids)])).features.numpy())
+    got = store.read_block(store.committed_blocks()[0])["features"].astype(np.float32)
+    np.testing.assert_allclose(got, np.concatenate(feats), atol=2e-3, rtol=2e-3)
+    with pytest.raises(StoreMismatchError, match="mlm_offset is 0 there but -1 now"):
+        run_extract(config(pairs, corpus, store_a, mlm_offset=-1))
+
+
 def test_two_runs_identical_and_resume_after_partial(store_a, pairs, corpus, tmp_path):
     first = read_all(str(store_a))
     b = tmp_path / "b"

@@ -23,6 +23,12 @@ def backbones(pairs):
     return {k: load_backbones(*pairs[k]) for k in KINDS}
 
 
+@pytest.fixture(scope="module")
+def mntp(pairs):
+    """The same MLMs read as masked next-token predictors: x[i] predicted at position i - 1."""
+    return {k: load_backbones(*pairs[k], mlm_offset=-1) for k in KINDS}
+
+
 def batch(bb, seed=0, B=3, T=20):
     """Windows of real text, different lengths and different masks (position 0 masked too)."""
     g = torch.Generator().manual_seed(seed)
@@ -51,10 +57,13 @@ def test_logit_softcapping_is_refused():
         check_logit_parity(model, torch.arange(10)[None], "AR")
 
 
+@pytest.mark.parametrize("offset", [0, -1])
 @pytest.mark.parametrize("kind", KINDS)
-def test_features_match_hand_computation(backbones, kind):
-    bb = backbones[kind]
+def test_features_match_hand_computation(backbones, mntp, kind, offset):
+    bb = backbones[kind] if offset == 0 else mntp[kind]
     ids, mask, lengths = batch(bb)
+    if offset:  # the MLM reads one token before x: its [CLS], or (no leading special token) the AR's start token
+        assert bb.mlm_prefix == ([bb.mlm_tokenizer.cls_token_id] if kind == "modernbert-olmo" else [int(bb.ar_to_mlm[bb.start_id])])
     f = aligned_features(bb, ids, mask, lengths)
     assert f.features.shape[1] == bb.d_mlm + bb.d_ar
     assert torch.equal(f.targets, ids[f.rows, f.positions])
@@ -69,11 +78,57 @@ def test_features_match_hand_computation(backbones, kind):
         else:
             h_mlm = bb.mlm.cls.predictions.transform(bb.mlm.bert(mlm_in).last_hidden_state)
             h_ar = bb.ar.transformer(torch.tensor([[bb.start_id] + x[:-1].tolist()])).last_hidden_state
-        h_mlm = h_mlm[0, len(bb.mlm_prefix) : len(bb.mlm_prefix) + n]
+        first = len(bb.mlm_prefix) + offset  # where the MLM predicts x[0]
+        h_mlm = h_mlm[0, first : first + n]
         want = torch.cat([h_mlm, h_ar[0]], 1)[m]
         got = f.features[f.rows == r]
         assert torch.equal(f.positions[f.rows == r], m.nonzero().squeeze(1))
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_mlm_offset_from_config_and_refused_values(pairs, tmp_path):
+    """An MLM folder whose config says prediction_offset -1 loads as MNTP; other values are refused in one line."""
+    import shutil
+
+    mlm, ar = pairs["bert-gpt2"]
+    folder = tmp_path / "mntp-mlm"
+    shutil.copytree(mlm, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "prediction_offset": -1}))
+    bb = load_backbones(str(folder), ar)
+    assert bb.mlm_offset == -1 and bb.describe()["mlm_offset"] == -1
+    assert load_backbones(str(folder), ar, mlm_offset=0).mlm_offset == 0  # the caller's word wins
+    (folder / "config.json").write_text(json.dumps({**config, "prediction_offset": 1}))
+    with pytest.raises(BackboneError, match="prediction_offset is 1; an MLM predicts x\\[i\\] at i"):
+        load_backbones(str(folder), ar)
+    with pytest.raises(BackboneError, match="--mlm-offset is 2"):
+        load_backbones(mlm, ar, mlm_offset=2)
+
+
+def test_mntp_without_any_token_before_the_window(mntp):
+    """The rule for an MNTP MLM that reads nothing before x[0] (no leading special token, no AR start
+    token): h_mlm[0] is zero and position 0 is never masked, as for an AR without a start token."""
+    import dataclasses
+
+    bb = dataclasses.replace(mntp["bert-gpt2"], start_id=None, mlm_prefix=[])
+    assert bb.first_maskable == 1
+    ids, mask, lengths = batch(bb)
+    with pytest.raises(BackboneError, match="MNTP MLM reads no token before the window"):
+        aligned_features(dataclasses.replace(bb, start_id=mntp["bert-gpt2"].start_id), ids, mask, lengths)
+    h = mlm_states(bb, ids, mask, lengths)
+    assert torch.equal(h[:, 0], torch.zeros_like(h[:, 0]))
+    full = mlm_states(dataclasses.replace(bb, mlm_offset=0), ids, mask, lengths)  # the same MLM pass, unshifted
+    torch.testing.assert_close(h[:, 1:], full[:, :-1])
+
+
+def test_head_of_other_offset_is_refused(mntp, backbones, tmp_path):
+    """Features of one MLM read at another offset are other features: a head trained on them is refused."""
+    bb = backbones["bert-gpt2"]
+    head_dir = tmp_path / "head"
+    save_head(head_dir, FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size), {**bb.describe(), "complete": True})
+    with pytest.raises(IdentityMismatchError, match="mlm_offset: 0 vs -1"):
+        MariaModel.from_backbones(mntp["bert-gpt2"].mlm, mntp["bert-gpt2"].ar, head_dir=str(head_dir), mlm_offset=-1,
+                                  mlm_tokenizer=bb.mlm_tokenizer, ar_tokenizer=bb.ar_tokenizer)
 
 
 @pytest.mark.parametrize("kind", KINDS)

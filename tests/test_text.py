@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maria_defaults import defaults
-from maria_app.demo import NATURAL_PROMPTS, check_prompts
+from maria_app.demo import NATURAL_PROMPTS, RIGHT_CONTEXT_PROMPTS, check_prompts
 from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
 from maria.modeling_maria import MariaModel
 from maria.text import parse_masked_text
@@ -67,6 +67,19 @@ def test_ar_alone_answers_the_natural_prompts(ar_only):
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     out = ar_only.infill_text(["The river {{3}} through the city of {{2}}."], temperature=0)[0]["text"]
     assert not any(ch.isdigit() for ch in out), out
+
+
+@needs_smollm2
+def test_right_context_prompts_need_the_right_context(ar_only):
+    """Each answer is one SmolLM2 token where its span sits, and the AR alone (left context only) answers
+    almost none of them: a model that gets them reads the right context."""
+    tok = ar_only.bb.ar_tokenizer
+    for text, accepted in RIGHT_CONTEXT_PROMPTS:
+        space = "" if text.startswith("{{") else " "
+        for answer in accepted[0]:
+            assert min(len(tok(space + form, add_special_tokens=False).input_ids) for form in (answer, answer.capitalize())) == 1, (text, answer)
+    rows = check_prompts(ar_only, RIGHT_CONTEXT_PROMPTS)
+    assert sum(r["ok"] for r in rows) <= 2, rows
 
 
 DEMO_CHECKPOINT = Path(os.environ.get("MARIA_DEMO_CHECKPOINT", Path(__file__).parents[1] / "runs" / "demo" / "checkpoint"))

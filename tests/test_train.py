@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from store_fixtures import make_store, make_windows
+from maria_storage import open_store
 from maria_train_head.data import DataError
 from maria_train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
 from maria_train_head.train import TrainConfig, run_train
@@ -79,14 +80,15 @@ def test_best_head_is_kept_and_never_worse_than_init(stores, tmp_path):
     assert res["models"]["trained"]["nll"] == pytest.approx(res["models"]["poe_init"]["nll"], abs=1e-5)
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 2e-2)])
-def test_poe_init_eval_equals_averaged_backbone_logits(pairs, tmp_path, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,offset", [("float16", 1e-3, 0), ("bfloat16", 2e-2, 0), ("float16", 1e-3, -1)])
+def test_poe_init_eval_equals_averaged_backbone_logits(pairs, tmp_path, dtype, tol, offset):
     """run_eval's PoE / AR-only / MLM-only rows equal NLLs of the models' own forward passes
-    ((mapped MLM logits + AR logits) / 2) on the same windows, up to the float16 feature cache."""
+    ((mapped MLM logits + AR logits) / 2) on the same windows, up to the float16 feature cache.
+    With offset -1 (an MNTP MLM) the MLM's logits for x[i] are those at its position i - 1."""
     from maria.backbones import load_backbones
     from maria.features import ar_inputs, mlm_inputs, valid_positions
 
-    bb = load_backbones(*pairs["modernbert-olmo"])
+    bb = load_backbones(*pairs["modernbert-olmo"], mlm_offset=offset)
     with torch.no_grad():  # sharpen the random experts so the three rows differ by ~1 nat, not 1e-3
         for m in (bb.mlm, bb.ar):
             m.get_output_embeddings().weight.mul_(20)
@@ -96,7 +98,7 @@ def test_poe_init_eval_equals_averaged_backbone_logits(pairs, tmp_path, dtype, t
     mask = mask & valid_positions(ids, lengths)
     with torch.no_grad():
         x, attn = mlm_inputs(bb, ids, mask, lengths)
-        P, T = len(bb.mlm_prefix), ids.shape[1]
+        P, T = len(bb.mlm_prefix) + offset, ids.shape[1]  # the MLM predicts x[0] at its position P
         l_mlm = bb.mlm(input_ids=x, attention_mask=attn).logits[:, P : P + T].float()
         mapped = torch.zeros(*ids.shape, bb.vocab_size)  # MLM logits in AR ids; 0 where the MLM lacks a token (as W1)
         ok = bb.mlm_to_ar >= 0
@@ -107,6 +109,15 @@ def test_poe_init_eval_equals_averaged_backbone_logits(pairs, tmp_path, dtype, t
     assert res["models"]["poe_init"]["nll"] < min(res["models"]["ar_only"]["nll"], res["models"]["mlm_only"]["nll"]) - 0.5
     assert res["rows"] == int(mask.sum())
     assert json.loads((tmp_path / "e.json").read_text())["models"].keys() == {"poe_init", "ar_only", "mlm_only"}
+    if offset:  # the offset travels: store manifest -> head record; a store read at the other offset is refused
+        from maria.identity import IdentityMismatchError
+
+        assert open_store(str(tmp_path / "s")).manifest["mlm_offset"] == -1
+        run_train(TrainConfig(store=str(tmp_path / "s"), val_store=str(tmp_path / "s"), out=str(tmp_path / "h"), device="cpu", max_steps=1, batch_size=64))
+        assert json.loads((tmp_path / "h" / "head.json").read_text())["mlm_offset"] == -1
+        make_store(tmp_path / "classic", load_backbones(*pairs["modernbert-olmo"]), 8, seed=6)
+        with pytest.raises(IdentityMismatchError, match="mlm_offset: -1 vs 0"):
+            run_eval(EvalConfig(store=str(tmp_path / "classic"), head=str(tmp_path / "h"), device="cpu"))
 
 
 def test_eval_reports_four_rows_per_bucket(trained, stores, tmp_path):

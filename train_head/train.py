@@ -184,7 +184,7 @@ class TrainState:
 def head_meta(cfg: TrainConfig, store, s: TrainState) -> dict:
     m = store.manifest
     return {"mlm": m.get("mlm"), "ar": m.get("ar"), "tokenizer_fingerprint": m.get("tokenizer_fingerprint"),
-            "start_token_id": m.get("start_token_id"), "store": cfg.store, "val_store": cfg.val_store,
+            "start_token_id": m.get("start_token_id"), "mlm_offset": m.get("mlm_offset", 0), "store": cfg.store, "val_store": cfg.val_store,
             "val_blocks": s.val_blocks if not cfg.val_store else None, "init": cfg.init, "init_scales": s.init_scales,
             "best_step": s.best_step, "best_val_loss": s.best_val_loss, "best_val_ppl": math.exp(s.best_val_loss),
             "init_val_loss": s.init_val_loss, "steps": s.step, "total_steps": s.config["total_steps"],
