@@ -140,6 +140,12 @@ def _stage(name: str):
     return time.perf_counter()
 
 
+def mlm_snapshots(steps: int) -> list[int]:
+    """Steps at which the demo's MLM is also saved (out/step-N), so `maria bench quality` draws its curve
+    from the demo's own pre-training run: 1/16, 1/8, 1/4 and 1/2 of the budget."""
+    return sorted({max(1, steps // d) for d in (16, 8, 4, 2)} - {steps})
+
+
 def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
     """(mlm, ar, train corpus, val corpus), building and caching what is missing."""
     cache = Path(cfg.cache) if cfg.cache else default_cache_dir()
@@ -152,7 +158,8 @@ def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
         # those of new text, as on the validation articles (an MLM that memorised them would be over-trusted)
         metrics = pretrain_mlm(PretrainMLMConfig(tokenizer_from=ar, corpus=str(train), val_corpus=str(val), out=str(out),
                                                  steps=cfg.mlm_steps, objective=cfg.mlm_objective, num_layers=cfg.mlm_layers,
-                                                 skip_docs=cfg.train_docs or 0, seed=cfg.seed, device=resolve_device(cfg.device)))
+                                                 skip_docs=cfg.train_docs or 0, seed=cfg.seed, device=resolve_device(cfg.device),
+                                                 snapshots=mlm_snapshots(cfg.mlm_steps)))
         print(f"default MLM ({cfg.mlm_objective}): held-out masked-token accuracy at 50% masking = {100 * metrics['accuracy']:.1f}%")
         mlm = str(out)
     return mlm, ar, Path(train), Path(val)
