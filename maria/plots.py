@@ -16,6 +16,10 @@ def _figure():
 
 def _save(plt, fig, ax, png) -> Path:
     ax.grid(alpha=0.3, which="both")
+    return _write(plt, fig, png)
+
+
+def _write(plt, fig, png) -> Path:
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -72,9 +76,4 @@ def bar_panels(png: str | Path, panels: dict[str, dict[str, float]], title: str,
         ax.tick_params(axis="x", labelsize=7, rotation=20)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return png
+    return _write(plt, fig, png)

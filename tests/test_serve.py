@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from pathlib import Path
+
 import requests
 import torch
 
@@ -61,17 +63,11 @@ class Server:
         cmd = [sys.executable, "-m", "maria_app.cli", "serve", "--model", ckpt, "--port", str(self.port), "--replica-cpus", "0.5",
                "--num-cpus", "2", "--threads", "1", "--ray-temp-dir", os.path.join(self.work, "ray"), *flags]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        end = time.monotonic() + 600
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, f"maria serve exited with {self.proc.returncode}:\n{self.output()}"
-            try:
-                if requests.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.close()
-        pytest.fail(f"maria serve was not healthy within 600 s:\n{self.output()}")
+        try:
+            wait_healthy(self.proc, self.url, Path(self.work) / "serve.log", timeout_s=600)
+        except RuntimeError as e:
+            self.close()
+            pytest.fail(f"{e}\n{self.output()}")
 
     def output(self) -> str:
         with open(os.path.join(self.work, "serve.log"), "rb") as f:
@@ -269,7 +265,7 @@ def test_a_batch_groups_texts_by_sampling_and_halves_until_it_fits(ckpt, monkeyp
 def test_bench_texts_mask_word_spans_with_their_token_counts(model):
     from tiny import CORPUS
 
-    from maria_bench.serve import masked_passages
+    from maria_bench.serve import masked_passages, wait_healthy
     from maria.text import MASK_SPAN
 
     article = " ".join(CORPUS)
