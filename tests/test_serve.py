@@ -25,6 +25,7 @@ import torch
 from maria_app.cli import main
 from maria.head import save_head
 from maria import MariaModel, export
+from maria_bench.serve import wait_healthy
 
 pytestmark = pytest.mark.timeout(900)
 TEXTS = ["Paris is the {{2}} of France.", "A {{2}} sat on the {{}} by the door.", "The quick brown {{3}} over the lazy dog.",
