@@ -71,6 +71,14 @@ class FusionHead(nn.Module):
         return w[:, : self.d_mlm], w[:, self.d_mlm :], self.proj.bias
 
     @classmethod
+    def sharing(cls, weight: torch.Tensor, bias: torch.Tensor, d_mlm: int) -> "FusionHead":
+        """A head over existing tensors, not a copy (e.g. to save the trainer's best weights: a copy of a
+        50k-vocabulary head is hundreds of MB)."""
+        proj = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], device="meta")
+        proj.weight, proj.bias = nn.Parameter(weight, requires_grad=False), nn.Parameter(bias, requires_grad=False)
+        return cls.around(proj, d_mlm)
+
+    @classmethod
     def from_experts(cls, w1, b1, w2, b2, mlm_scale: float = 0.5, ar_scale: float = 0.5) -> "FusionHead":
         """W3 = [a*W1, b*W2], b3 = a*b1 + b*b2. a = b = 1/2 is the paper's product-of-experts init:
         softmax(W3 f + b3) is then proportional to sqrt(p_mlm * p_ar). Other (a, b) give the

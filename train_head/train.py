@@ -255,7 +255,8 @@ def validate(head, val, state: TrainState, best: dict, out: Path, lr: float, pat
     ck.append_metrics(out, {"step": state.step, "train_loss": state.loss_sum / max(n, 1), "val_loss": v, "val_ppl": math.exp(v),
                             "lr": lr, "rows_per_s": state.rows / max(state.seconds, 1e-9)})
     if v < state.best_val_loss:
-        best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
+        with torch.no_grad():  # in place: a fresh clone would hold two best heads at once for a moment
+            best["weight"].copy_(head.proj.weight), best["bias"].copy_(head.proj.bias)
         state.best_val_loss, state.best_step, state.bad_evals = v, state.step, 0
     else:
         state.bad_evals += 1
@@ -267,7 +268,7 @@ def validate(head, val, state: TrainState, best: dict, out: Path, lr: float, pat
 def save(out: Path, cfg: TrainConfig, store, train, head, opt, best: dict, state: TrainState) -> None:
     state.data = train.state_dict()
     ck.save_checkpoint(out, head, best, opt, asdict(state))
-    save_head(out, FusionHead.from_weights(best["weight"], best["bias"], head.d_mlm), head_meta(cfg, store, state))
+    save_head(out, FusionHead.sharing(best["weight"], best["bias"], head.d_mlm), head_meta(cfg, store, state))
     ck.plot_loss(out)
 
 
