@@ -6,6 +6,7 @@ extract  bench/extract.py  the extraction job against bare backbone forwards; st
 train    bench/train.py    head training rows/s against its read and head-step bounds
 anneal   bench/anneal.py   generative perplexity against wall-clock time (Figure 5)
 quality  bench/quality.py  MARIA's gain over the AR alone against MLM strength
+checksum bench/checksum.py checking a checkpoint's sha256 digests at load, against reading its weights
 Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
 """
 from __future__ import annotations
@@ -32,17 +33,17 @@ PEAK_TFLOPS_BF16 = 790.0  # H200 dense bf16, for the fraction-of-peak line on a 
 
 @dataclass
 class BenchConfig:
-    what: str  # decode | extract | train | anneal | quality
+    what: str  # decode | extract | train | anneal | quality | checksum
     json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
     overwrite: bool = False  # replace a --json written by an earlier `maria bench`
     preset: str = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
     mlm: str | None = None  # or real backbones: MLM folder/id ...
     ar: str | None = None  # ... and AR folder/id
-    model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head)
+    model: str | None = None  # anneal, checksum: a MARIA checkpoint folder (default: random backbones with the PoE head)
     store: str | None = None  # train/extract: an existing store or corpus to measure on
     lengths: list[int] = field(default_factory=lambda: [128, 256, 512])  # decode: window lengths
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # decode: windows decoded together (each with its own mask)
-    repeats: int = 3  # decode: timed runs per figure; the JSON gives their median and spread (min/max, quartiles)
+    repeats: int = 3  # decode, checksum: timed runs per figure; the JSON gives their median and spread (min/max, quartiles)
     mask_rate: float = 0.5  # decode: fraction of each window's tokens that are masked
     max_chunk: int = 0  # decode: MARIA's cut on the tokens a window feeds per step (0: automatic)
     batch_size: int = 1  # train: feature rows per head step (1 means 1024)
@@ -56,8 +57,8 @@ class BenchConfig:
     windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain)
 
     def __post_init__(self):
-        if self.what not in ("decode", "extract", "train", "anneal", "quality"):
-            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train, anneal or quality")
+        if self.what not in ("decode", "extract", "train", "anneal", "quality", "checksum"):
+            raise ValueError(f"unknown benchmark {self.what!r}; use decode, extract, train, anneal, quality or checksum")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; use one of {sorted(PRESETS)}")
         if self.repeats < 1 or not self.batch_sizes or min(self.batch_sizes) < 1 or not self.lengths or min(self.lengths) < 2:
