@@ -336,3 +336,12 @@ def test_a_head_attaches_to_backbones_already_in_python(pairs, trained):
     assert model.mlm is mlm and model.ar is ar  # attached, not copied
     assert torch.equal(model.proj.bias, trained[0].proj.bias)
     assert [r["text"] for r in model.infill_text(TEXTS, temperature=0)] == [r["text"] for r in trained[0].infill_text(TEXTS, temperature=0)]
+
+
+def test_bench_checksum_reports_the_cost_of_checking(ckpt, tmp_path, capsys):
+    """`maria bench checksum` runs (a smoke run: its timings mean nothing on a shared machine) and writes JSON + PNG."""
+    out = tmp_path / "checksum.json"
+    assert main(["bench", "checksum", "--model", str(ckpt), "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["files"] == len(list(ckpt.rglob("*.safetensors"))) and r["bytes"] > 0 and r["targets"]["baseline"] == "from_pretrained"
+    assert r["sha256_MB_per_s"] > 0 and len(r["from_pretrained_seconds"]) == 1 and out.with_suffix(".png").stat().st_size > 0
