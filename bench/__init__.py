@@ -9,6 +9,7 @@ serve    bench/serve.py    `maria serve` under load: throughput and latency, one
 fp8      bench/fp8.py      float8 against float16 feature stores: eval NLL of a head trained on each, bytes, rates
 shapes   bench/shapes.py   the whole pipeline at a preset's real shapes (`paper`: ModernBERT-large + OLMo-1B):
                            wall time, peak RSS against the weights' bytes, store bytes per token
+checksum bench/checksum.py checking a checkpoint's sha256 digests at load, against reading its weights
 The dispatcher is bench/run.py; shared set-up (config, presets, random backbones, timing): bench/setup.py.
 Outside `maria bench`: `python -m maria_bench.layout` (store layouts) and `python -m maria_bench.device_check`
 (the prepared GPU check, bench/device_check.sh). This file imports nothing, so the device check can import

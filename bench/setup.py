@@ -25,24 +25,24 @@ PRESETS = {  # (mlm hidden, mlm layers, ar hidden, ar layers, vocab)
 }
 PEAK_TFLOPS_BF16 = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
                     "L4": 121.0, "A10": 125.0}  # dense bf16 tensor-core TFLOP/s by GPU name, from the vendors' data sheets
-WHATS = ("decode", "extract", "train", "anneal", "quality", "serve", "fp8", "shapes")
+WHATS = ("decode", "extract", "train", "anneal", "quality", "serve", "fp8", "shapes", "checksum")
 
 
 @dataclass
 class BenchConfig:
-    what: str  # decode | extract | train | anneal | quality | serve | fp8 | shapes
+    what: str  # decode | extract | train | anneal | quality | serve | fp8 | shapes | checksum
     json: str = "bench.json"  # output JSON (a PNG with the same stem is written beside it)
     overwrite: bool = False  # replace a --json written by an earlier `maria bench`
     preset: Literal["tiny", "small", "smollm", "paper"] = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
     mlm: str | None = None  # or real backbones: MLM folder/id ...
     ar: str | None = None  # ... and AR folder/id
-    model: str | None = None  # anneal: a MARIA checkpoint folder (default: random backbones with the PoE head); serve: the checkpoint to serve (required)
+    model: str | None = None  # anneal, checksum: a MARIA checkpoint folder (default: random backbones with the PoE head); serve: the checkpoint to serve (required)
     store: str | None = None  # train/extract: an existing store or corpus to measure on; fp8: the float16 training store (default: the demo's)
     val_store: str | None = None  # fp8: the float16 validation store (default: the demo's)
     workdir: str | None = None  # shapes/fp8: folder for what they build (backbones, stores, heads, checkpoint); default a temporary one, removed after
     lengths: list[int] = field(default_factory=lambda: [128, 256, 512])  # decode: window lengths
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])  # decode: windows decoded together (each with its own mask)
-    repeats: int = 3  # decode: timed runs per figure; the JSON gives their median and spread (min/max, quartiles)
+    repeats: int = 3  # decode, checksum: timed runs per figure; the JSON gives their median and spread (min/max, quartiles)
     mask_rate: float = 0.5  # decode: fraction of each window's tokens that are masked
     max_chunk: int = 0  # decode: MARIA's cut on the tokens a window feeds per step (0: automatic)
     batch_size: int = 1  # train: feature rows per head step (1 means 1024)

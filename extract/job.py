@@ -207,7 +207,11 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) ->
         wait_for_placement(request, cfg.actor_start_timeout_s, embedded)
         # backbones load on a worker with an actor's resources while the workers scan the corpus
         described = ray.remote(describe_backbones).options(**request.ray_args()).remote(spec)
-        rows, fingerprint = _scan(cfg, corpus)
+        try:
+            rows, fingerprint = _scan(cfg, corpus)
+        except BaseException:  # a bad corpus: stop loading backbones no one will use (a shared cluster's time)
+            ray.cancel(described, force=True)
+            raise
         info, init_weights = ray.get(described)
     manifest = {**info, "feature_dtype": cfg.feature_dtype, "masking": asdict(cfg.masking), "seed": cfg.seed,
                 "corpus_fingerprint": fingerprint, "window_length": cfg.window_length, "text_column": cfg.text_column,

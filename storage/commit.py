@@ -20,8 +20,8 @@ import numpy as np
 import zarr
 
 from maria_storage import layout
-from maria_storage.format import (BLOCK_ARRAYS, SCALES, StoreError, block_array_dtypes, check_block_id, features_finite,
-                                  scales_valid, sha256_of, to_store_features)
+from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, SCALES, StoreError, block_array_dtypes, check_block_id,
+                                  features_finite, scales_valid, sha256_of, to_store_features)
 from maria_storage.zarr_compat import array_metadata_from_json, metadata_json
 
 # write_empty_chunks=True: every chunk is a file (a missing one is damage, not zeros), and zarr skips its
@@ -121,3 +121,43 @@ def repair_block_groups(store, markers: dict[str, dict]) -> int:
             store._loc.write_atomic(block_group_from_marker(store, marker), "blocks", block_id, "zarr.json")
             fixed += 1
     return fixed
+
+
+def marker_problem(info) -> str | None:
+    """What is wrong with a parsed commit marker's shape (before anything trusts its fields), or None."""
+    if not isinstance(info, dict):
+        return f"is a JSON {type(info).__name__}, not an object"
+    if not isinstance(info.get("attempt"), str) or not BLOCK_ID_RE.match(info["attempt"]):
+        return f"names no valid attempt ({info.get('attempt')!r})"
+    if not isinstance(info.get("rows"), int) or isinstance(info["rows"], bool) or info["rows"] < 0:
+        return f"has no valid row count ({info.get('rows')!r})"
+    if not isinstance(info.get("checksums"), dict):
+        return "has no checksums"
+    return None
+
+
+def block_problem(data: dict[str, np.ndarray], info: dict, store) -> str | None:
+    """First thing wrong with a block's arrays against its marker and the manifest, or None."""
+    rows = info.get("rows")
+    names = block_array_dtypes(store.manifest)  # BLOCK_ARRAYS, and a float8 store's per-row scales
+    for name in names:
+        if name not in data:
+            return f"array {name} is missing"
+        if len(data[name]) != rows:
+            return f"array {name} has {len(data[name])} rows, the commit marker says {rows}"
+    f = data["features"]
+    if f.ndim != 2 or f.shape[1] != store.feature_dim:
+        return f"features have shape {f.shape}, expected (N, {store.feature_dim})"
+    if f.dtype != store.feature_dtype:
+        return f"features have dtype {f.dtype}, the manifest says {store.feature_dtype}"
+    checksums = info.get("checksums", {})
+    for name in names:
+        if name not in checksums:
+            return f"commit marker has no checksum for {name}"
+        if sha256_of(data[name]) != checksums[name]:
+            return f"checksum of {name} does not match its commit marker (data damaged)"
+    if not features_finite(f):
+        return "features contain NaN or inf"
+    if SCALES in names and not scales_valid(data[SCALES]):
+        return f"{SCALES} hold a value that is not finite and positive"
+    return None

@@ -15,11 +15,11 @@ import zarr
 
 from maria_storage import commit, layout
 from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY, SCALES,
-                                  CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreError, StoreMismatchError,
-                                  StoreNotFoundError, block_array_dtypes, check_block_id, features_finite, init_shapes, scales_valid,
-                                  sha256_of,
+                                  CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreAccessError, StoreError,
+                                  StoreMismatchError, StoreNotFoundError, block_array_dtypes, check_block_id, features_finite, init_shapes,
+                                  scales_valid, sha256_of,
                             stored_feature_dtype)
-from maria_storage.location import Location
+from maria_storage.location import Location, access_error
 from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root, retarget
 from maria_storage.zarr_compat import group_metadata
 
@@ -114,7 +114,19 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
 def probe_store(url: str, storage_options: dict | None = None) -> bool:
     """Reach `url` once: True when a MARIA store is there, False when nothing is. An unsupported URL, missing
     credentials, a denied or unreachable server raise StoreAccessError: a job checks its store before it starts."""
-    return read_root(Location(url, storage_options)) is not None
+    loc = Location(url, storage_options)
+    if read_root(loc) is not None:
+        return True
+    if not loc.local:  # a new store: its bucket must be there (a write would fail only after the job's start-up)
+        bucket = loc.root.split("/")[0]
+        try:
+            there = loc.fs.exists(bucket)
+        except Exception as e:  # noqa: BLE001 -- as read_root: every backend has its own error classes
+            raise access_error(e, url, "store") or e
+        if not there:
+            raise StoreAccessError(f"store {url}: bucket {bucket} does not exist (or these credentials cannot see it); "
+                                   f"create it or fix the URL")
+    return False
 
 
 def open_store(url: str, storage_options: dict | None = None) -> "FeatureStore":
@@ -174,7 +186,7 @@ class FeatureStore:
             info = json.loads(data)
         except ValueError as e:
             raise CorruptBlockError(block_id, f"its commit marker is not valid JSON ({e})", self.url) from e
-        problem = marker_problem(info)
+        problem = commit.marker_problem(info)
         if problem:
             raise CorruptBlockError(block_id, f"its commit marker {problem}", self.url)
         return info
@@ -308,7 +320,7 @@ class FeatureStore:
         info = self.commit_info(block_id)
         data = {name: arr[...] for name, arr in self.block_arrays(block_id, info).items()}
         if verify:
-            problem = block_problem(data, info, self)
+            problem = commit.block_problem(data, info, self)
             if problem:
                 raise CorruptBlockError(block_id, problem, self.url)
         return data
@@ -367,43 +379,3 @@ class FeatureStore:
         plan = self._root().get(PLAN_KEY)
         self.manifest = dict(self.manifest, rows=self.num_rows(blocks), blocks=len(blocks))
         self._write_root(self.manifest, plan)
-
-
-def marker_problem(info) -> str | None:
-    """What is wrong with a parsed commit marker's shape (before anything trusts its fields), or None."""
-    if not isinstance(info, dict):
-        return f"is a JSON {type(info).__name__}, not an object"
-    if not isinstance(info.get("attempt"), str) or not BLOCK_ID_RE.match(info["attempt"]):
-        return f"names no valid attempt ({info.get('attempt')!r})"
-    if not isinstance(info.get("rows"), int) or isinstance(info["rows"], bool) or info["rows"] < 0:
-        return f"has no valid row count ({info.get('rows')!r})"
-    if not isinstance(info.get("checksums"), dict):
-        return "has no checksums"
-    return None
-
-
-def block_problem(data: dict[str, np.ndarray], info: dict, store: FeatureStore) -> str | None:
-    """First thing wrong with a block's arrays against its marker and the manifest, or None."""
-    rows = info.get("rows")
-    names = block_array_dtypes(store.manifest)
-    for name in names:
-        if name not in data:
-            return f"array {name} is missing"
-        if len(data[name]) != rows:
-            return f"array {name} has {len(data[name])} rows, the commit marker says {rows}"
-    f = data["features"]
-    if f.ndim != 2 or f.shape[1] != store.feature_dim:
-        return f"features have shape {f.shape}, expected (N, {store.feature_dim})"
-    if f.dtype != store.feature_dtype:
-        return f"features have dtype {f.dtype}, the manifest says {store.feature_dtype}"
-    checksums = info.get("checksums", {})
-    for name in names:
-        if name not in checksums:
-            return f"commit marker has no checksum for {name}"
-        if sha256_of(data[name]) != checksums[name]:
-            return f"checksum of {name} does not match its commit marker (data damaged)"
-    if not features_finite(f):
-        return "features contain NaN or inf"
-    if SCALES in names and not scales_valid(data[SCALES]):
-        return f"{SCALES} hold a value that is not finite and positive"
-    return None

@@ -2,16 +2,16 @@
 unreadable, so a CLI can map them to different exit codes. Backs `maria verify --store URL`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import zarr
 
-from maria_storage.commit import published_attempt
+from maria_storage.commit import block_problem, published_attempt
 from maria_storage.format import (FORMAT_VERSION, INIT_ARRAYS, CorruptStoreError, IncompleteStoreError,
                             StoreError, init_shapes, sha256_of)
-from maria_storage.store import _ZARR_MISSING, FeatureStore, block_problem, decode_problem, open_store
+from maria_storage.store import _ZARR_MISSING, FeatureStore, decode_problem, open_store
 
 CORRUPT, INCOMPLETE, UNREADABLE = "corrupt", "incomplete", "unreadable"
 

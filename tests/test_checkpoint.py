@@ -374,3 +374,12 @@ def test_card_license_comes_from_both_backbones(tmp_path):
     assert value == "other" and "`apache-2.0`" in line and "`llama3`" in line
     (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n# a backbone\n")
     assert backbone_license(str(tmp_path)) == "mit" and backbone_license(str(tmp_path / "none")) is None
+
+
+def test_bench_checksum_reports_the_cost_of_checking(ckpt, tmp_path, capsys):
+    """`maria bench checksum` runs (a smoke run: its timings mean nothing on a shared machine) and writes JSON + PNG."""
+    out = tmp_path / "checksum.json"
+    assert main(["bench", "checksum", "--model", str(ckpt), "--repeats", "1", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["files"] == len(list(ckpt.rglob("*.safetensors"))) and r["bytes"] > 0 and r["targets"]["baseline"] == "from_pretrained"
+    assert r["sha256_MB_per_s"] > 0 and len(r["from_pretrained_seconds"]) == 1 and out.with_suffix(".png").stat().st_size > 0

@@ -108,3 +108,64 @@ def test_flipped_byte_verify_names_block_training_refuses_unless_skipped(store_a
             run_train(TrainConfig(**cfg, data_mode=mode))
     result = run_train(TrainConfig(**cfg, data_mode="ram", skip_corrupt=True))
     assert (tmp_path / "head" / "head.safetensors").exists(), result
+
+
+def start_extract(pairs, corpus, out, log_path):
+    """`maria extract` as a command (its Ray driver supervised in a child), in its own process group."""
+    mlm, ar = pairs["modernbert-olmo"]
+    cmd = maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out, "--window-length", 24,
+                        "--docs-per-block", 1, "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(log_path, text: str, proc, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None and text not in Path(log_path).read_text():
+        time.sleep(0.2)
+    assert proc.poll() is None, "exited early: " + Path(log_path).read_text()[-2000:] + proc.stderr.read()[-2000:]
+
+
+def last_line(stderr: str) -> str:
+    return [ln for ln in stderr.splitlines() if ln.strip()][-1]
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_is_an_interruption_and_a_lost_raylet_one_line(store_a, pairs, corpus, tmp_path):
+    """SIGTERM (a scheduler stopping the job) ends like Ctrl-C: exit 130 and the re-run line (it used to exit 15 with
+    Ray's stack dump). A raylet killed under the driver ends in one maria line naming the re-run, exit 75 (it used to
+    be exit 1 and 40 lines of Ray); the re-run then finishes the store exactly."""
+    import psutil
+
+    proc = start_extract(pairs, corpus, tmp_path / "term", tmp_path / "term.log")
+    wait_for(tmp_path / "term.log", "to do", proc)
+    proc.send_signal(signal.SIGTERM)  # the supervising `maria` process only, as `kill` would
+    assert proc.wait(timeout=120) == 130
+    err = proc.stderr.read()
+    assert last_line(err) == "maria extract: interrupted; re-run the same command to continue where it stopped", err[-2000:]
+    assert "Traceback" not in err
+
+    out = tmp_path / "raylet"
+    proc = start_extract(pairs, corpus, out, tmp_path / "raylet.log")
+    wait_for(tmp_path / "raylet.log", "to do", proc)
+    (raylet,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "raylet"]
+    raylet.kill()
+    assert proc.wait(timeout=120) == 75
+    err = proc.stderr.read()
+    assert last_line(err).startswith("maria extract: error: the job's Ray driver ended abruptly") and \
+        last_line(err).endswith("re-run the same command to resume (committed blocks are kept)"), err[-2000:]
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what the dead driver left behind (its GCS and workers)
+    except ProcessLookupError:
+        pass
+    mlm, ar = pairs["modernbert-olmo"]
+    rerun = subprocess.run(maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out,
+                                         "--window-length", 24, "--docs-per-block", 1,
+                                         "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")),
+                           capture_output=True, text=True, timeout=300,
+                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    from maria_storage import verify_store
+
+    assert verify_store(str(out)) == []

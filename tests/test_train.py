@@ -343,3 +343,24 @@ def test_a_damaged_block_is_exit_3_in_train_and_eval_and_skippable(stores, tmp_p
         assert ("--skip-corrupt" in err[0]) == (argv[0] == "train")  # eval has no such flag: it names the rewrite instead
     assert main(["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu",
                  "--max-steps", "1", "--skip-corrupt"]) == 0
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_names_resume(stores, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "h"
+    argv = train_argv(stores, out, "--max-steps", 100000, "--eval-every", 1, "--save-every", 1)
+    proc = subprocess.Popen([sys.executable, "-m", "maria_app.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "ckpt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130
+    lines = [ln for ln in proc.stderr.read().splitlines() if ln.strip() and not ln.rstrip().endswith("/s]")]
+    assert lines[-1] == "maria train: interrupted; re-run the same command with --resume to continue from its last checkpoint"
+    from maria.io import lock_path
+
+    assert not lock_path(out).exists() and (out / "ckpt" / "state.json").exists()  # the lock released, the checkpoint kept
