@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup test-lower
+test: setup lint test-lower
 	$(PY) -m pytest -q tests
 
 # fast model-core tests on the lower bounds (transformers 5.17, as on the GPU image)

@@ -10,6 +10,7 @@ message naming the input and the fix); 3 corrupt data (a damaged store block or 
 75 a transient failure of the infrastructure (a lost Ray node): re-running the same command resumes;
 130 interrupted (Ctrl-C or SIGTERM). `--debug` (or MARIA_DEBUG=1) shows the traceback instead of the one line.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,11 +41,21 @@ VERBS = {
     "eval": ("maria_train_head.evaluate", "EvalConfig", "run_eval", "per-masked-token NLL/perplexity: trained head, PoE init, AR-only, MLM-only"),
     "export": ("maria_app.commands", "ExportConfig", "run_export", "write one combined checkpoint folder (backbones + head + vocabulary map)"),
     "infill": ("maria_app.commands", "InfillConfig", "run_infill", "fill {{N}} masked spans of a text (or a JSONL file) with a MARIA checkpoint"),
-    "serve": ("maria_app.serve", "ServeConfig", "run_serve", "serve infilling over HTTP (POST /infill, GET /healthz) on Ray Serve, batching concurrent requests"),
+    "serve": (
+        "maria_app.serve",
+        "ServeConfig",
+        "run_serve",
+        "serve infilling over HTTP (POST /infill, GET /healthz) on Ray Serve, batching concurrent requests",
+    ),
     "generate": ("maria_app.commands", "GenerateConfig", "run_generate", "unconditional generation by simulated annealing"),
     "pretrain-mlm": ("maria_defaults.pretrain_mlm", "PretrainMLMConfig", "pretrain_mlm", "train the small default MLM with the AR's tokenizer"),
     "demo": ("maria_app.demo", "DemoConfig", "run_demo", "the whole mission on one machine: defaults, extract, train, eval, export, infill, generate"),
-    "bench": ("maria_bench.run", "BenchConfig", "run_bench", "benchmarks (decode | extract | train | anneal | quality | serve | fp8 | shapes) with JSON and PNG output"),
+    "bench": (
+        "maria_bench.run",
+        "BenchConfig",
+        "run_bench",
+        "benchmarks (decode | extract | train | anneal | quality | serve | fp8 | shapes) with JSON and PNG output",
+    ),
 }
 EXIT_USAGE, EXIT_CORRUPT, EXIT_INTERRUPTED = 2, 3, 130
 SUPERVISED = ("extract",)  # verbs whose Ray driver runs in a child process when run as a command (app/supervise.py)
@@ -188,7 +199,7 @@ def _tyro_message(text: str) -> str:
     raw = [ln.strip() for ln in text.splitlines() if ln.strip()]
     title = raw[0].strip(BOX + " ").strip() if raw else "bad arguments"
     sections, current = [], []
-    for line, row in zip(raw[1:], rows[1:]):
+    for _line, row in zip(raw[1:], rows[1:]):
         if not row.strip(BOX + " "):  # a rule (or the box's bottom edge)
             sections.append(current)
             current = []
@@ -242,7 +253,7 @@ def parse(verb: str, argv: list[str]):
 
 
 def usage() -> str:
-    lines = [f"usage: maria <verb> [options]   (maria <verb> --help for its options; maria --version)", "", "verbs:"]
+    lines = ["usage: maria <verb> [options]   (maria <verb> --help for its options; maria --version)", "", "verbs:"]
     lines += [f"  {verb:<13} {desc}" for verb, (*_, desc) in VERBS.items()]
     lines += ["", "exit codes: 0 ok, 2 bad usage or input, 3 corrupt data, 75 transient failure (re-run to resume), 130 interrupted; --debug shows tracebacks"]
     return "\n".join(lines)

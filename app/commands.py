@@ -1,5 +1,6 @@
 """`maria export`, `maria infill` and `maria generate`: thin wrappers over the model core, and the
 checks and records that `maria infill` and `maria serve` (app/serve.py) share."""
+
 from __future__ import annotations
 
 import glob
@@ -10,8 +11,8 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -41,7 +42,6 @@ class ExportConfig:
     eval: str | None = None  # a `maria eval --json` result, shown in the model card's evaluation table
     mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP); unset: its config's prediction_offset, else 0 (as at extraction)
 
-
     def __post_init__(self):
         if self.mlm_offset not in (None, *MLM_OFFSETS):
             raise ValueError(f"--mlm-offset is {self.mlm_offset}; an MLM predicts x[i] at i (0, a classic MLM) or at i - 1 (-1, masked next-token prediction)")
@@ -49,9 +49,19 @@ class ExportConfig:
 
 def run_export(cfg: ExportConfig) -> Path:
     with tqdm(total=1, desc="export", unit="checkpoint") as bar:
-        out = export(cfg.mlm, cfg.ar, cfg.head, cfg.out, reference=cfg.reference, overwrite=cfg.overwrite,
-                     allow_unfinished=cfg.allow_unfinished, dtype=cfg.dtype, eval_json=cfg.eval,
-                     trust_remote_code=cfg.trust_remote_code, mlm_offset=cfg.mlm_offset)
+        out = export(
+            cfg.mlm,
+            cfg.ar,
+            cfg.head,
+            cfg.out,
+            reference=cfg.reference,
+            overwrite=cfg.overwrite,
+            allow_unfinished=cfg.allow_unfinished,
+            dtype=cfg.dtype,
+            eval_json=cfg.eval,
+            trust_remote_code=cfg.trust_remote_code,
+            mlm_offset=cfg.mlm_offset,
+        )
         bar.update(1)
     print(f"exported MARIA checkpoint to {out}")
     return out
@@ -71,7 +81,9 @@ class InfillConfig:
     batch_size: int = 8  # windows decoded together
     device: Device = "auto"  # auto (cuda if visible) | cpu | cuda
     dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
-    group_lines: int = 256  # --jsonl: lines sorted by masked count into batches together, then written in input order (an interrupt re-decodes at most this many)
+    group_lines: int = (
+        256  # --jsonl: lines sorted by masked count into batches together, then written in input order (an interrupt re-decodes at most this many)
+    )
     device: str = "auto"  # auto (cuda if visible) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
 
@@ -99,8 +111,12 @@ def checked_sampling(temperature=0.0, top_k=0, top_p=1.0, seed=None, where: str 
     """Sampling arguments checked before any work (decode.Sampling's own line); `where` also checks
     JSON types (a request body: "0.5" or true is not a number)."""
     if where is not None:
-        for name, value, kind in (("temperature", temperature, (int, float)), ("top_p", top_p, (int, float)),
-                                  ("top_k", top_k, (int,)), ("seed", seed, (int, type(None)))):
+        for name, value, kind in (
+            ("temperature", temperature, (int, float)),
+            ("top_p", top_p, (int, float)),
+            ("top_k", top_k, (int,)),
+            ("seed", seed, (int, type(None))),
+        ):
             if isinstance(value, bool) or not isinstance(value, kind):
                 want = "a number" if float in kind else "an integer" + (" or null" if name == "seed" else "")
                 raise ValueError(f'{where}: "{name}" must be {want}, got {value!r}')
@@ -136,7 +152,7 @@ def read_texts(path: str) -> tuple[list[str], list[int]]:
     """The texts of a JSONL file and the line number of each (blank lines are skipped)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"--jsonl {path} is not a file; pass a JSONL file with one {{\"text\": ...}} per line")
+        raise FileNotFoundError(f'--jsonl {path} is not a file; pass a JSONL file with one {{"text": ...}} per line')
     texts, line_numbers = [], []
     for n, line in enumerate(p.read_text(encoding="utf-8", errors="strict").splitlines(), 1):
         if not line.strip():
@@ -148,7 +164,7 @@ def read_texts(path: str) -> tuple[list[str], list[int]]:
         texts.append(record_text(record, f"{path} line {n}"))
         line_numbers.append(n)
     if not texts:
-        raise ValueError(f"{path} holds no texts; write one {{\"text\": ...}} object per line")
+        raise ValueError(f'{path} holds no texts; write one {{"text": ...}} object per line')
     return texts, line_numbers
 
 
@@ -157,8 +173,9 @@ def partial_file(cfg: InfillConfig, texts: list[str]) -> Path:
     decides the output (input, model, sampling, batching), so only the same command resumes it."""
     out = Path(cfg.out).expanduser()
     model = str(Path(cfg.model).expanduser().resolve()) if Path(cfg.model).expanduser().exists() else cfg.model
-    digest = hashlib.sha256(json.dumps([model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.batch_size, cfg.group_lines,
-                                        cfg.device, cfg.dtype]).encode())
+    digest = hashlib.sha256(
+        json.dumps([model, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed, cfg.batch_size, cfg.group_lines, cfg.device, cfg.dtype]).encode()
+    )
     for text in texts:
         digest.update(b"\0" + text.encode())
     return out.with_name(f".{out.name}.{digest.hexdigest()[:12]}.partial")
@@ -170,8 +187,9 @@ def resume(partial: Path, texts: list[str], overwrite: bool) -> list[dict]:
     mine = re.compile(re.escape(partial.name.rsplit(".", 2)[0]) + r"\.[0-9a-f]{12}\.partial")
     others = [p for p in partial.parent.glob(glob.escape(partial.name.rsplit(".", 2)[0]) + ".*.partial") if mine.fullmatch(p.name) and p != partial]
     if others and not overwrite:
-        raise OutputExistsError(f"{others[0]} holds an interrupted `maria infill` with other input or settings; re-run that command "
-                                f"to finish it, or pass --overwrite to discard it")
+        raise OutputExistsError(
+            f"{others[0]} holds an interrupted `maria infill` with other input or settings; re-run that command to finish it, or pass --overwrite to discard it"
+        )
     for p in others:
         p.unlink()
     if not partial.exists():
@@ -245,7 +263,7 @@ def append_lines(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         while data:
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
 

@@ -13,27 +13,28 @@ articles, not 18 (~100 s less), and spends that on twice the head steps at three
 learning rate (120 steps, 61k rows): a head that moves from its init. The MLM is trained with
 masked next-token prediction (MNTP), which keeps the AR's alignment (defaults/pretrain_mlm.py).
 """
+
 from __future__ import annotations
 
-from typing import Literal
 import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pyarrow.parquet as pq
 import torch
 
+from maria.anneal import AnnealConfig, anneal
+from maria.device import Device, resolve_device
+from maria.head import init_head
+from maria.modeling_maria import MariaModel
 from maria_app.commands import ExportConfig, run_export
 from maria_defaults.corpus_wiki import prepare_wiki_corpus
 from maria_defaults.defaults import convert_gguf_ar, default_cache_dir
 from maria_defaults.pretrain_mlm import OBJECTIVES, PretrainMLMConfig, demo_mlm_dir, pretrain_mlm
 from maria_extract.job import ExtractConfig, run_extract
-from maria.anneal import AnnealConfig, anneal
-from maria.device import Device, resolve_device
-from maria.head import init_head
-from maria.modeling_maria import MariaModel
 from maria_train_head.evaluate import EvalConfig, run_eval
 from maria_train_head.train import TrainConfig, run_train
 
@@ -156,10 +157,21 @@ def prepare_defaults(cfg: DemoConfig) -> tuple[str, str, Path, Path]:
         out = demo_mlm_dir(cache, cfg.mlm_objective)
         # the head trains on the first train_docs articles: the MLM never sees them, so its features there are
         # those of new text, as on the validation articles (an MLM that memorised them would be over-trusted)
-        metrics = pretrain_mlm(PretrainMLMConfig(tokenizer_from=ar, corpus=str(train), val_corpus=str(val), out=str(out),
-                                                 steps=cfg.mlm_steps, objective=cfg.mlm_objective, num_layers=cfg.mlm_layers,
-                                                 skip_docs=cfg.train_docs or 0, seed=cfg.seed, device=resolve_device(cfg.device),
-                                                 snapshots=mlm_snapshots(cfg.mlm_steps)))
+        metrics = pretrain_mlm(
+            PretrainMLMConfig(
+                tokenizer_from=ar,
+                corpus=str(train),
+                val_corpus=str(val),
+                out=str(out),
+                steps=cfg.mlm_steps,
+                objective=cfg.mlm_objective,
+                num_layers=cfg.mlm_layers,
+                skip_docs=cfg.train_docs or 0,
+                seed=cfg.seed,
+                device=resolve_device(cfg.device),
+                snapshots=mlm_snapshots(cfg.mlm_steps),
+            )
+        )
         print(f"default MLM ({cfg.mlm_objective}): held-out masked-token accuracy at 50% masking = {100 * metrics['accuracy']:.1f}%")
         mlm = str(out)
     return mlm, ar, Path(train), Path(val)
@@ -177,29 +189,42 @@ def run_demo(cfg: DemoConfig) -> dict:
     t = _stage("2/7 extract: train and validation feature stores (embedded Ray)")
     # store and head folders are named by their sizes (and by --mlm/--ar when given), so changing a flag never
     # collides with an older store
-    tag = (f"-{cfg.mlm_objective}{cfg.mlm_steps}x{cfg.mlm_layers}" if cfg.mlm is None and cfg.ar is None
-           else "-b" + hashlib.sha256(f"{mlm}|{ar}".encode()).hexdigest()[:8])
+    tag = (
+        f"-{cfg.mlm_objective}{cfg.mlm_steps}x{cfg.mlm_layers}"
+        if cfg.mlm is None and cfg.ar is None
+        else "-b" + hashlib.sha256(f"{mlm}|{ar}".encode()).hexdigest()[:8]
+    )
     train_store = work / "stores" / f"train-w{cfg.window_length}-d{cfg.train_docs or 'all'}-k{cfg.masks_per_window}-s{cfg.seed}{tag}"
     val_store = work / "stores" / f"val-w{cfg.window_length}-d{cfg.val_docs or 'all'}-r{cfg.val_rate}-s{cfg.seed}{tag}"
     head_dir = work / f"head-{train_store.name[6:]}-h{cfg.select_fraction}-{cfg.init}-{cfg.train_steps}x{cfg.batch_size}-lr{cfg.lr:g}"
-    common = dict(mlm=mlm, ar=ar, window_length=cfg.window_length, seed=cfg.seed, device=device, docs_per_block=2,
-                  ray_temp_dir=str(work / "ray"))
-    run_extract(ExtractConfig(corpus=str(train_corpus), store=str(train_store), max_docs=cfg.train_docs,
-                              masks_per_window=cfg.masks_per_window, **common))
-    run_extract(ExtractConfig(corpus=str(val_corpus), store=str(val_store), max_docs=cfg.val_docs,
-                              mask_rate=cfg.val_rate, **common))
+    common = dict(mlm=mlm, ar=ar, window_length=cfg.window_length, seed=cfg.seed, device=device, docs_per_block=2, ray_temp_dir=str(work / "ray"))
+    run_extract(ExtractConfig(corpus=str(train_corpus), store=str(train_store), max_docs=cfg.train_docs, masks_per_window=cfg.masks_per_window, **common))
+    run_extract(ExtractConfig(corpus=str(val_corpus), store=str(val_store), max_docs=cfg.val_docs, mask_rate=cfg.val_rate, **common))
     timings["extract"] = time.perf_counter() - t
 
     t = _stage("3/7 train the fusion head (no backbone loaded)")
-    run_train(TrainConfig(store=str(train_store), val_fraction=cfg.select_fraction, out=str(head_dir),
-                          init=cfg.init, max_steps=cfg.train_steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
-                          eval_every=cfg.eval_every, warmup_steps=min(10, cfg.train_steps // 5),
-                          device=device, resume=True))
+    run_train(
+        TrainConfig(
+            store=str(train_store),
+            val_fraction=cfg.select_fraction,
+            out=str(head_dir),
+            init=cfg.init,
+            max_steps=cfg.train_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            eval_every=cfg.eval_every,
+            warmup_steps=min(10, cfg.train_steps // 5),
+            device=device,
+            resume=True,
+        )
+    )
     timings["train"] = time.perf_counter() - t
 
     t = _stage("4/7 evaluate on the validation articles")
-    table = run_eval(EvalConfig(store=str(val_store), head=str(head_dir), json=str(work / "eval.json"),
-                                markdown=str(work / "eval.md"), device=device, overwrite=True))
+    table = run_eval(
+        EvalConfig(store=str(val_store), head=str(head_dir), json=str(work / "eval.json"), markdown=str(work / "eval.md"), device=device, overwrite=True)
+    )
     timings["eval"] = time.perf_counter() - t
 
     t = _stage("5/7 export one combined checkpoint")
@@ -230,10 +255,18 @@ def anneal_samples(model, cfg: DemoConfig) -> dict:
     best = int(energy.argmin())
     samples = [model.bb.ar_tokenizer.decode(row.tolist()) for row in x]
     accepted = sum(step["accepted"] for step in traj)
-    print(f"[{cfg.anneal_steps} steps x {cfg.anneal_chains} chains, {accepted} of {cfg.anneal_steps * cfg.anneal_chains} proposals accepted; "
-          f"mean AR NLL {sum(traj[0]['energy']) / len(energy):.2f} -> {energy.mean():.2f}] {samples[best]}")
-    return {"samples": samples, "best": best, "accepted": accepted, "proposals": cfg.anneal_steps * cfg.anneal_chains,
-            "energy_start": traj[0]["energy"], "energy_end": traj[-1]["energy"]}
+    print(
+        f"[{cfg.anneal_steps} steps x {cfg.anneal_chains} chains, {accepted} of {cfg.anneal_steps * cfg.anneal_chains} proposals accepted; "
+        f"mean AR NLL {sum(traj[0]['energy']) / len(energy):.2f} -> {energy.mean():.2f}] {samples[best]}"
+    )
+    return {
+        "samples": samples,
+        "best": best,
+        "accepted": accepted,
+        "proposals": cfg.anneal_steps * cfg.anneal_chains,
+        "energy_start": traj[0]["energy"],
+        "energy_end": traj[-1]["energy"],
+    }
 
 
 def goals(table: dict, prompts: dict, annealed: dict) -> list[dict]:
@@ -245,11 +278,16 @@ def goals(table: dict, prompts: dict, annealed: dict) -> list[dict]:
     n_nat, n_right = len(NATURAL_PROMPTS), len(RIGHT_CONTEXT_PROMPTS)
     return [
         {"goal": "MARIA >= 0.1 nats per masked token below the AR alone (validation articles)", "value": round(gain, 4), "met": gain >= 0.1},
-        {"goal": f"natural prompts: MARIA >= 14 of {n_nat}", "value": f"MARIA {count['natural']['maria']}, AR {count['natural']['ar_only']}",
-         "met": count["natural"]["maria"] >= 14},
-        {"goal": f"right-context prompts: MARIA more than the AR alone (of {n_right})",
-         "value": f"MARIA {count['right_context']['maria']}, AR {count['right_context']['ar_only']}",
-         "met": count["right_context"]["maria"] > count["right_context"]["ar_only"]},
+        {
+            "goal": f"natural prompts: MARIA >= 14 of {n_nat}",
+            "value": f"MARIA {count['natural']['maria']}, AR {count['natural']['ar_only']}",
+            "met": count["natural"]["maria"] >= 14,
+        },
+        {
+            "goal": f"right-context prompts: MARIA more than the AR alone (of {n_right})",
+            "value": f"MARIA {count['right_context']['maria']}, AR {count['right_context']['ar_only']}",
+            "met": count["right_context"]["maria"] > count["right_context"]["ar_only"],
+        },
         {"goal": "annealing accepts proposals", "value": f"{annealed['accepted']} of {annealed['proposals']}", "met": annealed["accepted"] > 0},
     ]
 
@@ -269,13 +307,14 @@ def infill_examples(model, val_corpus: Path, cfg: DemoConfig) -> tuple[list[dict
     """Spans of 1-5 words in real validation sentences, and the two prompt sets: MARIA vs each expert alone (greedy).
     Returns (examples, {prompt set: {model: rows}})."""
     tok, experts = model.bb.ar_tokenizer, model.bb.expert_weights()
-    others = {"ar_only": MariaModel.from_parts(model.bb, init_head("ar-only", experts)),
-              "mlm_only": MariaModel.from_parts(model.bb, init_head("mix", experts, scales=(1.0, 0.0)))}
+    others = {
+        "ar_only": MariaModel.from_parts(model.bb, init_head("ar-only", experts)),
+        "mlm_only": MariaModel.from_parts(model.bb, init_head("mix", experts, scales=(1.0, 0.0))),
+    }
     texts = pq.read_table(val_corpus).column("text").to_pylist()
     g = torch.Generator().manual_seed(cfg.seed)
     masked = [masked_span_text(tok(t, add_special_tokens=False).input_ids[:48], tok, g) for t in texts[: cfg.examples]]
-    answers = {"maria": model.infill_text(masked, temperature=0),
-               **{k: m.infill_text(masked, temperature=0) for k, m in others.items()}}
+    answers = {"maria": model.infill_text(masked, temperature=0), **{k: m.infill_text(masked, temperature=0) for k, m in others.items()}}
     out = []
     for r, text in enumerate(masked):
         ex = {"masked": text, **{k: span_texts(v[r], tok) for k, v in answers.items()}}
@@ -285,6 +324,8 @@ def infill_examples(model, val_corpus: Path, cfg: DemoConfig) -> tuple[list[dict
     for name, prompt_set in (("natural", NATURAL_PROMPTS), ("right_context", RIGHT_CONTEXT_PROMPTS)):
         prompts[name] = {"maria": check_prompts(model, prompt_set), **{k: check_prompts(m, prompt_set) for k, m in others.items()}}
         for k, rows in prompts[name].items():
-            print(f"{name.replace('_', '-')} prompts answered ({k}): {sum(r['ok'] for r in rows)}/{len(rows)}"
-                  + "".join(f"\n    {r['prompt']!r} -> {r['spans']}" for r in rows if not r["ok"]))
+            print(
+                f"{name.replace('_', '-')} prompts answered ({k}): {sum(r['ok'] for r in rows)}/{len(rows)}"
+                + "".join(f"\n    {r['prompt']!r} -> {r['spans']}" for r in rows if not r["ok"])
+            )
     return out, prompts

@@ -19,6 +19,7 @@ call; a batch already decoding just drops its answer). SIGTERM or Ctrl-C drains:
 answers new requests 503 (a user_config change, applied in place) and its requests in flight finish
 (at most --drain-timeout-s); then the application (on a cluster) or the embedded Ray is stopped.
 """
+
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations at run time
 import asyncio
 import itertools
@@ -31,23 +32,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-import ray
 from pydantic import BaseModel, Field
 from ray import serve
 
-from maria_app.cli import one_line, package_version
-from maria_app.commands import EXAMPLE, check_text, checked_sampling, infill_records, record_text
-from maria_extract.cluster import cluster_shapes, fits, gpus_available, init_ray, resolve_address
 from maria.checkpoint import check_files, locate, read_config
 from maria.decode import batches_by_masked_count
-from maria.device import Device, DType
-from maria.device import cpu_threads, resolve_device, resolve_dtype
+from maria.device import Device, DType, cpu_threads, resolve_device, resolve_dtype
 from maria.io import CorruptDataError
 from maria.limits import check_fits
 from maria.modeling_maria import MariaModel
+from maria_app.cli import one_line, package_version
+from maria_app.commands import EXAMPLE, check_text, checked_sampling, infill_records, record_text
+from maria_extract.cluster import cluster_shapes, fits, gpus_available, init_ray, resolve_address
 
 log = logging.getLogger("maria.serve")
 APP = "maria"  # the Serve application's name on the cluster
@@ -84,16 +84,25 @@ class ServeConfig:
         if self.replicas < 1 or self.replica_cpus < 0 or (self.replica_gpus or 0) < 0 or self.threads < 0:
             raise ValueError("maria serve needs --replicas >= 1 and --replica-cpus, --replica-gpus, --threads >= 0")
         if min(self.max_batch_size, self.max_ongoing_requests, self.max_queued_requests, self.max_texts_per_request, self.max_request_kb) < 1:
-            raise ValueError("--max-batch-size, --max-ongoing-requests, --max-queued-requests, --max-texts-per-request and "
-                             "--max-request-kb must be >= 1 (the queue is always bounded)")
-        if self.batch_wait_ms < 0 or (self.request_timeout_s is not None and self.request_timeout_s <= 0) or min(self.start_timeout_s, self.drain_timeout_s) <= 0:
+            raise ValueError(
+                "--max-batch-size, --max-ongoing-requests, --max-queued-requests, --max-texts-per-request and "
+                "--max-request-kb must be >= 1 (the queue is always bounded)"
+            )
+        if (
+            self.batch_wait_ms < 0
+            or (self.request_timeout_s is not None and self.request_timeout_s <= 0)
+            or min(self.start_timeout_s, self.drain_timeout_s) <= 0
+        ):
             raise ValueError("--batch-wait-ms must be >= 0, --request-timeout-s, --start-timeout-s and --drain-timeout-s > 0")
 
 
 # ---- the HTTP application (FastAPI behind Ray Serve's proxy) -----------------------------------
-api = FastAPI(title="MARIA infilling", version=package_version(),
-              description="Fill masked spans written {{N}} (N tokens) with a MARIA checkpoint. Errors are "
-                          '{"error": "<one line>"}: 400 bad request, 413 too large, 503 overloaded.')
+api = FastAPI(
+    title="MARIA infilling",
+    version=package_version(),
+    description="Fill masked spans written {{N}} (N tokens) with a MARIA checkpoint. Errors are "
+    '{"error": "<one line>"}: 400 bad request, 413 too large, 503 overloaded.',
+)
 
 
 class InfillRequest(BaseModel):
@@ -223,8 +232,9 @@ class Infiller:
 class InfillServer:
     """One replica: the model, and the batch queue in front of it."""
 
-    def __init__(self, model: str, device: str, dtype: str, threads: int, max_batch_size: int, batch_wait_ms: float,
-                 max_texts_per_request: int, max_request_kb: int):
+    def __init__(
+        self, model: str, device: str, dtype: str, threads: int, max_batch_size: int, batch_wait_ms: float, max_texts_per_request: int, max_request_kb: int
+    ):
         device = resolve_device(device)
         if device == "cpu":
             torch.set_num_threads(threads or cpu_threads())  # Ray sets one thread per reserved CPU; decoding wants the cores
@@ -243,16 +253,26 @@ class InfillServer:
 
     @api.get("/healthz", summary="200 once the model is loaded (503 while shutting down)")
     async def healthz(self):
-        body = {"status": "draining" if self.draining else "ok", "model": self.name, "device": str(self.infiller.model.bb.device),
-                "in_flight": self.in_flight, **self.infiller.stats}
+        body = {
+            "status": "draining" if self.draining else "ok",
+            "model": self.name,
+            "device": str(self.infiller.model.bb.device),
+            "in_flight": self.in_flight,
+            **self.infiller.stats,
+        }
         return JSONResponse(body, status_code=503 if self.draining else 200)
 
-    @api.post("/infill", summary="fill the {{N}} spans of one text or a list of texts",
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": InfillRequest.model_json_schema()}}}},
-              responses={200: {"model": InfillResult | InfillResults, "description": "one result, or {\"results\": [...]} for a list"},
-                         400: {"model": ErrorBody, "description": "bad request: the CLI's one-line message"},
-                         413: {"model": ErrorBody, "description": "body over --max-request-kb"},
-                         503: {"description": "overloaded (the bounded queue is full) or shutting down; retry later"}})
+    @api.post(
+        "/infill",
+        summary="fill the {{N}} spans of one text or a list of texts",
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": InfillRequest.model_json_schema()}}}},
+        responses={
+            200: {"model": InfillResult | InfillResults, "description": 'one result, or {"results": [...]} for a list'},
+            400: {"model": ErrorBody, "description": "bad request: the CLI's one-line message"},
+            413: {"model": ErrorBody, "description": "body over --max-request-kb"},
+            503: {"description": "overloaded (the bounded queue is full) or shutting down; retry later"},
+        },
+    )
     async def infill(self, request: Request):
         if self.draining:
             return error(503, ValueError("the server is shutting down; send the request again to a running server"))
@@ -303,8 +323,10 @@ def replica_gpus(cfg: ServeConfig) -> float:
         raise ValueError(f"--device {cfg.device} needs a GPU per replica, and the cluster has none (or --replica-gpus 0); pass --device cpu")
     want = {"CPU": cfg.replica_cpus, "GPU": gpus}
     if not any(fits(want, n) for n in nodes + (groups or [])) and (groups is not None or not resolve_address(cfg.address)):
-        raise ValueError(f"a replica asks for {gpus:g} GPU and {cfg.replica_cpus:g} CPU and no node of the cluster has that "
-                         f"({len(nodes)} node(s)); pass smaller --replica-cpus / --replica-gpus")
+        raise ValueError(
+            f"a replica asks for {gpus:g} GPU and {cfg.replica_cpus:g} CPU and no node of the cluster has that "
+            f"({len(nodes)} node(s)); pass smaller --replica-cpus / --replica-gpus"
+        )
     return gpus
 
 
@@ -332,18 +354,25 @@ def wait_running(timeout_s: float, stop: threading.Event) -> bool:
         if status in ("DEPLOY_FAILED", "UNHEALTHY"):
             raise replica_failure(message)
         if time.monotonic() - start > timeout_s:
-            raise ValueError(f"the model replicas did not start within {timeout_s:g} s (the cluster may lack the CPUs/GPUs they ask "
-                             f"for, or loading is slow); raise --start-timeout-s or lower --replicas / --replica-cpus / --replica-gpus")
+            raise ValueError(
+                f"the model replicas did not start within {timeout_s:g} s (the cluster may lack the CPUs/GPUs they ask "
+                f"for, or loading is slow); raise --start-timeout-s or lower --replicas / --replica-cpus / --replica-gpus"
+            )
     return False
 
 
 def target(cfg: ServeConfig, model: str, gpus: float, draining: bool) -> serve.RunTarget:
     """The application; `draining` travels as Serve's user_config, so changing it reconfigures the
     running replicas in place (no restart)."""
-    app = InfillServer.options(num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
-                               max_queued_requests=cfg.max_queued_requests, graceful_shutdown_timeout_s=cfg.drain_timeout_s,
-                               graceful_shutdown_wait_loop_s=0.5, user_config={"draining": draining, "drain_timeout_s": cfg.drain_timeout_s},
-                               ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": gpus})
+    app = InfillServer.options(
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        graceful_shutdown_timeout_s=cfg.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=0.5,
+        user_config={"draining": draining, "drain_timeout_s": cfg.drain_timeout_s},
+        ray_actor_options={"num_cpus": cfg.replica_cpus, "num_gpus": gpus},
+    )
     app = app.bind(model, cfg.device, cfg.dtype, cfg.threads, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_texts_per_request, cfg.max_request_kb)
     return serve.RunTarget(app, name=APP, route_prefix="/")
 

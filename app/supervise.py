@@ -6,6 +6,7 @@ parent can. It also passes a SIGTERM sent to it alone (a scheduler stopping the 
 it as an interruption. The child tells the parent it exited through Python by writing to a pipe at exit; a child that
 dies without doing so gets the one line here, with the exit code of a transient failure (a re-run resumes).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,8 +37,10 @@ def supervise(verb: str, argv: list[str]) -> int:
     os.close(write_end)
     # Ctrl-C reaches the child from the terminal (one process group) and the child reports it; a SIGTERM sent to
     # this process alone is passed on to it
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))}
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)),
+    }
     try:
         code = proc.wait()
     finally:
@@ -52,6 +55,9 @@ def supervise(verb: str, argv: list[str]) -> int:
     if reported:
         return code
     why = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code} from inside Ray"
-    print(f"maria {verb}: error: the job's Ray driver ended abruptly ({why}): its Ray node (raylet) was lost or "
-          f"killed; re-run the same command to resume (committed blocks are kept)", file=sys.stderr)
+    print(
+        f"maria {verb}: error: the job's Ray driver ended abruptly ({why}): its Ray node (raylet) was lost or "
+        f"killed; re-run the same command to resume (committed blocks are kept)",
+        file=sys.stderr,
+    )
     return EXIT_TRANSIENT

@@ -6,6 +6,7 @@ all, and reading every byte of them (what any load pays at least: safetensors' l
 reads a page only when a tensor touches it). With --model, a MARIA checkpoint's own files and its full
 `from_pretrained`; else a preset's random backbones written as safetensors.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -16,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file, save_model
 
-from maria_bench.setup import poe_head, random_backbones
 from maria.io import file_sha256
 from maria.modeling_maria import MariaModel
 from maria.plots import bar_plot
+from maria_bench.setup import poe_head, random_backbones
 
 
 def _files(cfg, tmp: Path) -> list[Path]:
@@ -49,18 +50,33 @@ def bench_checksum(cfg) -> dict:
             file_sha256(f)
         sha = _seconds(lambda: [file_sha256(f) for f in files], cfg.repeats)
         read = _seconds(lambda: [f.read_bytes() for f in files], cfg.repeats)
-    result = {"benchmark": "checksum", "source": cfg.model or f"random {cfg.preset} backbones", "files": len(files),
-              "bytes": size, "repeats": cfg.repeats, "sha256_seconds": sha, "read_seconds": read,
-              "sha256_MB_per_s": size / 1e6 / statistics.median(sha), "read_MB_per_s": size / 1e6 / statistics.median(read)}
+    result = {
+        "benchmark": "checksum",
+        "source": cfg.model or f"random {cfg.preset} backbones",
+        "files": len(files),
+        "bytes": size,
+        "repeats": cfg.repeats,
+        "sha256_seconds": sha,
+        "read_seconds": read,
+        "sha256_MB_per_s": size / 1e6 / statistics.median(sha),
+        "read_MB_per_s": size / 1e6 / statistics.median(read),
+    }
     bars = {"sha256 of every file": statistics.median(sha), "read every byte": statistics.median(read)}
     if cfg.model:
         load = _seconds(lambda: MariaModel.from_pretrained(cfg.model), cfg.repeats)
         result["from_pretrained_seconds"] = load
         bars["from_pretrained (checks included)"] = statistics.median(load)
     base = statistics.median(load if cfg.model else read)
-    result["targets"] = {"sha256_over_baseline": statistics.median(sha) / base,
-                         "baseline": "from_pretrained" if cfg.model else "read every byte",
-                         "sha256_MB_per_s": result["sha256_MB_per_s"], "bytes": size}
-    bar_plot(Path(cfg.json).with_suffix(".png"), {k: v * 1000 for k, v in bars.items()}, "milliseconds (median)",
-             f"Checkpoint checksums: {size / 1e6:.0f} MB in {len(files)} files")
+    result["targets"] = {
+        "sha256_over_baseline": statistics.median(sha) / base,
+        "baseline": "from_pretrained" if cfg.model else "read every byte",
+        "sha256_MB_per_s": result["sha256_MB_per_s"],
+        "bytes": size,
+    }
+    bar_plot(
+        Path(cfg.json).with_suffix(".png"),
+        {k: v * 1000 for k, v in bars.items()},
+        "milliseconds (median)",
+        f"Checkpoint checksums: {size / 1e6:.0f} MB in {len(files)} files",
+    )
     return result

@@ -12,6 +12,7 @@ timed twice: wall clock (`*_tok_s`, the goal's measure) and this process's CPU t
 (`*_cpu_tok_s`), which other processes' load moves much less (least with --threads 1: no time spent
 waiting on a descheduled second thread).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,11 +24,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from maria_bench.setup import BenchConfig, _timed, model_backbones, params, peak_tflops, poe_head, resolve
 from maria.baselines import ar_generate, hf_generate, mlm_iterative_unmasking, mlm_left_to_right
 from maria.decode import infill, plan, step_cost_tokens
 from maria.device import cpu_threads
 from maria.plots import line_plot
+from maria_bench.setup import BenchConfig, _timed, model_backbones, params, peak_tflops, poe_head, resolve
 
 GOAL = 0.8  # MARIA / plain AR generation, at every batch size and length
 
@@ -35,8 +36,7 @@ GOAL = 0.8  # MARIA / plain AR generation, at every batch size and length
 def spread(values: list[float]) -> dict:
     """Median and spread of repeated measurements (the JSON's one shape for a figure)."""
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q[0], "q3": q[2],
-            "runs": len(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "q1": q[0], "q3": q[2], "runs": len(values)}
 
 
 def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device: str, peak: float | None) -> dict:
@@ -65,9 +65,15 @@ def _cell(bb, head, cfg: BenchConfig, B: int, L: int, g: torch.Generator, device
             c0 = time.process_time()
             rates[k].append(tokens / _timed(fn, device))
             cpu_rates[k].append(tokens / max(time.process_time() - c0, 1e-9))
-    row = {"batch_size": B, "length": L, "masked_tokens": n_masked, "new_tokens_per_window": new,
-           "mlm_ar_columns_timed": len(cols), **{f"{k}_tok_s": spread(v) for k, v in rates.items()},
-           **{f"{k}_cpu_tok_s": spread(v) for k, v in cpu_rates.items()}}
+    row = {
+        "batch_size": B,
+        "length": L,
+        "masked_tokens": n_masked,
+        "new_tokens_per_window": new,
+        "mlm_ar_columns_timed": len(cols),
+        **{f"{k}_tok_s": spread(v) for k, v in rates.items()},
+        **{f"{k}_cpu_tok_s": spread(v) for k, v in cpu_rates.items()},
+    }
     for ref in ("ar_generate", "hf_generate", "mlm_left_to_right"):
         row[f"maria_over_{ref}"] = spread([m / r for m, r in zip(rates["maria"], rates[ref])])
         row[f"maria_over_{ref}_cpu"] = spread([m / r for m, r in zip(cpu_rates["maria"], cpu_rates[ref])])
@@ -113,26 +119,41 @@ def bench_decode(cfg: BenchConfig) -> dict:
     load_before = os.getloadavg()
     rows = decode_rows(bb, head, cfg, device)
     worst = min(rows, key=lambda r: r["maria_over_ar_generate"]["median"])
-    result = {"benchmark": "decode", "config": asdict(cfg), "device": device, "dtype": str(dtype), "threads": torch.get_num_threads(),
-              "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "mlm_params": params(bb.mlm), "ar_params": params(bb.ar), "results": rows,
-              "targets": {"maria_over_ar_goal": GOAL,
-                          "maria_over_ar_min": worst["maria_over_ar_generate"]["median"],
-                          "worst_cell": {"batch_size": worst["batch_size"], "length": worst["length"]},
-                          "goal_met": all(r["maria_over_ar_generate"]["median"] >= GOAL for r in rows),
-                          "maria_over_ar_cpu_min": min(r["maria_over_ar_generate_cpu"]["median"] for r in rows),
-                          "goal_met_cpu_time": all(r["maria_over_ar_generate_cpu"]["median"] >= GOAL for r in rows),
-                          "maria_over_ar": {f"B{r['batch_size']}-L{r['length']}": round(r["maria_over_ar_generate"]["median"], 3) for r in rows},
-                          "maria_over_mlm_left_to_right": {f"B{r['batch_size']}-L{r['length']}": round(r["maria_over_mlm_left_to_right"]["median"], 2)
-                                                           for r in rows}}}
+    result = {
+        "benchmark": "decode",
+        "config": asdict(cfg),
+        "device": device,
+        "dtype": str(dtype),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "mlm_params": params(bb.mlm),
+        "ar_params": params(bb.ar),
+        "results": rows,
+        "targets": {
+            "maria_over_ar_goal": GOAL,
+            "maria_over_ar_min": worst["maria_over_ar_generate"]["median"],
+            "worst_cell": {"batch_size": worst["batch_size"], "length": worst["length"]},
+            "goal_met": all(r["maria_over_ar_generate"]["median"] >= GOAL for r in rows),
+            "maria_over_ar_cpu_min": min(r["maria_over_ar_generate_cpu"]["median"] for r in rows),
+            "goal_met_cpu_time": all(r["maria_over_ar_generate_cpu"]["median"] >= GOAL for r in rows),
+            "maria_over_ar": {f"B{r['batch_size']}-L{r['length']}": round(r["maria_over_ar_generate"]["median"], 3) for r in rows},
+            "maria_over_mlm_left_to_right": {f"B{r['batch_size']}-L{r['length']}": round(r["maria_over_mlm_left_to_right"]["median"], 2) for r in rows},
+        },
+    }
     plot_decode(result, Path(cfg.json).with_suffix(".png"))
     return result
 
 
 def plot_decode(result: dict, png: Path) -> None:
     rows = result["results"]
-    labels = {"maria_tok_s": ("MARIA", "tab:red"), "ar_generate_tok_s": ("AR gen", "tab:blue"),
-              "hf_generate_tok_s": ("HF generate()", "tab:cyan"), "mlm_left_to_right_tok_s": ("MLM L2R", "tab:gray")}
+    labels = {
+        "maria_tok_s": ("MARIA", "tab:red"),
+        "ar_generate_tok_s": ("AR gen", "tab:blue"),
+        "hf_generate_tok_s": ("HF generate()", "tab:cyan"),
+        "mlm_left_to_right_tok_s": ("MLM L2R", "tab:gray"),
+    }
     series, notes, styles = {}, {}, {}
     for B, dash in zip(sorted({r["batch_size"] for r in rows}), ["-", "--", ":", "-."] * 8):
         rs = [r for r in rows if r["batch_size"] == B]
@@ -141,6 +162,14 @@ def plot_decode(result: dict, png: Path) -> None:
             styles[f"{label}, batch {B}"] = {"color": colour, "ls": dash}
         notes[f"MARIA, batch {B}"] = [f"{r['maria_over_ar_generate']['median']:.2f}x" for r in rs]
     preset = result["config"]["preset"] if not result["config"]["mlm"] else "custom"
-    line_plot(png, series, f"window length (tokens, {result['config']['mask_rate']:.0%} masked)", "tokens / s (median)",
-              f"Infilling throughput ({result['device']}, {preset}); labels: MARIA / AR gen", logx=True, logy=True,
-              annotate=notes, styles=styles)
+    line_plot(
+        png,
+        series,
+        f"window length (tokens, {result['config']['mask_rate']:.0%} masked)",
+        "tokens / s (median)",
+        f"Infilling throughput ({result['device']}, {preset}); labels: MARIA / AR gen",
+        logx=True,
+        logy=True,
+        annotate=notes,
+        styles=styles,
+    )

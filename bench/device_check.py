@@ -18,6 +18,7 @@ Steps, on random backbones of --preset in --dtype (random weights cost the same 
            gathered by a shuffled index per batch as in its RAM mode, stored as float16, bfloat16 and float8
            (decoded per batch), against the bare step on a batch already decoded: rows/s
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from maria_bench.decode import GOAL, decode_rows
-from maria_bench.setup import BenchConfig, params, peak_tflops, poe_head, random_backbones, resolve
 from maria.head import FusionHead
 from maria.plots import bar_panels
+from maria_bench.decode import GOAL, decode_rows
+from maria_bench.setup import BenchConfig, params, peak_tflops, poe_head, random_backbones, resolve
 from maria_extract.forward import block_features
 from maria_train_head.step import decode_features, make_optimizer, train_step
 
@@ -69,8 +70,20 @@ class DeviceCheckConfig:
     dry_run: bool = False  # the CPU rehearsal: tiny preset, small sizes (CI runs it so this file cannot rot)
 
 
-DRY_RUN = {"preset": "tiny", "device": "cpu", "dtype": "bfloat16", "windows": 6, "window_length": 32, "extract_batch": 4,
-           "batch_sizes": [1, 3], "decode_length": 16, "repeats": 1, "train_rows": 512, "train_steps": 2, "train_batch": 64}
+DRY_RUN = {
+    "preset": "tiny",
+    "device": "cpu",
+    "dtype": "bfloat16",
+    "windows": 6,
+    "window_length": 32,
+    "extract_batch": 4,
+    "batch_sizes": [1, 3],
+    "decode_length": 16,
+    "repeats": 1,
+    "train_rows": 512,
+    "train_steps": 2,
+    "train_batch": 64,
+}
 
 
 def sync(device: str) -> None:
@@ -79,11 +92,17 @@ def sync(device: str) -> None:
 
 
 def env(device: str) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "device": device, "cpus": os.cpu_count(), "peak_bf16_tflops": peak_tflops(device)}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "cpus": os.cpu_count(),
+        "peak_bf16_tflops": peak_tflops(device),
+    }
     if device.startswith("cuda"):
         p = torch.cuda.get_device_properties(torch.device(device))
-        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
     return info
 
 
@@ -94,14 +113,18 @@ def run_tests() -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *timeout, "-m", "gpu", "-rs", *GPU_TESTS]
     t = time.perf_counter()
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
-                              env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
     except subprocess.TimeoutExpired as e:
         return {"command": " ".join(cmd), "returncode": None, "summary": "timed out after 300 s", "tail": str(e.stdout)[-3000:]}
     text = done.stdout + done.stderr
     lines = [ln for ln in text.splitlines() if re.search(r"\b(passed|failed|skipped|error|deselected|no tests ran)\b", ln)]
-    return {"command": " ".join(cmd), "returncode": done.returncode, "summary": lines[-1].strip("= ") if lines else None,
-            "seconds": time.perf_counter() - t, "tail": text[-3000:]}
+    return {
+        "command": " ".join(cmd),
+        "returncode": done.returncode,
+        "summary": lines[-1].strip("= ") if lines else None,
+        "seconds": time.perf_counter() - t,
+        "tail": text[-3000:],
+    }
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
@@ -132,18 +155,36 @@ def check_extract(bb, cfg: DeviceCheckConfig, device: str) -> dict:
     flops_per_token = 2 * (non_embedding_params(bb.ar) + non_embedding_params(bb.mlm)) + attention  # K = 1
     tflops = flops_per_token * W * T / seconds / 1e12
     peak = peak_tflops(device)
-    return {"windows": W, "window_length": T, "rows": len(f), "seconds_median": seconds, "seconds_runs": runs,
-            "window_tok_s": W * T / seconds, "rows_per_s": len(f) / seconds, "gflop_per_token": flops_per_token / 1e9,
-            "tflops": tflops, "fraction_of_peak": tflops / peak if peak else None}
+    return {
+        "windows": W,
+        "window_length": T,
+        "rows": len(f),
+        "seconds_median": seconds,
+        "seconds_runs": runs,
+        "window_tok_s": W * T / seconds,
+        "rows_per_s": len(f) / seconds,
+        "gflop_per_token": flops_per_token / 1e9,
+        "tflops": tflops,
+        "fraction_of_peak": tflops / peak if peak else None,
+    }
 
 
 def check_decode(bb, head, cfg: DeviceCheckConfig, device: str) -> dict:
-    bcfg = BenchConfig(what="decode", preset=cfg.preset, lengths=[cfg.decode_length], batch_sizes=cfg.batch_sizes,
-                       repeats=cfg.repeats, mask_rate=0.5, unmask_steps=0, mlm_ar_columns=1, device=device, seed=cfg.seed)
+    bcfg = BenchConfig(
+        what="decode",
+        preset=cfg.preset,
+        lengths=[cfg.decode_length],
+        batch_sizes=cfg.batch_sizes,
+        repeats=cfg.repeats,
+        mask_rate=0.5,
+        unmask_steps=0,
+        mlm_ar_columns=1,
+        device=device,
+        seed=cfg.seed,
+    )
     rows = decode_rows(bb, head, bcfg, device)
     ratios = {r["batch_size"]: r["maria_over_ar_generate"]["median"] for r in rows}
-    return {"length": cfg.decode_length, "results": rows, "maria_over_ar": ratios, "goal": GOAL,
-            "goal_met": all(x >= GOAL for x in ratios.values())}
+    return {"length": cfg.decode_length, "results": rows, "maria_over_ar": ratios, "goal": GOAL, "goal_met": all(x >= GOAL for x in ratios.values())}
 
 
 def fp8_encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,8 +266,11 @@ def device_check(cfg: DeviceCheckConfig) -> dict:
     head = poe_head(bb).to(device=device, dtype=dtype)
     result["build_seconds"] = time.perf_counter() - t
     result["params"] = {"mlm": params(bb.mlm), "ar": params(bb.ar), "head": params(head)}
-    for name, fn in (("extract", lambda: check_extract(bb, cfg, device)), ("decode", lambda: check_decode(bb, head, cfg, device)),
-                     ("train", lambda: check_train(bb, cfg, device))):
+    for name, fn in (
+        ("extract", lambda: check_extract(bb, cfg, device)),
+        ("decode", lambda: check_decode(bb, head, cfg, device)),
+        ("train", lambda: check_train(bb, cfg, device)),
+    ):
         t = time.perf_counter()
         try:
             result[name] = fn()
@@ -235,17 +279,22 @@ def device_check(cfg: DeviceCheckConfig) -> dict:
         result[name]["step_seconds"] = time.perf_counter() - t
         (out / "device_check.json").write_text(json.dumps(result, indent=2))  # partial results survive a timeout
     if device.startswith("cuda"):
-        result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    result["targets"] = {"extract_fraction_of_peak": result["extract"].get("fraction_of_peak"),
-                         "decode_maria_over_ar": result["decode"].get("maria_over_ar"), "decode_goal_met": result["decode"].get("goal_met"),
-                         "tests": (result["tests"] or {}).get("summary"),
-                         "errors": [k for k in ("extract", "decode", "train") if "error" in result[k]]}
+        result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["targets"] = {
+        "extract_fraction_of_peak": result["extract"].get("fraction_of_peak"),
+        "decode_maria_over_ar": result["decode"].get("maria_over_ar"),
+        "decode_goal_met": result["decode"].get("goal_met"),
+        "tests": (result["tests"] or {}).get("summary"),
+        "errors": [k for k in ("extract", "decode", "train") if "error" in result[k]],
+    }
     (out / "device_check.json").write_text(json.dumps(result, indent=2))
     try:
         plot(result, out / "device_check.png")
     except ImportError:
-        print("matplotlib is not installed: render the PNG elsewhere with `python -m maria_bench.device_check --plot "
-              f"{out / 'device_check.json'}`", file=sys.stderr)
+        print(
+            f"matplotlib is not installed: render the PNG elsewhere with `python -m maria_bench.device_check --plot {out / 'device_check.json'}`",
+            file=sys.stderr,
+        )
     return result
 
 

@@ -1,6 +1,7 @@
 """`maria bench extract`: the job's end-to-end tokens/s against the bare backbone forward passes
 on the same batches in the same run, the store's write speed against a raw file write of the
 same bytes, and bytes on disk per masked token."""
+
 from __future__ import annotations
 
 import tempfile
@@ -10,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from maria.device import cpu_threads
+from maria.features import ar_states, mlm_states
 from maria_defaults.corpus_wiki import prepare_wiki_corpus
 from maria_defaults.defaults import default_cache_dir
 from maria_extract.corpus import iter_documents
 from maria_extract.job import ExtractConfig, run_extract
 from maria_extract.stages import FeatureActor, StageSpec, tokenize_and_mask
-from maria.device import cpu_threads
-from maria.features import ar_states, mlm_states
-from maria.plots import bar_plot
 from maria_storage import open_store
 
 
@@ -38,8 +38,17 @@ def bench_extract(cfg) -> dict:
         if not Path(p).exists():
             raise ValueError(f"bench extract: {what} {p} not found; run `make demo` once to build the defaults, or pass --mlm/--ar/--store")
     work = Path(tempfile.mkdtemp(prefix="maria-bench-extract-"))
-    ecfg = ExtractConfig(mlm=mlm, ar=ar, corpus=corpus, store=str(work / "store"), max_docs=max(4, cfg.steps // 25),
-                         docs_per_block=2, window_length=128, ray_temp_dir=str(work / "ray"), device=cfg.device)
+    ecfg = ExtractConfig(
+        mlm=mlm,
+        ar=ar,
+        corpus=corpus,
+        store=str(work / "store"),
+        max_docs=max(4, cfg.steps // 25),
+        docs_per_block=2,
+        window_length=128,
+        ray_temp_dir=str(work / "ray"),
+        device=cfg.device,
+    )
     # 1. the job, end to end (Ray started inside; the timed part is the streaming pipeline)
     t0 = time.perf_counter()
     summary = run_extract(ecfg)
@@ -84,10 +93,23 @@ def bench_extract(cfg) -> dict:
             f.write(np.ascontiguousarray(v).tobytes())
     t_raw = time.perf_counter() - t
     steady = summary["steady_tokens"] / summary["steady_seconds"] if summary.get("steady_seconds") else None
-    return {"benchmark": "extract", "mlm": mlm, "ar": ar, "documents": len(docs), "window_tokens": tokens, "rows": rows,
-            "job_seconds_total": t_job, "job_tok_s": tokens / t_job, "forward_seconds": t_fwd, "forward_tok_s": tokens / t_fwd,
-            "pipeline_over_forward": t_fwd / t_job, "store_write_mb_s": nbytes / t_store / 1e6, "raw_write_mb_s": nbytes / t_raw / 1e6,
-            "write_over_raw": t_raw / t_store, "bytes_on_disk_per_masked_token": disk_per_row,
-            "job_steady_tok_s": steady, "steady_over_forward": steady / (tokens / t_fwd) if steady else None,
-            "targets": {"pipeline_over_forward": t_fwd / t_job, "pipeline_over_forward_goal": 0.85,
-                        "write_over_raw": t_raw / t_store, "write_over_raw_goal": 0.8}}
+    return {
+        "benchmark": "extract",
+        "mlm": mlm,
+        "ar": ar,
+        "documents": len(docs),
+        "window_tokens": tokens,
+        "rows": rows,
+        "job_seconds_total": t_job,
+        "job_tok_s": tokens / t_job,
+        "forward_seconds": t_fwd,
+        "forward_tok_s": tokens / t_fwd,
+        "pipeline_over_forward": t_fwd / t_job,
+        "store_write_mb_s": nbytes / t_store / 1e6,
+        "raw_write_mb_s": nbytes / t_raw / 1e6,
+        "write_over_raw": t_raw / t_store,
+        "bytes_on_disk_per_masked_token": disk_per_row,
+        "job_steady_tok_s": steady,
+        "steady_over_forward": steady / (tokens / t_fwd) if steady else None,
+        "targets": {"pipeline_over_forward": t_fwd / t_job, "pipeline_over_forward_goal": 0.85, "write_over_raw": t_raw / t_store, "write_over_raw_goal": 0.8},
+    }

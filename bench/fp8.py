@@ -11,6 +11,7 @@ with a per-row scale, storage/float8.py), so both dtypes go through the same wri
                        by `maria eval` on that dtype's validation store; goal: float8 within 0.002 nats of float16
 Timed figures are medians of --repeats runs, the dtypes interleaved inside each repeat; training runs once.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -32,7 +33,7 @@ NLL_GOAL = 0.002  # nats per masked token: float8's eval NLL may exceed float16'
 def demo_stores(workdir: str = "runs/demo") -> tuple[str | None, str | None]:
     """The demo's training and validation stores (`maria demo` names them by its flags): the newest of each."""
     stores = Path(workdir) / "stores"
-    newest = (lambda pattern: max(stores.glob(pattern), key=lambda p: p.stat().st_mtime, default=None))
+    newest = lambda pattern: max(stores.glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
     train, val = newest("train-*"), newest("val-*")
     return (str(train) if train else None), (str(val) if val else None)
 
@@ -59,8 +60,14 @@ def transcode(source: str, out: str, dtype: str) -> dict:
     store.gc_uncommitted()
     store.finalize()
     rows = store.num_rows()
-    return {"rows": rows, "write_seconds": seconds, "write_rows_per_s": rows / seconds, "write_mb_per_s": stored / seconds / 1e6,
-            "stored_bytes_per_row": stored / rows, "disk_bytes_per_row": _du(Path(out) / "blocks") / rows}
+    return {
+        "rows": rows,
+        "write_seconds": seconds,
+        "write_rows_per_s": rows / seconds,
+        "write_mb_per_s": stored / seconds / 1e6,
+        "stored_bytes_per_row": stored / rows,
+        "disk_bytes_per_row": _du(Path(out) / "blocks") / rows,
+    }
 
 
 def read_rates(url: str) -> dict:
@@ -80,12 +87,13 @@ def bench_fp8(cfg) -> dict:
     train_src, val_src = (cfg.store, cfg.val_store) if cfg.store else demo_stores()
     for what, p in (("training store (--store)", train_src), ("validation store (--val-store)", val_src)):
         if not p or not Path(p).exists():
-            raise ValueError(f"bench fp8: the {what} {p or 'of the demo'} was not found; run `make demo` once "
-                             f"(it writes runs/demo/stores/), or pass --store and --val-store")
+            raise ValueError(
+                f"bench fp8: the {what} {p or 'of the demo'} was not found; run `make demo` once (it writes runs/demo/stores/), or pass --store and --val-store"
+            )
     work = Path(cfg.workdir or tempfile.mkdtemp(prefix="maria-bench-fp8-"))
     try:
         writes, reads = {d: [] for d in DTYPES}, {d: [] for d in DTYPES}
-        for r in range(cfg.repeats):  # dtypes interleaved: both see the same load
+        for _r in range(cfg.repeats):  # dtypes interleaved: both see the same load
             for d in DTYPES:
                 for split, src in (("train", train_src), ("val", val_src)):
                     shutil.rmtree(work / f"{d}-{split}", ignore_errors=True)
@@ -98,34 +106,63 @@ def bench_fp8(cfg) -> dict:
         for d in DTYPES:  # the stores of the last repeat; training and eval are deterministic
             head = work / f"{d}-head"
             shutil.rmtree(head, ignore_errors=True)
-            train = run_train(TrainConfig(store=str(work / f"{d}-train"), out=str(head), val_fraction=0.12, init="mix",
-                                          max_steps=cfg.steps, batch_size=batch, lr=1e-4, eval_every=max(1, cfg.steps // 3),
-                                          warmup_steps=min(10, cfg.steps // 5), seed=cfg.seed, device=cfg.device))
+            train = run_train(
+                TrainConfig(
+                    store=str(work / f"{d}-train"),
+                    out=str(head),
+                    val_fraction=0.12,
+                    init="mix",
+                    max_steps=cfg.steps,
+                    batch_size=batch,
+                    lr=1e-4,
+                    eval_every=max(1, cfg.steps // 3),
+                    warmup_steps=min(10, cfg.steps // 5),
+                    seed=cfg.seed,
+                    device=cfg.device,
+                )
+            )
             ev = run_eval(EvalConfig(store=str(work / f"{d}-val"), head=str(head), device=cfg.device))
-            med = (lambda xs, k: statistics.median(x[k] for x in xs))
-            per_dtype[d] = {"eval_nll": {k: m["nll"] for k, m in ev["models"].items()}, "val_rows": ev["rows"],
-                            "train_best_val_loss": train["best_val_loss"], "train_init_scales": train["init_scales"],
-                            "stored_bytes_per_row": writes[d][-1]["stored_bytes_per_row"],
-                            "disk_bytes_per_row": writes[d][-1]["disk_bytes_per_row"], "rows": writes[d][-1]["rows"],
-                            **{k: med(writes[d], k) for k in ("write_rows_per_s", "write_mb_per_s")},
-                            **{k: med(reads[d], k) for k in ("ram_load_rows_per_s", "stream_epoch_rows_per_s")},
-                            "runs": {"write": writes[d], "read": reads[d]}}
+            med = lambda xs, k: statistics.median(x[k] for x in xs)
+            per_dtype[d] = {
+                "eval_nll": {k: m["nll"] for k, m in ev["models"].items()},
+                "val_rows": ev["rows"],
+                "train_best_val_loss": train["best_val_loss"],
+                "train_init_scales": train["init_scales"],
+                "stored_bytes_per_row": writes[d][-1]["stored_bytes_per_row"],
+                "disk_bytes_per_row": writes[d][-1]["disk_bytes_per_row"],
+                "rows": writes[d][-1]["rows"],
+                **{k: med(writes[d], k) for k in ("write_rows_per_s", "write_mb_per_s")},
+                **{k: med(reads[d], k) for k in ("ram_load_rows_per_s", "stream_epoch_rows_per_s")},
+                "runs": {"write": writes[d], "read": reads[d]},
+            }
     finally:
         if cfg.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     h, q = per_dtype["float16"], per_dtype["float8"]
     diff = q["eval_nll"]["trained"] - h["eval_nll"]["trained"]
-    result = {"benchmark": "fp8", "store": train_src, "val_store": val_src, "steps": cfg.steps, "batch_size": batch,
-              "repeats": cfg.repeats, "dtypes": per_dtype,
-              "targets": {"trained_nll_float8_minus_float16": diff, "goal_nats": NLL_GOAL, "goal_met": diff <= NLL_GOAL,
-                          "disk_bytes_per_row_ratio": q["disk_bytes_per_row"] / h["disk_bytes_per_row"],
-                          "write_rows_per_s_ratio": q["write_rows_per_s"] / h["write_rows_per_s"],
-                          "stream_read_rows_per_s_ratio": q["stream_epoch_rows_per_s"] / h["stream_epoch_rows_per_s"]}}
-    panels = {"eval NLL, trained head": {d: per_dtype[d]["eval_nll"]["trained"] for d in DTYPES},
-              "disk bytes / row": {d: per_dtype[d]["disk_bytes_per_row"] for d in DTYPES},
-              "write rows/s": {d: per_dtype[d]["write_rows_per_s"] for d in DTYPES},
-              "RAM-mode load rows/s": {d: per_dtype[d]["ram_load_rows_per_s"] for d in DTYPES},
-              "stream epoch rows/s": {d: per_dtype[d]["stream_epoch_rows_per_s"] for d in DTYPES}}
-    bar_panels(Path(cfg.json).with_suffix(".png"), panels, f"float8 vs float16 features (NLL difference {diff:+.4f} nats, "
-               f"goal <= {NLL_GOAL})", fmt="%.4g")
+    result = {
+        "benchmark": "fp8",
+        "store": train_src,
+        "val_store": val_src,
+        "steps": cfg.steps,
+        "batch_size": batch,
+        "repeats": cfg.repeats,
+        "dtypes": per_dtype,
+        "targets": {
+            "trained_nll_float8_minus_float16": diff,
+            "goal_nats": NLL_GOAL,
+            "goal_met": diff <= NLL_GOAL,
+            "disk_bytes_per_row_ratio": q["disk_bytes_per_row"] / h["disk_bytes_per_row"],
+            "write_rows_per_s_ratio": q["write_rows_per_s"] / h["write_rows_per_s"],
+            "stream_read_rows_per_s_ratio": q["stream_epoch_rows_per_s"] / h["stream_epoch_rows_per_s"],
+        },
+    }
+    panels = {
+        "eval NLL, trained head": {d: per_dtype[d]["eval_nll"]["trained"] for d in DTYPES},
+        "disk bytes / row": {d: per_dtype[d]["disk_bytes_per_row"] for d in DTYPES},
+        "write rows/s": {d: per_dtype[d]["write_rows_per_s"] for d in DTYPES},
+        "RAM-mode load rows/s": {d: per_dtype[d]["ram_load_rows_per_s"] for d in DTYPES},
+        "stream epoch rows/s": {d: per_dtype[d]["stream_epoch_rows_per_s"] for d in DTYPES},
+    }
+    bar_panels(Path(cfg.json).with_suffix(".png"), panels, f"float8 vs float16 features (NLL difference {diff:+.4f} nats, goal <= {NLL_GOAL})", fmt="%.4g")
     return result

@@ -7,6 +7,7 @@ row-range reads). Repeats interleave the layouts; prints median and [min, max] a
 writes JSON. Reads come from the page cache (the blocks were just written): they measure CPU cost, and the
 file count stands in for the request count an object store would see.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,24 +18,34 @@ import statistics
 import time
 
 import numpy as np
-
 import zarr
 from zarr.codecs import Crc32cCodec
 
 from maria_storage import ShuffledReader, create_store, layout
 
 # name: (crc32c on small arrays, crc32c on features, features sharded)
-LAYOUTS = {"chunks (format 1)": (False, False, False), "chunks, crc32c small (chosen)": (True, False, False),
-           "chunks, crc32c all": (True, True, False), "shards, crc32c small": (True, False, True),
-           "shards, crc32c all": (True, True, True)}
+LAYOUTS = {
+    "chunks (format 1)": (False, False, False),
+    "chunks, crc32c small (chosen)": (True, False, False),
+    "chunks, crc32c all": (True, True, False),
+    "shards, crc32c small": (True, False, True),
+    "shards, crc32c all": (True, True, True),
+}
 
 
 def _blocks(d: int, rows: int, n: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    return [{"features": (rng.standard_normal((rows, d), np.float32) * 2).astype(np.float16),
-             "targets": rng.integers(0, 50000, rows).astype(np.int32), "doc_ids": np.full(rows, i, np.int64),
-             "window_ids": np.arange(rows) // 100, "positions": (np.arange(rows) % 512).astype(np.int32),
-             "mask_rates": rng.random(rows).astype(np.float32)} for i in range(n)]
+    return [
+        {
+            "features": (rng.standard_normal((rows, d), np.float32) * 2).astype(np.float16),
+            "targets": rng.integers(0, 50000, rows).astype(np.int32),
+            "doc_ids": np.full(rows, i, np.int64),
+            "window_ids": np.arange(rows) // 100,
+            "positions": (np.arange(rows) % 512).astype(np.int32),
+            "mask_rates": rng.random(rows).astype(np.float32),
+        }
+        for i in range(n)
+    ]
 
 
 def _files(path: str) -> int:
@@ -49,9 +60,18 @@ def variant(checksum_small: bool, checksum_features: bool, shard_features: bool)
         chunk = (max(1, min(len(a), rows)),) + a.shape[1:]
         shards = (-(-len(a) // chunk[0]) * chunk[0],) + a.shape[1:] if shard_features and features and len(a) > chunk[0] else None
         crc = (Crc32cCodec(),) if (checksum_features if features else checksum_small) else ()
-        return zarr.create_array(zarr.storage.MemoryStore(), name=name, shape=a.shape, dtype=a.dtype, chunks=chunk, shards=shards,
-                                 compressors=tuple(layout.SMALL_COMPRESSORS if compress else ()) + crc, dimension_names=dims,
-                                 attributes=attrs, fill_value=0).metadata
+        return zarr.create_array(
+            zarr.storage.MemoryStore(),
+            name=name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=chunk,
+            shards=shards,
+            compressors=tuple(layout.SMALL_COMPRESSORS if compress else ()) + crc,
+            dimension_names=dims,
+            attributes=attrs,
+            fill_value=0,
+        ).metadata
 
     return array_metadata
 
@@ -70,8 +90,7 @@ def run_once(out: str, name: str, d: int, blocks: list[dict]) -> dict:
         store.write_block(f"b{i:06d}", b)
     write_s, write_cpu = time.perf_counter() - t, time.process_time() - c
     rows, mb = sum(len(b["targets"]) for b in blocks), sum(b["features"].nbytes for b in blocks) / 1e6
-    result = {"write_MBps": mb / write_s, "write_MB_per_cpu_s": mb / write_cpu,
-              "files_per_Mrows": _files(url) / rows * 1e6}
+    result = {"write_MBps": mb / write_s, "write_MB_per_cpu_s": mb / write_cpu, "files_per_Mrows": _files(url) / rows * 1e6}
     for verify in (True, False):
         t, c = time.perf_counter(), time.process_time()
         n = sum(len(batch["targets"]) for batch in ShuffledReader(url, batch_size=4096, verify=verify))
@@ -110,12 +129,16 @@ def main() -> None:
         runs = {name: [] for name in LAYOUTS}
         raw = []
         for r in range(args.repeats):
-            names = list(LAYOUTS)[r % len(LAYOUTS):] + list(LAYOUTS)[:r % len(LAYOUTS)]  # rotate: no order bias
+            names = list(LAYOUTS)[r % len(LAYOUTS) :] + list(LAYOUTS)[: r % len(LAYOUTS)]  # rotate: no order bias
             for name in names:
                 runs[name].append(run_once(args.out, name, d, blocks))
             raw.append(raw_write(args.out, blocks))
-        results[d] = {"raw_write_MBps": raw, "blocks": len(blocks), "rows_per_block": args.rows,
-                      **{name: {k: [x[k] for x in v] for k in v[0]} for name, v in runs.items()}}
+        results[d] = {
+            "raw_write_MBps": raw,
+            "blocks": len(blocks),
+            "rows_per_block": args.rows,
+            **{name: {k: [x[k] for x in v] for k in v[0]} for name, v in runs.items()},
+        }
     json.dump(results, open(os.path.join(args.out, "bench_layout.json"), "w"), indent=1)
     print(_table(results))
 
@@ -125,10 +148,12 @@ def _fmt(xs: list[float]) -> str:
 
 
 def _table(results: dict) -> str:
-    lines = ["| D | layout | write MB/s | write MB/CPU-s | read rows/s (verify) | read rows/CPU-s (verify) | "
-             "read rows/s (lazy) | read rows/CPU-s (lazy) | files per M rows |", "|---" * 9 + "|"]
-    keys = ("write_MBps", "write_MB_per_cpu_s", "read_rows_per_s", "read_rows_per_cpu_s", "read_rows_per_s_lazy",
-            "read_rows_per_cpu_s_lazy")
+    lines = [
+        "| D | layout | write MB/s | write MB/CPU-s | read rows/s (verify) | read rows/CPU-s (verify) | "
+        "read rows/s (lazy) | read rows/CPU-s (lazy) | files per M rows |",
+        "|---" * 9 + "|",
+    ]
+    keys = ("write_MBps", "write_MB_per_cpu_s", "read_rows_per_s", "read_rows_per_cpu_s", "read_rows_per_s_lazy", "read_rows_per_cpu_s_lazy")
     for d, r in results.items():
         for name in LAYOUTS:
             x = r[name]

@@ -17,6 +17,7 @@ x axis: the MLM's held-out masked-token accuracy at 50% masking (its metrics.jso
 labelled with its pre-training step. AR states depend only on the text, so one AR pass per text
 set serves every run, snapshot and rate.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,20 +25,20 @@ import json
 import math
 import types
 from pathlib import Path
+from pydoc_data.topics import topics  # CPython's own documentation text, shipped with every Python
 
 import torch
 import torch.nn.functional as F
-from pydoc_data.topics import topics  # CPython's own documentation text, shipped with every Python
 from safetensors.torch import load_file, save_file
 
-from maria_defaults.defaults import SMOLLM2_DIRNAME, default_cache_dir
-from maria_defaults.pretrain_mlm import PretrainMLMConfig, demo_mlm_dir, load_corpora, make_windows
-from maria_extract.corpus import iter_documents
 from maria.backbones import load_backbones
 from maria.device import cpu_threads
 from maria.features import ar_states, mlm_states
 from maria.io import atomic_file
 from maria.plots import line_plot
+from maria_defaults.defaults import SMOLLM2_DIRNAME, default_cache_dir
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, demo_mlm_dir, load_corpora, make_windows
+from maria_extract.corpus import iter_documents
 from maria_train_head.init import fit_mix_scales
 
 RATES = (0.15, 0.5)
@@ -104,8 +105,7 @@ def expert_logit_nlls(l1: torch.Tensor, l2: torch.Tensor, t: torch.Tensor, scale
 def score(bb, e: dict, windows, h_ar, mask, scales: dict, chunk: int = 512) -> dict[str, torch.Tensor]:
     """Per-masked-token NLLs of each fusion in scales; chunked so no (N, V) logits matrix is ever whole."""
     lengths = torch.full((len(windows),), windows.shape[1])
-    h_mlm = torch.cat([mlm_states(bb, windows[s : s + 16], mask[s : s + 16], lengths[s : s + 16]).float()
-                       for s in range(0, len(windows), 16)])
+    h_mlm = torch.cat([mlm_states(bb, windows[s : s + 16], mask[s : s + 16], lengths[s : s + 16]).float() for s in range(0, len(windows), 16)])
     rows, pos = mask.nonzero(as_tuple=True)
     out: dict[str, list] = {k: [] for k in scales}
     for s in range(0, len(rows), chunk):
@@ -120,8 +120,7 @@ def score(bb, e: dict, windows, h_ar, mask, scales: dict, chunk: int = 512) -> d
 def fit_scales(bb, e: dict, windows, h_ar, mask, seed: int) -> tuple[float, float]:
     """(a, b) of the `mix` init, fitted by the trainer's own function on these windows' masked tokens."""
     lengths = torch.full((len(windows),), windows.shape[1])
-    h_mlm = torch.cat([mlm_states(bb, windows[s : s + 16], mask[s : s + 16], lengths[s : s + 16]).float()
-                       for s in range(0, len(windows), 16)])
+    h_mlm = torch.cat([mlm_states(bb, windows[s : s + 16], mask[s : s + 16], lengths[s : s + 16]).float() for s in range(0, len(windows), 16)])
     rows, pos = mask.nonzero(as_tuple=True)
     features = torch.cat([h_mlm[rows, pos], h_ar[rows, pos]], 1)
     # fit_mix_scales reads the expert weights and sizes from a store; hand it these backbones' instead
@@ -137,8 +136,7 @@ def cached_ar_states(bb, sets: dict[str, torch.Tensor], path: Path) -> dict[str,
             return {k: (w, saved[f"{k}/h_ar"]) for k, w in sets.items()}
     out = {}
     for name, w in sets.items():
-        out[name] = (w, torch.cat([ar_states(bb, w[s : s + 16], torch.full((len(w[s : s + 16]),), w.shape[1])).float()
-                                   for s in range(0, len(w), 16)]))
+        out[name] = (w, torch.cat([ar_states(bb, w[s : s + 16], torch.full((len(w[s : s + 16]),), w.shape[1])).float() for s in range(0, len(w), 16)]))
         print(f"AR states of {name}: {len(w)} windows", flush=True)
     with atomic_file(path) as tmp:
         save_file({f"{k}/{n}": t.contiguous() for k, (w, h) in out.items() for n, t in (("windows", w), ("h_ar", h))}, str(tmp))
@@ -169,28 +167,53 @@ def bench_quality(cfg) -> dict:
             bb = load_backbones(str(folder), ar_dir, check_parity=False)
             e = bb.expert_weights()
             if not ar_cache:  # the AR and the texts are the same for every MLM: one AR pass per set
-                ar_cache = cached_ar_states(bb, text_sets(bb.ar_tokenizer, key, cfg.windows, cfg.seed),
-                                            cache / "bench-quality" / f"{bb.identity['ar']['fingerprint'][:12]}-n{cfg.windows}-s{cfg.seed}.safetensors")
+                ar_cache = cached_ar_states(
+                    bb,
+                    text_sets(bb.ar_tokenizer, key, cfg.windows, cfg.seed),
+                    cache / "bench-quality" / f"{bb.identity['ar']['fingerprint'][:12]}-n{cfg.windows}-s{cfg.seed}.safetensors",
+                )
             pad = bb.ar_tokenizer.eos_token_id
             w, h = ar_cache["fit"]
             a, b = fit_scales(bb, e, w, h, _masks(w, pad, None, cfg.seed + 7), cfg.seed)
             for name in ("wiki", "python-docs"):
                 w, h = ar_cache[name]
                 for rate in RATES:
-                    nll = score(bb, e, w, h, _masks(w, pad, rate, cfg.seed + int(rate * 100)),
-                                {"ar": (0.0, 1.0), "mlm": (1.0, 0.0), "poe": (0.5, 0.5), "mix": (a, b)})
+                    nll = score(
+                        bb, e, w, h, _masks(w, pad, rate, cfg.seed + int(rate * 100)), {"ar": (0.0, 1.0), "mlm": (1.0, 0.0), "poe": (0.5, 0.5), "mix": (a, b)}
+                    )
                     gain = nll["ar"] - nll["mix"]
-                    row = {"run": str(run), "objective": key.get("objective", "mlm"), "mlm_offset": bb.mlm_offset, "mlm": str(folder),
-                           "mlm_steps": metrics["steps"], "mlm_accuracy": metrics["accuracy"], "mlm_train_minutes": metrics.get("train_minutes"),
-                           "set": name, "rate": rate, "tokens": len(gain), "mix_scales": [a, b],
-                           **{f"nll_{k}": v.mean().item() for k, v in nll.items()},
-                           "gain": gain.mean().item(), "gain_se": gain.std().item() / math.sqrt(len(gain))}
+                    row = {
+                        "run": str(run),
+                        "objective": key.get("objective", "mlm"),
+                        "mlm_offset": bb.mlm_offset,
+                        "mlm": str(folder),
+                        "mlm_steps": metrics["steps"],
+                        "mlm_accuracy": metrics["accuracy"],
+                        "mlm_train_minutes": metrics.get("train_minutes"),
+                        "set": name,
+                        "rate": rate,
+                        "tokens": len(gain),
+                        "mix_scales": [a, b],
+                        **{f"nll_{k}": v.mean().item() for k, v in nll.items()},
+                        "gain": gain.mean().item(),
+                        "gain_se": gain.std().item() / math.sqrt(len(gain)),
+                    }
                     rows.append(row)
-                    print(f"{row['objective']:>5} step {row['mlm_steps']:>5} acc {row['mlm_accuracy']:.3f} {name:>11} r={rate}: AR {row['nll_ar']:.4f} "
-                          f"mix {row['nll_mix']:.4f} gain {row['gain']:+.4f} ± {row['gain_se']:.4f} (a={a:.3f}, b={b:.3f})", flush=True)
+                    print(
+                        f"{row['objective']:>5} step {row['mlm_steps']:>5} acc {row['mlm_accuracy']:.3f} {name:>11} r={rate}: AR {row['nll_ar']:.4f} "
+                        f"mix {row['nll_mix']:.4f} gain {row['gain']:+.4f} ± {row['gain_se']:.4f} (a={a:.3f}, b={b:.3f})",
+                        flush=True,
+                    )
     _plot(rows, Path(cfg.json).with_suffix(".png"))
-    return {"benchmark": "quality", "windows_per_set": cfg.windows, "fit_windows": FIT_WINDOWS, "ar": ar_dir,
-            "runs": [str(r) for r in runs], "results": rows, "targets": targets(rows)}
+    return {
+        "benchmark": "quality",
+        "windows_per_set": cfg.windows,
+        "fit_windows": FIT_WINDOWS,
+        "ar": ar_dir,
+        "runs": [str(r) for r in runs],
+        "results": rows,
+        "targets": targets(rows),
+    }
 
 
 def targets(rows: list[dict]) -> dict:
@@ -202,14 +225,25 @@ def targets(rows: list[dict]) -> dict:
         mine = [r for r in rows if r["run"] == run]
         final = max(r["mlm_steps"] for r in mine)
         pts = {f"{r['set']}@{r['rate']}": r for r in mine if r["mlm_steps"] == final}
-        last[run] = {"objective": mine[0]["objective"], "steps": final, "mlm_accuracy": mine[-1]["mlm_accuracy"],
-                     "gain_nats": {k: round(r["gain"], 4) for k, r in pts.items()},
-                     "goal_wiki_0.1_nats": all(r["gain"] >= 0.1 for k, r in pts.items() if k.startswith("wiki")),
-                     "goal_other_domain_not_worse": all(r["gain"] + 2 * r["gain_se"] >= 0 for k, r in pts.items() if k.startswith("python"))}
+        last[run] = {
+            "objective": mine[0]["objective"],
+            "steps": final,
+            "mlm_accuracy": mine[-1]["mlm_accuracy"],
+            "gain_nats": {k: round(r["gain"], 4) for k, r in pts.items()},
+            "goal_wiki_0.1_nats": all(r["gain"] >= 0.1 for k, r in pts.items() if k.startswith("wiki")),
+            "goal_other_domain_not_worse": all(r["gain"] + 2 * r["gain_se"] >= 0 for k, r in pts.items() if k.startswith("python")),
+        }
     common = sorted(set.intersection(*({r["mlm_steps"] for r in rows if r["run"] == run} for run in runs)))
-    equal_steps = {str(step): {run: {"accuracy": next(r["mlm_accuracy"] for r in rows if r["run"] == run and r["mlm_steps"] == step),
-                                     **{f"gain {r['set']}@{r['rate']}": round(r["gain"], 4) for r in rows if r["run"] == run and r["mlm_steps"] == step}}
-                                for run in runs} for step in common}
+    equal_steps = {
+        str(step): {
+            run: {
+                "accuracy": next(r["mlm_accuracy"] for r in rows if r["run"] == run and r["mlm_steps"] == step),
+                **{f"gain {r['set']}@{r['rate']}": round(r["gain"], 4) for r in rows if r["run"] == run and r["mlm_steps"] == step},
+            }
+            for run in runs
+        }
+        for step in common
+    }
     out = {"last": last, "equal_steps": equal_steps, "bar_wiki_gain": 0.1, "bar_other_domain_gain": 0.0}
     if len(runs) > 1 and common:  # the better run at the last common step: the larger gain on the validation articles at 50%
         at = [r for r in rows if r["mlm_steps"] == common[-1] and r["set"] == "wiki" and r["rate"] == 0.5]
@@ -232,6 +266,13 @@ def _plot(rows: list[dict], png: Path) -> None:
             styles[label] = {"color": colours[i % len(colours)], "ls": dash}
             if (text, rate) == ("wiki", 0.5):
                 notes[label] = [str(r["mlm_steps"]) for r in pts]
-    line_plot(png, series, "MLM held-out masked-token accuracy at 50% masking (labels: steps)",
-              "AR-only NLL - MARIA (mix) NLL, nats/token", "MARIA's gain over the AR alone vs MLM strength",
-              hlines={"goal on wiki (0.1 nats)": 0.1, "no gain": 0.0}, annotate=notes, styles=styles)
+    line_plot(
+        png,
+        series,
+        "MLM held-out masked-token accuracy at 50% masking (labels: steps)",
+        "AR-only NLL - MARIA (mix) NLL, nats/token",
+        "MARIA's gain over the AR alone vs MLM strength",
+        hlines={"goal on wiki (0.1 nats)": 0.1, "no gain": 0.0},
+        annotate=notes,
+        styles=styles,
+    )

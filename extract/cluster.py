@@ -4,6 +4,7 @@ bounded wait for the cluster to place one. Every failure is one line naming the 
 Conventions (as any Ray program): an explicit --address wins; else RAY_ADDRESS (set by `ray job
 submit` and KubeRay); else an embedded local Ray that lives as long as the job.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,10 @@ def check_temp_dir(temp_dir: str | None) -> str | None:
     path = os.path.abspath(os.path.expanduser(temp_dir))
     budget = _SOCKET_LIMIT - len(_SOCKET_SUFFIX)
     if len(path.encode()) > budget:
-        raise RayClusterError(f"--ray-temp-dir {path} is {len(path.encode())} bytes; Ray's socket paths under it must "
-                              f"fit {_SOCKET_LIMIT} bytes, so pass a folder of at most {budget} bytes (e.g. /tmp/ray-maria)")
+        raise RayClusterError(
+            f"--ray-temp-dir {path} is {len(path.encode())} bytes; Ray's socket paths under it must "
+            f"fit {_SOCKET_LIMIT} bytes, so pass a folder of at most {budget} bytes (e.g. /tmp/ray-maria)"
+        )
     return path
 
 
@@ -96,14 +99,17 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
 def _start_failure(address: str | None, temp_dir: str | None, e: Exception) -> str:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     if address:
-        return (f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head`, "
-                f"fix --address / RAY_ADDRESS, or unset both for an embedded local Ray")
+        return (
+            f"cannot connect to the Ray cluster at {address!r} ({first}); start one with `ray start --head`, "
+            f"fix --address / RAY_ADDRESS, or unset both for an embedded local Ray"
+        )
     if "AF_UNIX" in str(e) or "socket" in first.lower():
         return f"Ray could not create its sockets ({first}); pass a short --ray-temp-dir such as /tmp/ray-maria"
     return f"cannot start an embedded Ray ({first}); check --ray-temp-dir {temp_dir or '(default /tmp/ray)'} is writable"
 
 
 # --- what each backbone actor asks for, and whether the cluster can ever give it ------------------
+
 
 @dataclass
 class ActorRequest:
@@ -143,8 +149,7 @@ def _largest(nodes: list[dict]) -> str:
     if not nodes:
         return "no worker nodes"
     best = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0), n.get("memory", 0)))
-    return (f"{len(nodes)} node(s), the largest with {best.get('GPU', 0):g} GPU, {best.get('CPU', 0):g} CPU, "
-            f"{best.get('memory', 0) / 2**30:.0f} GiB memory")
+    return f"{len(nodes)} node(s), the largest with {best.get('GPU', 0):g} GPU, {best.get('CPU', 0):g} CPU, {best.get('memory', 0) / 2**30:.0f} GiB memory"
 
 
 def unsatisfiable(req: ActorRequest, nodes: list[dict], groups: list[dict] | None, embedded: bool) -> str | None:
@@ -187,7 +192,9 @@ def wait_for_placement(req: ActorRequest, timeout_s: float, embedded: bool) -> N
     if not ready:
         ray.cancel(ref, force=True)
         nodes, groups = cluster_shapes()
-        raise RayClusterError(f"the cluster placed no backbone actor within {time.monotonic() - start:.0f} s: the job asks "
-                              f"for {req.describe()}; the cluster has {_largest(nodes)}. {_fix(req)}, or raise "
-                              f"--actor-start-timeout-s if nodes are still being added")
+        raise RayClusterError(
+            f"the cluster placed no backbone actor within {time.monotonic() - start:.0f} s: the job asks "
+            f"for {req.describe()}; the cluster has {_largest(nodes)}. {_fix(req)}, or raise "
+            f"--actor-start-timeout-s if nodes are still being added"
+        )
     ray.get(ref)

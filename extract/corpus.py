@@ -12,21 +12,21 @@ corpora of many short documents belong in JSONL, CSV or parquet, one row per doc
 The Ray job reads files on the workers through extract/source.py; `iter_documents` reads a
 local corpus in-process (MLM pretraining, tests) with the same parsing.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from maria_extract.datasets_compat import saved_dataset_shards
 from maria_storage.format import StoreAccessError
 from maria_storage.location import access_error, check_url, resolve_storage_options
 
-KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text",
-         ".arrow": "arrow"}
+KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text", ".arrow": "arrow"}
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".lz4", ".br")  # Ray Data (and fsspec) decompress these by suffix
 DATASETS_MARKERS = ("dataset_dict.json", "state.json")
 
@@ -96,18 +96,19 @@ def list_corpus(source: str, split: str | None = None) -> Corpus:
             raise
         raise CorpusError(str(error) if error else f"cannot list corpus {source}: {str(e).splitlines()[0][:200]}") from None
     if not paths:
-        raise CorpusError(f"corpus {source} does not exist or matches no files; pass a datasets folder, parquet, "
-                          f"JSON(L), CSV or .txt files (a file, a folder, a glob or an s3:// or gs:// URL)")
+        raise CorpusError(
+            f"corpus {source} does not exist or matches no files; pass a datasets folder, parquet, "
+            f"JSON(L), CSV or .txt files (a file, a folder, a glob or an s3:// or gs:// URL)"
+        )
     # names starting with "_" or "." are bookkeeping (_SUCCESS, .crc, .cache): skipped, as Ray Data does
-    visible = [p for p in paths if not any(part[:1] in "_." for part in p[len(root):].split("/") if part)] or paths
+    visible = [p for p in paths if not any(part[:1] in "_." for part in p[len(root) :].split("/") if part)] or paths
     kinds = {p: _kind(p) for p in visible}
     found = sorted({k for k in kinds.values() if k})
     if not found:
         raise CorpusError(f"corpus {source} holds no .parquet, .jsonl, .json, .csv or .txt files")
     if len(found) > 1:
         examples = ", ".join(f"{os.path.basename(next(p for p in visible if kinds[p] == k))} ({k})" for k in found)
-        raise CorpusError(f"corpus {source} mixes file kinds: {examples}; keep one kind per corpus or pass a glob "
-                          f"such as {source.rstrip('/')}/*.parquet")
+        raise CorpusError(f"corpus {source} mixes file kinds: {examples}; keep one kind per corpus or pass a glob such as {source.rstrip('/')}/*.parquet")
     files = tuple(_url(fs, p, source) for p in visible if kinds[p])
     return Corpus(source, found[0], files, options)
 
@@ -129,6 +130,7 @@ def _datasets_files(fs, root: str, split: str | None) -> list[str] | None:
 
 
 # --- parsing: one open file -> lists of texts (None for a missing value) ----------------------------
+
 
 def file_texts(kind: str, f, name: str, column: str) -> Iterator[list]:
     """Texts of one file in row order, in chunks. `f` is a binary file, already decompressed
@@ -160,8 +162,10 @@ def _read_all(f, name: str) -> bytes:
         if suffix is None:
             raise
         reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise CorpusError(f"cannot decompress {name} as {suffix} ({reason}); check it is a complete {suffix} file, "
-                          f"or rename it without the {suffix} suffix if it is not compressed") from None
+        raise CorpusError(
+            f"cannot decompress {name} as {suffix} ({reason}); check it is a complete {suffix} file, "
+            f"or rename it without the {suffix} suffix if it is not compressed"
+        ) from None
 
 
 def _utf8(data: bytes, name: str) -> bytes:
@@ -189,8 +193,9 @@ def _arrow_texts(f, name: str, column: str) -> Iterator[list]:
     try:
         reader = pa.ipc.open_stream(f)
     except (pa.ArrowException, OSError) as e:
-        raise CorpusError(f"cannot read {name} as an Arrow stream (a datasets shard): {str(e).splitlines()[0][:200]}; "
-                          f"pass the folder `datasets.save_to_disk` wrote") from None
+        raise CorpusError(
+            f"cannot read {name} as an Arrow stream (a datasets shard): {str(e).splitlines()[0][:200]}; pass the folder `datasets.save_to_disk` wrote"
+        ) from None
     _check_column(reader.schema, name, column)
     try:
         for batch in reader:
@@ -226,8 +231,7 @@ def _json_texts(data: bytes, name: str, column: str) -> Iterator[list]:
             rows = json.loads(data)
             table = pa.Table.from_pylist(rows if isinstance(rows, list) else [rows])
         except Exception:  # noqa: BLE001 -- neither JSON Lines nor a JSON array: report arrow's reason
-            raise CorpusError(f"cannot read {name} as JSON Lines: {str(e).splitlines()[0][:200]}; "
-                              f"write one JSON object per line") from None
+            raise CorpusError(f"cannot read {name} as JSON Lines: {str(e).splitlines()[0][:200]}; write one JSON object per line") from None
     _check_column(table.schema, name, column)
     yield table.column(column).to_pylist()
 
@@ -252,13 +256,11 @@ def _csv_texts(data: bytes, name: str, column: str) -> Iterator[list]:
         for row in reader:
             if row:  # a blank line is no row (as pyarrow and pandas read it)
                 if len(row) != len(header):
-                    raise CorpusError(f"{name} line {line}: {len(row)} fields, the header has {len(header)}; quote "
-                                      f"fields that hold commas or line breaks")
+                    raise CorpusError(f"{name} line {line}: {len(row)} fields, the header has {len(header)}; quote fields that hold commas or line breaks")
                 texts.append(row[i])
             line = reader.line_num + 1
     except csv.Error as e:
-        raise CorpusError(f"{name} line {line}: malformed CSV ({e}); close every quoted field, and write a quote "
-                          f"inside one as two quotes (\"\")") from None
+        raise CorpusError(f'{name} line {line}: malformed CSV ({e}); close every quoted field, and write a quote inside one as two quotes ("")') from None
     yield texts
 
 
@@ -267,6 +269,7 @@ def is_document(text) -> bool:
 
 
 # --- local reading, no Ray ---------------------------------------------------------------------
+
 
 def open_local(corpus: Corpus, i: int):
     """File i of the corpus opened for `file_texts`: decompressed by suffix, seekable for parquet. Local files go
@@ -285,8 +288,7 @@ def open_local(corpus: Corpus, i: int):
     return fsspec.open(corpus.files[i], "rb", compression=compression, **corpus.storage_options).open()
 
 
-def iter_documents(source: str, text_column: str = "text", split: str | None = None,
-                   max_docs: int | None = None) -> Iterator[str]:
+def iter_documents(source: str, text_column: str = "text", split: str | None = None, max_docs: int | None = None) -> Iterator[str]:
     """Non-empty documents of a corpus in corpus order, read in this process (for small corpora:
     MLM pretraining, tests, benchmarks). `max_docs` counts rows, empty ones included, as the job does."""
     corpus = list_corpus(source, split)
@@ -304,6 +306,7 @@ def iter_documents(source: str, text_column: str = "text", split: str | None = N
 
 # --- ids, blocks and the fingerprint: pure functions of (rows per file, docs_per_block) ----------
 
+
 def block_id(file: int, row_start: int) -> str:
     """A block is docs_per_block consecutive rows of one file; its id names the file and first row."""
     return f"f{file:06d}-r{row_start:010d}"
@@ -311,8 +314,7 @@ def block_id(file: int, row_start: int) -> str:
 
 def plan_blocks(rows: list[int], docs_per_block: int) -> list[tuple[str, int, int, int]]:
     """(block_id, file, first row, end row) of every block, in corpus order."""
-    return [(block_id(i, s), i, s, min(s + docs_per_block, n)) for i, n in enumerate(rows)
-            for s in range(0, n, docs_per_block)]
+    return [(block_id(i, s), i, s, min(s + docs_per_block, n)) for i, n in enumerate(rows) for s in range(0, n, docs_per_block)]
 
 
 def doc_offsets(rows: list[int]) -> list[int]:

@@ -3,6 +3,7 @@
 dataset (which, for an s3:// folder, downloads it). An upgrade that renames it breaks it here, and
 tests/test_adapters.py names what went away.
 """
+
 from __future__ import annotations
 
 STATE_FILE = "state.json"

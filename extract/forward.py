@@ -3,6 +3,7 @@
 No Ray and no store here (torch, numpy and the model core only), so the device check (bench/device_check.py)
 times exactly this code path on a GPU image that has neither.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +31,7 @@ def block_features(bb: Backbones, ids, lengths, masks, batch_size: int, device: 
             for k in range(len(masks)):
                 af = aligned_features(bb, x, torch.from_numpy(masks[k][idx, :n_max]).to(device), n, h_ar=h_ar)
                 rows = idx[af.rows.cpu().numpy()]
-                parts.append((af.features.float().cpu().numpy(), af.targets.cpu().numpy(), rows,
-                              af.positions.cpu().numpy(), np.full(len(rows), k)))
+                parts.append((af.features.float().cpu().numpy(), af.targets.cpu().numpy(), rows, af.positions.cpu().numpy(), np.full(len(rows), k)))
     if not parts:  # a block whose documents were all too short for a window: an empty block
         return np.zeros((0, bb.d_mlm + bb.d_ar), np.float32), *(np.zeros(0, np.int64) for _ in range(4))
     f, t, r, p, k = (np.concatenate(c) for c in zip(*parts))

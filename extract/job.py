@@ -9,23 +9,25 @@ A block is docs_per_block consecutive rows of one file, a pure function of the c
 retried, preempted or re-run block writes the same bytes, and a re-run of the same command skips
 committed blocks and finishes the rest. The driver alone writes store metadata.
 """
+
 from __future__ import annotations
 
-from typing import Literal
-import logging
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import resource
-import tempfile
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
-from maria_extract.cluster import (ActorRequest, cluster_shapes, gpus_available, init_ray, quiet_ray_data, resolve_address,
-                             wait_for_placement)
+from maria.backbones import MLM_OFFSETS
+from maria.device import Device, DType
+from maria_extract.cluster import ActorRequest, cluster_shapes, gpus_available, init_ray, quiet_ray_data, resolve_address, wait_for_placement
 from maria_extract.corpus import Corpus, CorpusError, corpus_fingerprint, doc_offsets, limit_rows, list_corpus, plan_blocks
 from maria_extract.masking import MaskingConfig
 from maria_extract.ray_compat import drop_high_memory_detector
@@ -33,8 +35,6 @@ from maria_extract.source import read_corpus
 from maria_extract.stages import BlockHooks, FeatureActor, StageSpec, describe_backbones, tokenize_and_mask, write_blocks
 from maria_storage import StoreError, create_store, probe_store
 from maria_storage.location import check_url, is_local, local_path
-from maria.backbones import MLM_OFFSETS
-from maria.device import Device, DType
 
 log = logging.getLogger("maria.extract")  # the CLI prints it; a notebook sees it with logging.basicConfig(level=logging.INFO)
 
@@ -62,14 +62,20 @@ class ExtractConfig:
     batch_size: int = 16  # windows per backbone forward (length-bucketed)
     device: Device = "auto"  # auto (cuda on actors given a GPU, else cpu) | cpu | cuda; decided on each actor
     dtype: DType = "auto"  # backbone dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
-    feature_dtype: Literal["float16", "bfloat16", "float8"] = "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits) | float8 (e4m3 codes in uint8 with a float32 scale per row: half the bytes)
-    actor_gpus: float | None = None  # GPUs per backbone actor (0.5 = two actors share a GPU); unset = 1 if the cluster has or can add GPUs and --device is not cpu, else 0
+    feature_dtype: Literal["float16", "bfloat16", "float8"] = (
+        "float16"  # stored feature dtype: float16 | bfloat16 (stored as uint16 bits) | float8 (e4m3 codes in uint8 with a float32 scale per row: half the bytes)
+    )
+    actor_gpus: float | None = (
+        None  # GPUs per backbone actor (0.5 = two actors share a GPU); unset = 1 if the cluster has or can add GPUs and --device is not cpu, else 0
+    )
     actor_cpus: float = 0.5  # CPUs per backbone actor (fractional: on small nodes whole CPUs can starve the pipeline)
     actor_memory_gb: float | None = None  # RAM Ray reserves per backbone actor (set it on a fleet: about 3x both backbones' weights)
     min_actors: int = 1  # fewest backbone actors (the pool starts with one per GPU share present and never shrinks below this)
     max_actors: int | None = None  # most backbone actors; unset = as many as the cluster's GPUs allow, growing as nodes join (1 without GPUs)
     actor_start_timeout_s: float = 600.0  # fail if the cluster places no backbone actor within this time (autoscalers take minutes)
-    address: str | None = None  # Ray cluster: unset = $RAY_ADDRESS if set (ray job submit, KubeRay), else an embedded local Ray; "auto" = the cluster running on this machine
+    address: str | None = (
+        None  # Ray cluster: unset = $RAY_ADDRESS if set (ray job submit, KubeRay), else an embedded local Ray; "auto" = the cluster running on this machine
+    )
     ray_temp_dir: str | None = None  # Ray's temp/log folder for the embedded cluster (short: Ray's socket paths must fit 107 bytes)
     trust_remote_code: bool = False  # allow model code from the hub (off unless asked)
     mlm_revision: str | None = None  # hub revision of the MLM
@@ -77,8 +83,9 @@ class ExtractConfig:
     mlm_offset: int | None = None  # where the MLM predicts x[i]: 0 (classic MLM) or -1 (MNTP: at i - 1); unset: its config's prediction_offset, else 0
 
     def __post_init__(self):
-        self.masking = MaskingConfig(self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, span_mean=self.mask_span_mean,
-                                     masks_per_window=self.masks_per_window)
+        self.masking = MaskingConfig(
+            self.mask_mode, self.mask_rate, self.mask_min_rate, self.mask_max_rate, span_mean=self.mask_span_mean, masks_per_window=self.masks_per_window
+        )
         if self.window_length < 2 or self.docs_per_block < 1 or self.batch_size < 1:
             raise ValueError("window length must be >= 2, docs per block and batch size >= 1")
         if self.feature_dtype not in ("float16", "bfloat16", "float8"):
@@ -162,8 +169,9 @@ def check_store_target(url: str, corpus: Corpus) -> None:
     source = norm(re.split(r"[*?\[]", corpus.source)[0] or ".")  # a glob's fixed part
     inside = lambda a, b: a == b or a.startswith(b.rstrip("/") + "/")  # noqa: E731
     if inside(store, source) or any(inside(f if corpus.remote else local_path(f), store) for f in corpus.files):
-        raise StoreError(f"--store {url} overlaps the corpus {corpus.source}: a re-run would list the store's files as "
-                         f"corpus files; put the store outside the corpus folder")
+        raise StoreError(
+            f"--store {url} overlaps the corpus {corpus.source}: a re-run would list the store's files as corpus files; put the store outside the corpus folder"
+        )
     if not is_local(url):
         probe_store(url)  # the first contact, before Ray starts: no credentials, access denied, no server: one line now
         return
@@ -177,8 +185,10 @@ def check_store_target(url: str, corpus: Corpus) -> None:
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise StoreError(f"--store {url} cannot be written ({e.strerror}: {probe}); extraction writes into the store "
-                         f"even to resume it: pass a writable --store (copy a read-only store somewhere writable first)") from None
+        raise StoreError(
+            f"--store {url} cannot be written ({e.strerror}: {probe}); extraction writes into the store "
+            f"even to resume it: pass a writable --store (copy a read-only store somewhere writable first)"
+        ) from None
 
 
 def _scan(cfg: ExtractConfig, corpus: Corpus) -> tuple[list[int], str]:
@@ -213,9 +223,18 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) ->
             ray.cancel(described, force=True)
             raise
         info, init_weights = ray.get(described)
-    manifest = {**info, "feature_dtype": cfg.feature_dtype, "masking": asdict(cfg.masking), "seed": cfg.seed,
-                "corpus_fingerprint": fingerprint, "window_length": cfg.window_length, "text_column": cfg.text_column,
-                "docs_per_block": cfg.docs_per_block, "documents": sum(rows), "files": sum(1 for n in rows if n)}
+    manifest = {
+        **info,
+        "feature_dtype": cfg.feature_dtype,
+        "masking": asdict(cfg.masking),
+        "seed": cfg.seed,
+        "corpus_fingerprint": fingerprint,
+        "window_length": cfg.window_length,
+        "text_column": cfg.text_column,
+        "docs_per_block": cfg.docs_per_block,
+        "documents": sum(rows),
+        "files": sum(1 for n in rows if n),
+    }
     store = create_store(cfg.store, manifest, init_weights)
     plan = plan_blocks(rows, cfg.docs_per_block)
     store.write_plan([b for b, *_ in plan], command_line(cfg))  # what "complete" means, and the command that finishes it
@@ -226,8 +245,7 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) ->
         todo = [b for b in plan if b[0] not in done]
         if attempt > 1 and not todo:  # the pass before finished them all; its line said so
             break
-        log.info(f"maria extract: {sum(rows)} documents in {len(rows)} file(s), {len(done)} blocks already committed, "
-                 f"{len(todo)} to do -> {cfg.store}")
+        log.info(f"maria extract: {sum(rows)} documents in {len(rows)} file(s), {len(done)} blocks already committed, {len(todo)} to do -> {cfg.store}")
         if not todo:
             break
         try:
@@ -240,20 +258,33 @@ def _run(cfg: ExtractConfig, corpus: Corpus, embedded: bool, spec: StageSpec) ->
             if attempt == PIPELINE_ATTEMPTS:
                 if _is_cluster_failure(e):
                     first = (str(e).strip().splitlines() or [""])[0][:160]
-                    raise TransientClusterError(f"the Ray cluster failed {attempt} passes of the job ({type(e).__name__}: "
-                                                f"{first}); re-run the same command to resume (committed blocks are kept)") from e
+                    raise TransientClusterError(
+                        f"the Ray cluster failed {attempt} passes of the job ({type(e).__name__}: "
+                        f"{first}); re-run the same command to resume (committed blocks are kept)"
+                    ) from e
                 raise
-            log.warning(f"maria extract: pass {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                        f"redoing the uncommitted blocks")
+            log.warning(
+                f"maria extract: pass {attempt} failed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); redoing the uncommitted blocks"
+            )
     committed = set(store.committed_blocks())
     missing = [b for b, *_ in plan if b not in committed]
     if missing:
-        raise TransientClusterError(f"{len(missing)} blocks (first: {', '.join(missing[:3])}) were not committed after "
-                                    f"{PIPELINE_ATTEMPTS} passes; re-run the same command to finish them")
+        raise TransientClusterError(
+            f"{len(missing)} blocks (first: {', '.join(missing[:3])}) were not committed after "
+            f"{PIPELINE_ATTEMPTS} passes; re-run the same command to finish them"
+        )
     store.gc_uncommitted()
     store.finalize()
-    summary = {"store": cfg.store, "blocks": store.manifest["blocks"], "rows": store.manifest["rows"], "new_rows": new_rows,
-               "new_tokens": new_tokens, "actor": request.describe(), "driver_peak_rss_mb": _peak_rss_mb(), **steady}
+    summary = {
+        "store": cfg.store,
+        "blocks": store.manifest["blocks"],
+        "rows": store.manifest["rows"],
+        "new_rows": new_rows,
+        "new_tokens": new_tokens,
+        "actor": request.describe(),
+        "driver_peak_rss_mb": _peak_rss_mb(),
+        **steady,
+    }
     log.info(f"maria extract: done, {summary['rows']} masked-token rows in {summary['blocks']} blocks")
     return summary
 
@@ -276,15 +307,14 @@ def _pipeline(cfg: ExtractConfig, spec: StageSpec, corpus: Corpus, rows: list[in
     # on GPUs the pool grows with the cluster (unbounded: Ray Data adds an actor per free GPU share); on CPUs one
     # actor already uses every core through torch's threads
     max_actors = cfg.max_actors or (None if request.num_gpus else cfg.min_actors)
-    pool = ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=max_actors,
-                                      initial_size=initial_actors(cfg.min_actors, max_actors, request, cluster_shapes()[0]))
+    pool = ray.data.ActorPoolStrategy(
+        min_size=cfg.min_actors, max_size=max_actors, initial_size=initial_actors(cfg.min_actors, max_actors, request, cluster_shapes()[0])
+    )
     helpers = ray.data.TaskPoolStrategy(size=2 * max_actors) if max_actors else None  # CPU stages keep pace, no more
     ds = read_corpus(corpus, sorted(plan), cfg.text_column, "blocks", cfg.docs_per_block, plan)
     ds = ds.map_batches(tokenize_and_mask, fn_kwargs={"cfg": spec}, batch_size=1, num_cpus=0.25, batch_format="numpy", compute=helpers)
-    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": spec}, batch_size=1, batch_format="numpy",
-                        compute=pool, **request.ray_args())
-    ds = ds.map_batches(write_blocks, fn_kwargs={"cfg": spec}, batch_size=1, num_cpus=0.25, batch_format="numpy",
-                        compute=helpers)
+    ds = ds.map_batches(FeatureActor, fn_constructor_kwargs={"cfg": spec}, batch_size=1, batch_format="numpy", compute=pool, **request.ray_args())
+    ds = ds.map_batches(write_blocks, fn_kwargs={"cfg": spec}, batch_size=1, num_cpus=0.25, batch_format="numpy", compute=helpers)
     return _drain(ds, len(todo))
 
 
@@ -344,9 +374,19 @@ def _is_cluster_failure(e: BaseException) -> bool:
     """A failure of the cluster, not of our code or input: what a re-run gets past."""
     import ray.exceptions as rex
 
-    kinds = (rex.ActorDiedError, rex.ActorUnavailableError, rex.NodeDiedError, rex.WorkerCrashedError,
-             rex.ObjectLostError, rex.OwnerDiedError, rex.RaySystemError, rex.ObjectFetchTimedOutError,
-             rex.OutOfMemoryError, rex.LocalRayletDiedError, rex.GetTimeoutError)
+    kinds = (
+        rex.ActorDiedError,
+        rex.ActorUnavailableError,
+        rex.NodeDiedError,
+        rex.WorkerCrashedError,
+        rex.ObjectLostError,
+        rex.OwnerDiedError,
+        rex.RaySystemError,
+        rex.ObjectFetchTimedOutError,
+        rex.OutOfMemoryError,
+        rex.LocalRayletDiedError,
+        rex.GetTimeoutError,
+    )
     seen, cur = set(), e
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))

@@ -3,10 +3,11 @@
 Deterministic from (seed, document, window, mask index): a re-run of the job draws identical
 masks, and any block can be recomputed alone.
 """
+
 from __future__ import annotations
 
-from typing import Literal
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -41,8 +42,9 @@ def word_starts(tokenizer, vocab_size: int) -> np.ndarray:
     return starts
 
 
-def sample_mask(ids: np.ndarray, cfg: MaskingConfig, seed: int, doc: int, window: int, k: int,
-                starts: np.ndarray | None = None, first_maskable: int = 0) -> tuple[np.ndarray, float]:
+def sample_mask(
+    ids: np.ndarray, cfg: MaskingConfig, seed: int, doc: int, window: int, k: int, starts: np.ndarray | None = None, first_maskable: int = 0
+) -> tuple[np.ndarray, float]:
     """(mask, rate) for one window, from its own RNG stream (seed, doc, window, k)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, doc, window, k]))
     n = len(ids)

@@ -6,6 +6,7 @@ Why each is needed: Ray offers no public way to (1) resolve "auto" / host:port t
 folder somewhere else (ray.init's `_temp_dir`), (4) quiet Ray Data's internal loggers, (5) drop one
 issue detector, (6) open a file of a FileBasedDatasource for random access (parquet's footer).
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,8 +38,15 @@ def autoscaler_node_groups() -> list[dict] | None:
 
 def init_embedded(num_cpus: int, temp_dir: str | None) -> None:
     """A local Ray for this process alone, its sessions and sockets under temp_dir (default /tmp/ray)."""
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-             _temp_dir=temp_dir, log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        configure_logging=False,
+    )
 
 
 def quiet_ray_data_internals() -> None:

@@ -8,11 +8,11 @@ it is read. Two modes over the same files:
     blocks  one row per block not yet committed: block id, global document ids, texts
 The driver only ever sees scan rows (one per file) and block ids.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
-
+from collections.abc import Iterator
 
 from maria_extract.corpus import Corpus, CorpusError, block_id, file_texts, is_document, text_digest
 from maria_extract.ray_compat import RandomAccessDatasource
@@ -39,8 +39,7 @@ class CorpusSource(RandomAccessDatasource):
     """Files `file_ids` of a corpus. `plan` (blocks mode) maps file id -> (doc id of row 0,
     rows to use, block starts still to do); it travels by object reference, not in every task."""
 
-    def __init__(self, corpus: Corpus, file_ids: list[int], column: str, mode: str = "scan",
-                 docs_per_block: int = 1, plan: dict | None = None):
+    def __init__(self, corpus: Corpus, file_ids: list[int], column: str, mode: str = "scan", docs_per_block: int = 1, plan: dict | None = None):
         import ray
 
         paths = [corpus.files[i] for i in file_ids]
@@ -95,19 +94,24 @@ def _block_rows(i: int, texts: Iterator[list], offset: int, rows: int, starts: s
         if row >= rows:
             break
     if row < rows:  # never commit a block from a different file than the one planned
-        raise CorpusError(f"corpus file {i} has {row} rows, the job planned {rows}: it changed while the job ran; "
-                          f"re-run the same command")
+        raise CorpusError(f"corpus file {i} has {row} rows, the job planned {rows}: it changed while the job ran; re-run the same command")
 
 
 def _block_table(bid: str, docs: list[tuple[int, str]]):
     import pyarrow as pa
 
-    return pa.table({"block_id": [bid], "doc_ids": pa.array([[d for d, _ in docs]], pa.list_(pa.int64())),
-                     "texts": pa.array([[t for _, t in docs]], pa.list_(pa.large_string()))})
+    return pa.table(
+        {
+            "block_id": [bid],
+            "doc_ids": pa.array([[d for d, _ in docs]], pa.list_(pa.int64())),
+            "texts": pa.array([[t for _, t in docs]], pa.list_(pa.large_string())),
+        }
+    )
 
 
-def read_corpus(corpus: Corpus, file_ids: list[int], column: str, mode: str = "scan", docs_per_block: int = 1,
-                plan: dict | None = None, num_cpus: float = 0.25):
+def read_corpus(
+    corpus: Corpus, file_ids: list[int], column: str, mode: str = "scan", docs_per_block: int = 1, plan: dict | None = None, num_cpus: float = 0.25
+):
     """A Ray Dataset over the given files; read tasks take a fraction of a CPU so reading never
     starves the backbone actors of a small node."""
     import ray

@@ -7,6 +7,7 @@
 Device and dtype are decided inside the actor (or task), from the GPUs Ray gave it, never on the
 driver: under `ray job submit` the driver runs on a CPU head.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,11 +16,12 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from maria.backbones import load_backbones
+from maria.device import cpu_threads
+from maria.device import resolve_device as resolve_local_device
 from maria_extract.corpus import cut_windows
 from maria_extract.forward import block_features
 from maria_extract.masking import MaskingConfig, sample_mask, word_starts
-from maria.backbones import load_backbones
-from maria.device import cpu_threads, resolve_device as resolve_local_device
 from maria_storage import open_store
 
 
@@ -81,17 +83,24 @@ def resolve_device(requested: str) -> str:
 
 def load(cfg: StageSpec, device: str, check_parity: bool = True):
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    return load_backbones(cfg.mlm, cfg.ar, dtype=dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                          mlm_revision=cfg.mlm_revision, ar_revision=cfg.ar_revision, check_parity=check_parity,
-                          mlm_offset=cfg.mlm_offset)
+    return load_backbones(
+        cfg.mlm,
+        cfg.ar,
+        dtype=dtype,
+        device=device,
+        trust_remote_code=cfg.trust_remote_code,
+        mlm_revision=cfg.mlm_revision,
+        ar_revision=cfg.ar_revision,
+        check_parity=check_parity,
+        mlm_offset=cfg.mlm_offset,
+    )
 
 
 def check_window_fits(bb, window_length: int) -> None:
     """The window must fit both models as decoding will read it (Backbones.max_window: one definition)."""
     limit = bb.max_window()
     if limit is not None and window_length > limit:
-        raise ValueError(f"window length {window_length} exceeds the backbones' limit of {limit} tokens; "
-                         f"pass --window-length {limit} or less")
+        raise ValueError(f"window length {window_length} exceeds the backbones' limit of {limit} tokens; pass --window-length {limit} or less")
 
 
 def describe_backbones(cfg: StageSpec) -> tuple[dict, dict]:
@@ -101,8 +110,7 @@ def describe_backbones(cfg: StageSpec) -> tuple[dict, dict]:
     check_window_fits(bb, cfg.window_length)
     w = {k: v.float().cpu().numpy() for k, v in bb.expert_weights().items()}
     w["vocab_map"] = bb.mlm_to_ar.cpu().numpy()
-    info = {**bb.identity, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size, "start_token_id": bb.start_id,
-            "mlm_offset": bb.mlm_offset}
+    info = {**bb.identity, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size, "start_token_id": bb.start_id, "mlm_offset": bb.mlm_offset}
     return info, w
 
 
@@ -135,8 +143,14 @@ def tokenize_and_mask(batch: dict, cfg: StageSpec) -> dict:
             for k in range(K):
                 m, _ = sample_mask(np.asarray(x), cfg.masking, cfg.seed, d, w, k, starts, first)
                 masks[k, r, : len(x)], rates[k, r] = m, m.mean()
-        for key, v in (("ids", ids), ("lengths", np.array([len(x) for x in rows], dtype=np.int64)), ("masks", masks),
-                       ("rates", rates), ("doc_ids", np.array(docs, dtype=np.int64)), ("window_ids", np.array(wins, dtype=np.int64))):
+        for key, v in (
+            ("ids", ids),
+            ("lengths", np.array([len(x) for x in rows], dtype=np.int64)),
+            ("masks", masks),
+            ("rates", rates),
+            ("doc_ids", np.array(docs, dtype=np.int64)),
+            ("window_ids", np.array(wins, dtype=np.int64)),
+        ):
             out[key].append(v)
     return {"block_id": np.asarray(batch["block_id"]), **{k: objects(v) for k, v in out.items()}}
 
@@ -167,16 +181,14 @@ class FeatureActor:
             rates = np.asarray(batch["rates"][i], dtype=np.float32).reshape(self.cfg.masking.masks_per_window, -1)
             out["mask_rates"].append(rates[k, r])
             tokens.append(int(np.asarray(batch["lengths"][i]).sum()))
-        return {"block_id": np.asarray(batch["block_id"]), "tokens": np.array(tokens, dtype=np.int64),
-                **{k: objects(v) for k, v in out.items()}}
+        return {"block_id": np.asarray(batch["block_id"]), "tokens": np.array(tokens, dtype=np.int64), **{k: objects(v) for k, v in out.items()}}
 
     def block_features(self, ids, lengths, masks):
         """Rows (features, targets, window, position, k) sorted by (window, k, position): extract/forward.py."""
         K, T = self.cfg.masking.masks_per_window, self.cfg.window_length
         lengths = np.asarray(lengths, dtype=np.int64)
         masks = np.asarray(masks, dtype=bool).reshape(K, len(lengths), T)
-        return block_features(self.bb, np.asarray(ids).reshape(len(lengths), T), lengths, masks, self.cfg.batch_size,
-                              self.device)
+        return block_features(self.bb, np.asarray(ids).reshape(len(lengths), T), lengths, masks, self.cfg.batch_size, self.device)
 
 
 def write_blocks(batch: dict, cfg: StageSpec) -> dict:

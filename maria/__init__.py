@@ -9,6 +9,7 @@ head.py (the fusion head), decode.py (KV-cached infilling), anneal.py (generatio
 configuration_maria.py + modeling_maria.py (the Hugging Face classes), checkpoint.py (the folder).
 Like other transformers-integrated libraries, importing it imports transformers.
 """
+
 from importlib.metadata import PackageNotFoundError, version
 
 from maria.configuration_maria import MariaConfig

@@ -11,6 +11,7 @@ edit whose both sides are known, the kind of proposal that can lower the energy.
 infilling decoder handles a different mask per window. More steps trade time for quality,
 measured as generative perplexity under the AR (`maria bench anneal`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,8 +97,9 @@ def anneal(model, cfg: AnnealConfig, on_step=None) -> tuple[torch.Tensor, list[d
         t = cfg.t_start * (cfg.t_end / cfg.t_start) ** frac
         n_mask = max(1, round((cfg.mask_start + (cfg.mask_end - cfg.mask_start) * frac) * cfg.length))
         mask = remask(cfg, n_mask, bool(bb.first_maskable), g).to(x.device)
-        proposal = infill(bb, head, x, mask, sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
-                                                                 seed=int(torch.randint(0, 2**31, (1,), generator=g))))
+        proposal = infill(
+            bb, head, x, mask, sampling=Sampling(temperature=cfg.temperature, top_p=cfg.top_p, seed=int(torch.randint(0, 2**31, (1,), generator=g)))
+        )
         e_new = ar_nll(bb, proposal)
         u = torch.rand(cfg.chains, generator=g).to(e_new.device)
         accept = (e_new < energy) | (u < torch.exp(-(e_new - energy) / t))

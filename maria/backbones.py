@@ -12,6 +12,7 @@ METHOD.md contracts implemented here:
   window: its tokenizer's leading special token ([CLS]), else the AR's start token, which it then
   reads first; with neither, position 0 is never masked (as for an AR without a start token).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,10 +81,15 @@ class Backbones:
         With `as_dtype`, the fingerprints are those a load in that dtype would give (see weights_fingerprint)."""
         identity = self.identity
         if as_dtype is not None:
-            identity = {**identity, **{k: {**identity[k], "fingerprint": weights_fingerprint(m, as_dtype)}
-                                       for k, m in (("mlm", self.mlm), ("ar", self.ar))}}
-        return {**identity, "d_mlm": self.d_mlm, "d_ar": self.d_ar, "vocab_size": self.vocab_size,
-                "start_token_id": self.start_id, "mlm_offset": self.mlm_offset}
+            identity = {**identity, **{k: {**identity[k], "fingerprint": weights_fingerprint(m, as_dtype)} for k, m in (("mlm", self.mlm), ("ar", self.ar))}}
+        return {
+            **identity,
+            "d_mlm": self.d_mlm,
+            "d_ar": self.d_ar,
+            "vocab_size": self.vocab_size,
+            "start_token_id": self.start_id,
+            "mlm_offset": self.mlm_offset,
+        }
 
     def max_window(self) -> int | None:
         """Longest window both backbones can read: the MLM also reads its special tokens, and the AR the
@@ -139,7 +145,9 @@ def projection_input(model: torch.nn.Module, stop: bool = True, **inputs) -> tor
     finally:
         handle.remove()
     if "h" not in captured:
-        raise BackboneError(f"{type(model).__name__} never calls its output embedding module; MARIA needs an architecture whose logits come from get_output_embeddings()")
+        raise BackboneError(
+            f"{type(model).__name__} never calls its output embedding module; MARIA needs an architecture whose logits come from get_output_embeddings()"
+        )
     return captured["h"]
 
 
@@ -248,8 +256,10 @@ def mntp_prefix(prefix: list[int], offset: int, start: int | None, mlm_to_ar: to
         return prefix
     mapped = int(ar_to_mlm[start])
     if int(mlm_to_ar[mapped]) != start:
-        raise BackboneError(f"the MNTP MLM's tokenizer adds no leading token and lacks the AR's start token (id {start}), so nothing "
-                            "sits where it predicts x[0]; use an MLM whose vocabulary has the AR's BOS/EOS")
+        raise BackboneError(
+            f"the MNTP MLM's tokenizer adds no leading token and lacks the AR's start token (id {start}), so nothing "
+            "sits where it predicts x[0]; use an MLM whose vocabulary has the AR's BOS/EOS"
+        )
     return [mapped]
 
 
@@ -268,9 +278,13 @@ def _resolve(name_or_path: str, kind: str) -> str:
 def _load(auto_cls, name: str, kind: str, **kw):
     try:
         return auto_cls.from_pretrained(name, **kw)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a local folder" if offline else "pass a local folder or a valid hub id"
+        hint = (
+            "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or pass a local folder"
+            if offline
+            else "pass a local folder or a valid hub id"
+        )
         raise BackboneError(f"cannot load {kind} {name!r}: {hint} ({type(e).__name__})") from None
 
 
@@ -316,19 +330,40 @@ def load_backbones(
         model = _load(auto_cls, path, kind, dtype=dtype, use_safetensors=True if safetensors_only or Path(path).exists() else None, **extra, **kw)
         models[kind] = model.to(device).eval().requires_grad_(False)
         toks[kind] = _load(AutoTokenizer, path, kind, **kw)
-    return assemble_backbones(models["MLM"], models["AR"], toks["MLM"], toks["AR"], mlm, ar, mlm_revision=mlm_revision,
-                              ar_revision=ar_revision, check_parity=check_parity, mlm_offset=mlm_offset)
+    return assemble_backbones(
+        models["MLM"],
+        models["AR"],
+        toks["MLM"],
+        toks["AR"],
+        mlm,
+        ar,
+        mlm_revision=mlm_revision,
+        ar_revision=ar_revision,
+        check_parity=check_parity,
+        mlm_offset=mlm_offset,
+    )
 
 
-def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, mlm_tok, ar_tok, mlm: str | None = None,
-                       ar: str | None = None, mlm_revision: str | None = None, ar_revision: str | None = None,
-                       check_parity: bool = True, mlm_offset: int | None = None) -> Backbones:
+def assemble_backbones(
+    mlm_model: torch.nn.Module,
+    ar_model: torch.nn.Module,
+    mlm_tok,
+    ar_tok,
+    mlm: str | None = None,
+    ar: str | None = None,
+    mlm_revision: str | None = None,
+    ar_revision: str | None = None,
+    check_parity: bool = True,
+    mlm_offset: int | None = None,
+) -> Backbones:
     """Backbones from two models already in memory (loaded by load_backbones, or by the caller:
     quantized, PEFT-wrapped, on any device) and their tokenizers: aligned and checked, never copied."""
     for kind, model in (("MLM", mlm_model), ("AR", ar_model)):
         if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
-            raise BackboneError(f"the {kind} object {type(model).__name__} has no output projection (get_output_embeddings); "
-                                f"pass the model with its LM head ({'AutoModelForMaskedLM' if kind == 'MLM' else 'AutoModelForCausalLM'})")
+            raise BackboneError(
+                f"the {kind} object {type(model).__name__} has no output projection (get_output_embeddings); "
+                f"pass the model with its LM head ({'AutoModelForMaskedLM' if kind == 'MLM' else 'AutoModelForCausalLM'})"
+            )
     mlm_model.eval().requires_grad_(False)
     ar_model.eval().requires_grad_(False)
     mlm = mlm or getattr(mlm_model, "name_or_path", None) or type(mlm_model).__name__
@@ -354,5 +389,4 @@ def assemble_backbones(mlm_model: torch.nn.Module, ar_model: torch.nn.Module, ml
         "tokenizer_fingerprint": tokenizer_fingerprint(ar_tok),
     }
     pad = mlm_tok.pad_token_id if mlm_tok.pad_token_id is not None else mlm_tok.mask_token_id
-    return Backbones(mlm_model, ar_model, mlm_tok, ar_tok, mlm_to_ar, ar_to_mlm, prefix, suffix,
-                     mlm_tok.mask_token_id, pad, start, identity, offset)
+    return Backbones(mlm_model, ar_model, mlm_tok, ar_tok, mlm_to_ar, ar_to_mlm, prefix, suffix, mlm_tok.mask_token_id, pad, start, identity, offset)

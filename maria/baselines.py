@@ -5,6 +5,7 @@
 - masked-diffusion-style iterative unmasking by the MLM in k steps (most confident first).
 All return AR token ids; MLM predictions use W1 mapped into AR ids (tokens the MLM lacks never win).
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ from maria.transformers_compat import cache_kwargs
 
 
 @torch.no_grad()
-def ar_generate(bb: Backbones, prompt: torch.Tensor, new_tokens: int, sampling: Sampling = Sampling(),
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def ar_generate(
+    bb: Backbones, prompt: torch.Tensor, new_tokens: int, sampling: Sampling = Sampling(), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """KV-cached generation of `new_tokens` after `prompt` (B, n), one token per step: greedy by default,
     else as `sampling` says. The one AR sampling loop (annealing starts from it, benchmarks time it).
     After the start token (an AR with neither BOS nor EOS starts an empty prompt from token 0)."""
@@ -93,6 +95,7 @@ def hf_generate(bb: Backbones, prompt: torch.Tensor, new_tokens: int) -> torch.T
     if bb.start_id is not None:
         x = torch.cat([torch.full_like(prompt[:, :1], bb.start_id), prompt], 1)
     pad = bb.ar.config.pad_token_id if bb.ar.config.pad_token_id is not None else 0
-    out = bb.ar.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                         do_sample=False, pad_token_id=pad)
+    out = bb.ar.generate(
+        input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad
+    )
     return out[:, x.shape[1] - prompt.shape[1] :]

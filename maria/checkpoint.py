@@ -19,6 +19,7 @@ provenance (e.g. the store's path as training saw it).
 Loading reads safetensors only (never a pickle) and runs no remote code; every safetensors file is
 checked first, so a truncated or garbled one is named in one line (CorruptCheckpointError).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from maria.backbones import Backbones, BackboneError, load_backbones
+from maria.backbones import BackboneError, Backbones, load_backbones
 from maria.card import model_card
 from maria.configuration_maria import FORMAT_VERSION, MariaConfig
 from maria.device import resolve_device
@@ -73,8 +74,7 @@ def backbone_license(name: str | None) -> str | None:
     if not name:
         return None
     try:
-        path = Path(name).expanduser() / "README.md" if is_local(name) else Path(
-            hf_hub_download(name, "README.md", local_files_only=True))
+        path = Path(name).expanduser() / "README.md" if is_local(name) else Path(hf_hub_download(name, "README.md", local_files_only=True))
         return ModelCard.load(path).data.to_dict().get("license")
     except Exception:  # noqa: BLE001 -- no card, or not cached: the card says the license was not recorded
         return None
@@ -88,26 +88,64 @@ def backbone_refs(bb: Backbones, reference: bool, dtype: torch.dtype) -> dict:
     for kind, model in (("mlm", bb.mlm), ("ar", bb.ar)):
         ident = bb.identity[kind]
         hub_id = None if ident.get("id") is None or is_local(ident["id"]) else ident["id"]
-        ref = {"id": hub_id, "revision": _commit(hub_id, ident.get("revision")) if hub_id else None,
-               "architecture": type(model).__name__, "fingerprint": bb.describe(dtype)[kind]["fingerprint"]}
+        ref = {
+            "id": hub_id,
+            "revision": _commit(hub_id, ident.get("revision")) if hub_id else None,
+            "architecture": type(model).__name__,
+            "fingerprint": bb.describe(dtype)[kind]["fingerprint"],
+        }
         refs[kind] = ref if reference and hub_id else {"path": kind, **ref}
     return refs
 
 
-def write_checkpoint(out: str | Path, bb: Backbones, head: FusionHead, head_meta: dict, dtype: torch.dtype, *,
-                     reference: bool = False, overwrite: bool = False, inputs: tuple = (), eval_results: dict | None = None,
-                     max_shard_size: int | str = "50GB", architecture: str = "MariaModel") -> Path:
+def write_checkpoint(
+    out: str | Path,
+    bb: Backbones,
+    head: FusionHead,
+    head_meta: dict,
+    dtype: torch.dtype,
+    *,
+    reference: bool = False,
+    overwrite: bool = False,
+    inputs: tuple = (),
+    eval_results: dict | None = None,
+    max_shard_size: int | str = "50GB",
+    architecture: str = "MariaModel",
+) -> Path:
     """Write the folder beside `out`, then swap it in. Refuses to replace anything that is not a
     MARIA checkpoint, or one of the command's inputs (maria/io.py guard_output), and writes while holding
     out's lock: two exports into one --out never share the folder they build."""
     check_outside_inputs(out, inputs, what="checkpoint folder")
     with output_lock(out, "checkpoint folder"):
-        return _write_checkpoint(out, bb, head, head_meta, dtype, reference=reference, overwrite=overwrite, inputs=inputs,
-                                 eval_results=eval_results, max_shard_size=max_shard_size, architecture=architecture)
+        return _write_checkpoint(
+            out,
+            bb,
+            head,
+            head_meta,
+            dtype,
+            reference=reference,
+            overwrite=overwrite,
+            inputs=inputs,
+            eval_results=eval_results,
+            max_shard_size=max_shard_size,
+            architecture=architecture,
+        )
 
 
-def _write_checkpoint(out, bb: Backbones, head: FusionHead, head_meta: dict, dtype: torch.dtype, *, reference: bool,
-                      overwrite: bool, inputs: tuple, eval_results: dict | None, max_shard_size, architecture: str) -> Path:
+def _write_checkpoint(
+    out,
+    bb: Backbones,
+    head: FusionHead,
+    head_meta: dict,
+    dtype: torch.dtype,
+    *,
+    reference: bool,
+    overwrite: bool,
+    inputs: tuple,
+    eval_results: dict | None,
+    max_shard_size,
+    architecture: str,
+) -> Path:
     out = guard_output(out, CONFIG, overwrite, inputs, what="checkpoint folder")
     if out.exists() and any(out.iterdir()):
         try:
@@ -117,9 +155,19 @@ def _write_checkpoint(out, bb: Backbones, head: FusionHead, head_meta: dict, dty
         if old_type != "maria":
             raise CheckpointError(f"{out} holds a config.json that is not a MARIA checkpoint's; pick a new --out folder")
     refs = backbone_refs(bb, reference, dtype)
-    config = MariaConfig(d_mlm=bb.d_mlm, d_ar=bb.d_ar, vocab_size=bb.vocab_size, start_token_id=bb.start_id,
-                         mlm_mask_id=bb.mlm_mask_id, mlm_offset=bb.mlm_offset, mlm=refs["mlm"], ar=refs["ar"], dtype=dtype,
-                         tokenizer_fingerprint=bb.identity["tokenizer_fingerprint"], architectures=[architecture])
+    config = MariaConfig(
+        d_mlm=bb.d_mlm,
+        d_ar=bb.d_ar,
+        vocab_size=bb.vocab_size,
+        start_token_id=bb.start_id,
+        mlm_mask_id=bb.mlm_mask_id,
+        mlm_offset=bb.mlm_offset,
+        mlm=refs["mlm"],
+        ar=refs["ar"],
+        dtype=dtype,
+        tokenizer_fingerprint=bb.identity["tokenizer_fingerprint"],
+        architectures=[architecture],
+    )
     with atomic_dir(out) as tmp:
         for kind, model, tok in (("mlm", bb.mlm, bb.mlm_tokenizer), ("ar", bb.ar, bb.ar_tokenizer)):
             if refs[kind].get("path"):
@@ -129,8 +177,15 @@ def _write_checkpoint(out, bb: Backbones, head: FusionHead, head_meta: dict, dty
         save_head(tmp, head, {**bb.describe(), **head_meta}, dtype=dtype)  # training's record of the identity wins
         save_file({"mlm_to_ar": bb.mlm_to_ar.contiguous()}, str(tmp / VOCAB_MAP), metadata={"format": "pt"})
         config.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(out.name, config.to_dict(), json.loads((tmp / HEAD_META).read_text()), eval_results,
-                                                  {k: backbone_license(bb.identity[k].get("id")) for k in ("mlm", "ar")}))
+        (tmp / "README.md").write_text(
+            model_card(
+                out.name,
+                config.to_dict(),
+                json.loads((tmp / HEAD_META).read_text()),
+                eval_results,
+                {k: backbone_license(bb.identity[k].get("id")) for k in ("mlm", "ar")},
+            )
+        )
         write_checksums(tmp)
     return out
 
@@ -155,13 +210,13 @@ def check_checksums(d: Path) -> None:
         if ".." in Path(name).parts or Path(name).is_absolute() or not path.is_file():
             raise CorruptCheckpointError(f"checkpoint {d} is missing {name} (listed in {CHECKSUMS}); {FIX}")
         if file_sha256(path) != want:
-            raise CorruptCheckpointError(f"checkpoint file {name} in {d} is damaged (its sha256 does not match "
-                                         f"{CHECKSUMS}); {FIX}")
+            raise CorruptCheckpointError(f"checkpoint file {name} in {d} is damaged (its sha256 does not match {CHECKSUMS}); {FIX}")
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def locate(name_or_path: str | Path, revision: str | None = None, cache_dir: str | None = None,
-           local_files_only: bool = False, token: str | bool | None = None) -> Path:
+def locate(
+    name_or_path: str | Path, revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False, token: str | bool | None = None
+) -> Path:
     """A checkpoint folder, or the local snapshot of a hub id (downloaded unless offline)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
@@ -173,11 +228,9 @@ def locate(name_or_path: str | Path, revision: str | None = None, cache_dir: str
         raise CheckpointError(f"checkpoint folder {name} does not exist; pass the --out folder of `maria export` or a hub id")
     offline = local_files_only or is_offline_mode()
     try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=offline, token=token,
-                                      allow_patterns=SNAPSHOT_PATTERNS))
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=offline, token=token, allow_patterns=SNAPSHOT_PATTERNS))
     except (EntryNotFoundError, HFValidationError, OSError, ValueError) as e:  # hub errors are OSErrors
-        hint = ("it is not in the local Hugging Face cache and offline mode is on; download it first" if offline
-                else "check the hub id, or pass a local folder")
+        hint = "it is not in the local Hugging Face cache and offline mode is on; download it first" if offline else "check the hub id, or pass a local folder"
         raise CheckpointError(f"no checkpoint folder or hub model {name!r}: {hint} ({type(e).__name__})") from None
 
 
@@ -257,8 +310,9 @@ def check_files(d: Path, config: MariaConfig) -> None:
             raise CorruptCheckpointError(f"checkpoint file {path.relative_to(d)} in {d} is damaged ({type(e).__name__}); {FIX}") from None
 
 
-def load_checkpoint(d: Path, config: MariaConfig, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-                    trust_remote_code: bool = False) -> tuple[Backbones, FusionHead, dict]:
+def load_checkpoint(
+    d: Path, config: MariaConfig, dtype: str | torch.dtype | None = "auto", device: str = "cpu", trust_remote_code: bool = False
+) -> tuple[Backbones, FusionHead, dict]:
     """(backbones, head, head metadata) of a checked folder. The backbones are loaded in the dtype they
     are stored in, their fingerprints checked against config.json, then everything is cast to `dtype`
     ("auto" = as stored) and moved to `device`."""
@@ -278,16 +332,24 @@ def load_checkpoint(d: Path, config: MariaConfig, dtype: str | torch.dtype | Non
     refs = {k: getattr(config, k) for k in ("mlm", "ar")}
     src = {k: str(d / r["path"]) if r.get("path") else r["id"] for k, r in refs.items()}
     try:
-        bb = load_backbones(src["mlm"], src["ar"], dtype=stored, check_parity=False, safetensors_only=True,
-                            trust_remote_code=trust_remote_code, mlm_offset=int(config.mlm_offset or 0),
-                            mlm_revision=None if refs["mlm"].get("path") else refs["mlm"].get("revision"),
-                            ar_revision=None if refs["ar"].get("path") else refs["ar"].get("revision"))
+        bb = load_backbones(
+            src["mlm"],
+            src["ar"],
+            dtype=stored,
+            check_parity=False,
+            safetensors_only=True,
+            trust_remote_code=trust_remote_code,
+            mlm_offset=int(config.mlm_offset or 0),
+            mlm_revision=None if refs["mlm"].get("path") else refs["mlm"].get("revision"),
+            ar_revision=None if refs["ar"].get("path") else refs["ar"].get("revision"),
+        )
     except BackboneError as e:  # e.g. a referenced hub backbone missing from the cache while offline
         raise CheckpointError(f"checkpoint {d}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- its files were checked above: what is left is damage they do not show
         where = "a backbone folder" if any(r.get("path") for r in refs.values()) else "a backbone in the Hugging Face cache"
-        raise CorruptCheckpointError(f"checkpoint {d}: {where} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
-                                     f"{FIX} (--debug shows the cause)") from e
+        raise CorruptCheckpointError(
+            f"checkpoint {d}: {where} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); {FIX} (--debug shows the cause)"
+        ) from e
     if not torch.equal(stored_map, bb.mlm_to_ar):
         raise CorruptCheckpointError(f"checkpoint {d}: vocab_map.safetensors does not match its backbones' tokenizers; {FIX}")
     try:
@@ -311,4 +373,3 @@ def read_eval(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ValueError(f"--eval {path}: not the JSON written by `maria eval --json`; pass that file") from None
     return {"store": result.get("store"), "rows": result.get("rows"), "models": {k: dict(zip(("label", "nll", "ppl"), v)) for k, v in rows.items()}}
-

@@ -5,6 +5,7 @@ linear head. So the config records sizes, the two special ids decoding needs, an
 each backbone (a folder inside the checkpoint, or a hub id + commit) with the fingerprint of its
 weights as stored, which loading checks.
 """
+
 from __future__ import annotations
 
 from transformers import PretrainedConfig

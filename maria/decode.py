@@ -12,6 +12,7 @@ rows leave the cache in bulk and padding slots are squeezed out when they pile u
 and cache copies stay close to plain AR generation's.
 The features the head sees are, teacher-forced, exactly the extracted ones (tests prove it).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ class Sampling:
     def __post_init__(self):
         finite = math.isfinite(self.temperature) and math.isfinite(self.top_p)  # nan passes every comparison
         if not finite or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got temperature {self.temperature}, "
-                             f"top_k {self.top_k}, top_p {self.top_p}); pass values in those ranges")
+            raise ValueError(
+                f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1 (got temperature {self.temperature}, "
+                f"top_k {self.top_k}, top_p {self.top_p}); pass values in those ranges"
+            )
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -136,7 +139,7 @@ def plan(mask: np.ndarray, offset: int, max_chunk: int | None = None, step_cost:
         slots = (most if compact else slots) + int(count.max())
         fed = fed + count
         alive &= ~done
-    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)
     return Plan(rows, steps, cat(ev_rows), cat(ev_pos), np.asarray(offsets))
 
 
@@ -294,8 +297,14 @@ def _ragged(bb, head, ar_ids, mask, h_mlm, o, sampling, generator, teacher_force
         last = (d["count"] - 1).clamp(min=0)
         index = d["start"][:, None] + torch.minimum(j, last[:, None])  # AR index = position id; padding repeats the row's last token
         attn = torch.cat([attn, j < d["count"][:, None]], 1)
-        hidden = projection_input(bb.ar, input_ids=ar_ids[cur[:, None], index], attention_mask=attn if padded else None,
-                                  position_ids=index, use_cache=True, **cache_kwargs(bb.ar, cache))
+        hidden = projection_input(
+            bb.ar,
+            input_ids=ar_ids[cur[:, None], index],
+            attention_mask=attn if padded else None,
+            position_ids=index,
+            use_cache=True,
+            **cache_kwargs(bb.ar, cache),
+        )
         h = hidden[torch.arange(len(last), device=dev), last]
 
 

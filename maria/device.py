@@ -1,4 +1,5 @@
 """Where torch work runs: the one definition of device, dtype and CPU-thread resolution."""
+
 from __future__ import annotations
 
 import os

@@ -10,13 +10,14 @@ Where each backbone predicts x[i]: the AR at the state after x[i-1] (the shift b
 the MLM at its position i + bb.mlm_offset: i for a classic MLM, i - 1 for an MNTP MLM, whose
 h_mlm[0] is its state at the token it reads before the window (backbones.mntp_prefix).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from maria.backbones import Backbones, BackboneError, projection_input
+from maria.backbones import BackboneError, Backbones, projection_input
 
 
 @dataclass
@@ -93,13 +94,7 @@ def check_mask(bb: Backbones, mask: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def aligned_features(
-    bb: Backbones,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    lengths: torch.Tensor,
-    h_ar: torch.Tensor | None = None,
-) -> AlignedFeatures:
+def aligned_features(bb: Backbones, ids: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, h_ar: torch.Tensor | None = None) -> AlignedFeatures:
     """Features [h_mlm ; h_ar] and targets of every masked position of a batch of windows.
 
     Pass `h_ar` (from `ar_states`) to reuse one AR pass across several masks of the same windows."""

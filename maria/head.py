@@ -9,6 +9,7 @@ A head folder (what `maria train` writes and `maria export` reads):
 head.json is written last, so a folder with it is whole. Only safetensors is loaded: no pickle.
 A MARIA checkpoint's root is also a head folder (maria/checkpoint.py): load_head reads its head.
 """
+
 from __future__ import annotations
 
 import json
@@ -138,8 +139,7 @@ def load_head(folder: str | Path) -> tuple[FusionHead, dict]:
     try:
         meta = json.loads((d / "head.json").read_text())
         if isinstance(meta, dict) and meta.get("sha256") not in (None, file_sha256(d / "head.safetensors")):
-            raise CorruptHeadError(f"head {d} is damaged (head.safetensors does not match the sha256 in head.json); "
-                                   f"re-run `maria train`")
+            raise CorruptHeadError(f"head {d} is damaged (head.safetensors does not match the sha256 in head.json); re-run `maria train`")
         tensors = load_file(str(d / "head.safetensors"))
         head = FusionHead(int(meta["d_mlm"]), int(meta["d_ar"]), int(meta["vocab_size"]), random_init=False)
         head.load_state_dict(tensors)

@@ -5,6 +5,7 @@ crash leaves either the old file or the new one. A folder is built beside its ta
 in by renames. `guard_output` refuses to replace a folder this project did not write: an output
 path must never delete a user's data or one of the command's own inputs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -141,13 +142,16 @@ def guard_output_file(out: str | Path | None, overwrite: bool, is_ours, inputs: 
 
 def jsonl_with_keys(*keys: str):
     """An is_ours test for JSONL outputs: every line an object with these keys."""
+
     def check(text: str) -> bool:
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         return all(isinstance(r, dict) and all(k in r for k in keys) for r in rows)
+
     return check
 
 
 # ---- one writer per output ----------------------------------------------------------------------
+
 
 def lock_path(out: str | Path) -> Path:
     """Where the lock of an output folder lives: beside it, so the folder itself stays the run's alone."""
@@ -196,15 +200,13 @@ def output_lock(out: str | Path, what: str = "output"):
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise
-            raise OutputExistsError(f"{what} {Path(out)}: cannot create its lock {path} ({e.strerror}); pass an --out "
-                                    f"in a folder you can write") from None
+            raise OutputExistsError(f"{what} {Path(out)}: cannot create its lock {path} ({e.strerror}); pass an --out in a folder you can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise OutputLockedError(f"{what} {Path(out)} is in use by another run ({_describe(holder)}); wait for it "
-                                    f"to finish or pick another --out") from None
+            raise OutputLockedError(f"{what} {Path(out)} is in use by another run ({_describe(holder)}); wait for it to finish or pick another --out") from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -218,8 +220,9 @@ def output_lock(out: str | Path, what: str = "output"):
     try:
         holder = _read_holder(fd)
         if holder and holder.get("pid") != os.getpid() and _holder_alive(holder) is not False:
-            raise OutputLockedError(f"{what} {Path(out)} is locked by {_describe(holder)}, which this host cannot see "
-                                    f"finish; once that run is over, delete {path} and re-run")
+            raise OutputLockedError(
+                f"{what} {Path(out)} is locked by {_describe(holder)}, which this host cannot see finish; once that run is over, delete {path} and re-run"
+            )
         me = {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": _started(os.getpid()), "time": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(me).encode(), 0)

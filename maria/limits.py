@@ -1,6 +1,7 @@
 """What the backbones can take, checked before any work: window length against both models'
 positions, and a batch's memory against what the machine has (an unbounded infill once grew past
 20 GB and the kernel killed other processes)."""
+
 from __future__ import annotations
 
 import psutil
@@ -43,5 +44,7 @@ def check_fits(bb: Backbones, batch: int, length: int, what: str = "infill") -> 
         raise ValueError(f"{what}: {length} tokens is over the models' limit of {limit}; shorten the text (or --length)")
     need, free = infill_bytes(bb, batch, length), free_bytes(bb.device)
     if need > MEMORY_SHARE * free:
-        raise ValueError(f"{what}: {batch} window(s) of {length} tokens need about {need / 2**30:.1f} GiB, more than half "
-                         f"of the {free / 2**30:.1f} GiB free; lower --batch-size (or --chains) or shorten the texts")
+        raise ValueError(
+            f"{what}: {batch} window(s) of {length} tokens need about {need / 2**30:.1f} GiB, more than half "
+            f"of the {free / 2**30:.1f} GiB free; lower --batch-size (or --chains) or shorten the texts"
+        )

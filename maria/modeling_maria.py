@@ -7,6 +7,7 @@ fusion head's Linear, so head.safetensors' keys are the model's own names) and `
 Two ways to mark what to fill: a boolean `infill_mask` beside AR ids (the AR's vocabulary has no mask
 token), or `infill(input_ids, mask_token_id=...)`, where every position holding that id is masked.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from huggingface_hub import HfApi
-from transformers import AutoConfig, AutoTokenizer, AutoModel, AutoModelForMaskedLM, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from maria.backbones import Backbones, assemble_backbones, load_backbones
@@ -58,12 +59,13 @@ class MariaModel(PreTrainedModel):
     base_model_prefix = "maria"
     main_input_name = "input_ids"
 
-    def __init__(self, config: MariaConfig, backbones: Backbones | None = None, head: FusionHead | None = None,
-                 head_meta: dict | None = None):
+    def __init__(self, config: MariaConfig, backbones: Backbones | None = None, head: FusionHead | None = None, head_meta: dict | None = None):
         super().__init__(config)
         if backbones is None or head is None:
-            raise CheckpointError("a MARIA model is two pretrained backbones and a head, not a config alone: use "
-                                  "MariaModel.from_pretrained(checkpoint) or MariaModel.from_backbones(mlm, ar, head_dir)")
+            raise CheckpointError(
+                "a MARIA model is two pretrained backbones and a head, not a config alone: use "
+                "MariaModel.from_pretrained(checkpoint) or MariaModel.from_backbones(mlm, ar, head_dir)"
+            )
         self.bb, self.head_meta = backbones, dict(head_meta or {})
         self.mlm, self.ar = backbones.mlm, backbones.ar
         self.proj = head.proj.to(backbones.device)
@@ -83,35 +85,58 @@ class MariaModel(PreTrainedModel):
     @classmethod
     def from_parts(cls, backbones: Backbones, head: FusionHead, head_meta: dict | None = None) -> "MariaModel":
         bb = backbones
-        config = MariaConfig(d_mlm=bb.d_mlm, d_ar=bb.d_ar, vocab_size=bb.vocab_size, start_token_id=bb.start_id,
-                             mlm_mask_id=bb.mlm_mask_id, mlm_offset=bb.mlm_offset, mlm=dict(bb.identity["mlm"]), ar=dict(bb.identity["ar"]),
-                             tokenizer_fingerprint=bb.identity.get("tokenizer_fingerprint"), architectures=[cls.__name__])
+        config = MariaConfig(
+            d_mlm=bb.d_mlm,
+            d_ar=bb.d_ar,
+            vocab_size=bb.vocab_size,
+            start_token_id=bb.start_id,
+            mlm_mask_id=bb.mlm_mask_id,
+            mlm_offset=bb.mlm_offset,
+            mlm=dict(bb.identity["mlm"]),
+            ar=dict(bb.identity["ar"]),
+            tokenizer_fingerprint=bb.identity.get("tokenizer_fingerprint"),
+            architectures=[cls.__name__],
+        )
         return cls(config, bb, head, head_meta or {**bb.describe()})
 
     @classmethod
-    def from_backbones(cls, mlm: str | torch.nn.Module, ar: str | torch.nn.Module, head_dir: str | None = None,
-                       init: str = "poe", allow_unfinished: bool = False, mlm_tokenizer=None, ar_tokenizer=None,
-                       **load_kw) -> "MariaModel":
+    def from_backbones(
+        cls,
+        mlm: str | torch.nn.Module,
+        ar: str | torch.nn.Module,
+        head_dir: str | None = None,
+        init: str = "poe",
+        allow_unfinished: bool = False,
+        mlm_tokenizer=None,
+        ar_tokenizer=None,
+        **load_kw,
+    ) -> "MariaModel":
         """Backbones plus a trained head folder (checked against them), or an initial head by name.
         `mlm` and `ar` are hub ids or folders, or models already loaded in Python (quantized, PEFT-wrapped,
         on any device; pass their tokenizers, else they are loaded from the models' name_or_path)."""
         if head_dir is not None:  # read the head first: a bad head fails before minutes of backbone loading
             head, meta = load_head(head_dir)
             if not meta.get("complete", False) and not allow_unfinished:
-                raise HeadError(f"head {head_dir} comes from a training run that did not finish; finish it with "
-                                f"`maria train ... --resume`, or pass --allow-unfinished to use it as it is")
+                raise HeadError(
+                    f"head {head_dir} comes from a training run that did not finish; finish it with "
+                    f"`maria train ... --resume`, or pass --allow-unfinished to use it as it is"
+                )
         if isinstance(mlm, str) and isinstance(ar, str):
             bb = load_backbones(mlm, ar, **load_kw)
         else:
-            bb = assemble_backbones(mlm, ar, mlm_tokenizer or AutoTokenizer.from_pretrained(mlm.name_or_path),
-                                    ar_tokenizer or AutoTokenizer.from_pretrained(ar.name_or_path),
-                                    check_parity=load_kw.get("check_parity", True), mlm_offset=load_kw.get("mlm_offset"))
+            bb = assemble_backbones(
+                mlm,
+                ar,
+                mlm_tokenizer or AutoTokenizer.from_pretrained(mlm.name_or_path),
+                ar_tokenizer or AutoTokenizer.from_pretrained(ar.name_or_path),
+                check_parity=load_kw.get("check_parity", True),
+                mlm_offset=load_kw.get("mlm_offset"),
+            )
             mlm, ar = bb.identity["mlm"]["id"], bb.identity["ar"]["id"]
         if head_dir is None:
             head, meta = init_head(init, bb.expert_weights()), {**bb.describe(), "init": init}
         elif not head_matches(bb, meta):
-            check_same_backbones(bb.describe(), meta, f"backbones {mlm} + {ar}", f"head {head_dir}",
-                                 "use the head trained on features of these backbones")
+            check_same_backbones(bb.describe(), meta, f"backbones {mlm} + {ar}", f"head {head_dir}", "use the head trained on features of these backbones")
         return cls.from_parts(bb, head, meta)
 
     # ---- infilling -----------------------------------------------------------------------------
@@ -156,44 +181,93 @@ class MariaModel(PreTrainedModel):
         results = []
         for r, (i, m) in enumerate(parsed):
             filled = out[r, : len(i)].tolist()
-            results.append({"input": texts[r], "ids": filled, "mask": m, "text": tok.decode(filled),
-                            "filled": [tok.decode([t]) for t, mk in zip(filled, m) if mk]})
+            results.append(
+                {"input": texts[r], "ids": filled, "mask": m, "text": tok.decode(filled), "filled": [tok.decode([t]) for t, mk in zip(filled, m) if mk]}
+            )
         return results
 
     # ---- the checkpoint (maria/checkpoint.py) --------------------------------------------------
-    def save_pretrained(self, save_directory: str | Path, is_main_process: bool = True, *, reference: bool = False,
-                        overwrite: bool = False, inputs: tuple = (), eval_results: dict | None = None,
-                        max_shard_size: int | str = "50GB", push_to_hub: bool = False, **kwargs) -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        is_main_process: bool = True,
+        *,
+        reference: bool = False,
+        overwrite: bool = False,
+        inputs: tuple = (),
+        eval_results: dict | None = None,
+        max_shard_size: int | str = "50GB",
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> Path:
         """Write the checkpoint folder in the model's current dtype (cast it first to store less:
         `model.to(torch.bfloat16).save_pretrained(...)`). `reference` stores hub backbones as id + commit."""
         if kwargs.get("state_dict") is not None or kwargs.get("safe_serialization") is False or kwargs.get("variant"):
             raise CheckpointError("a MARIA checkpoint is written from the model itself, as safetensors, without variants")
         if not is_main_process:
             return Path(save_directory)
-        out = write_checkpoint(save_directory, self.bb, self.head, self.head_meta, self.proj.weight.dtype, reference=reference,
-                               overwrite=overwrite, inputs=inputs, eval_results=eval_results, max_shard_size=max_shard_size,
-                               architecture=type(self).__name__)
+        out = write_checkpoint(
+            save_directory,
+            self.bb,
+            self.head,
+            self.head_meta,
+            self.proj.weight.dtype,
+            reference=reference,
+            overwrite=overwrite,
+            inputs=inputs,
+            eval_results=eval_results,
+            max_shard_size=max_shard_size,
+            architecture=type(self).__name__,
+        )
         if push_to_hub:
             self.push_to_hub(kwargs.get("repo_id") or out.name, token=kwargs.get("token"), reference=reference)
         return out
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
-                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
-                    create_pr: bool = False, max_shard_size: int | str = "50GB", reference: bool = False, **_):
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "50GB",
+        reference: bool = False,
+        **_,
+    ):
         """Upload the checkpoint folder as save_pretrained writes it. (transformers' own push_to_hub
         would replace the generated model card with a blank template.)"""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], reference=reference, max_shard_size=max_shard_size)
-            return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload MARIA checkpoint",
-                                     commit_description=commit_description, revision=revision, create_pr=create_pr)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(folder),
+                commit_message=commit_message or "Upload MARIA checkpoint",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *model_args, config: MariaConfig | None = None,
-                        device: str | torch.device | None = None, device_map=None, dtype: str | torch.dtype | None = "auto",
-                        revision: str | None = None, cache_dir: str | None = None, local_files_only: bool = False,
-                        token: str | bool | None = None, trust_remote_code: bool | None = False, **kwargs) -> "MariaModel":
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *model_args,
+        config: MariaConfig | None = None,
+        device: str | torch.device | None = None,
+        device_map=None,
+        dtype: str | torch.dtype | None = "auto",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        trust_remote_code: bool | None = False,
+        **kwargs,
+    ) -> "MariaModel":
         """A checkpoint folder or a hub id (from the local cache when offline). `dtype` ("auto" = as
         stored) and `device` (or a one-device `device_map`) apply to the backbones and the head alike."""
         dtype = kwargs.pop("torch_dtype", None) or dtype
@@ -213,8 +287,18 @@ class MariaModel(PreTrainedModel):
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def export(mlm: str, ar: str, head_dir: str, out: str, reference: bool = False, overwrite: bool = False,
-           allow_unfinished: bool = False, dtype: str = "float32", eval_json: str | None = None, **load_kw) -> Path:
+def export(
+    mlm: str,
+    ar: str,
+    head_dir: str,
+    out: str,
+    reference: bool = False,
+    overwrite: bool = False,
+    allow_unfinished: bool = False,
+    dtype: str = "float32",
+    eval_json: str | None = None,
+    **load_kw,
+) -> Path:
     """`maria export`: check the head against the backbones, then write one combined folder with
     every weight in `dtype`. The backbones are loaded in float32 whatever `dtype` is: the head's
     record of them is then matched exactly (head_matches), and the cast to `dtype` is the

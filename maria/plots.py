@@ -1,5 +1,6 @@
 """The one plotting helper: every PNG the project writes (loss curves, benchmark curves) is a
 line plot of named series, written beside its JSON."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,9 +39,18 @@ def bar_plot(png: str | Path, values: dict[str, float], ylabel: str, title: str)
     return _save(plt, fig, ax, png)
 
 
-def line_plot(png: str | Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
-              logx: bool = False, logy: bool = False, hlines: dict[str, float] | None = None,
-              annotate: dict[str, list[str]] | None = None, styles: dict[str, dict] | None = None) -> Path:
+def line_plot(
+    png: str | Path,
+    series: dict[str, tuple[list, list]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    logy: bool = False,
+    hlines: dict[str, float] | None = None,
+    annotate: dict[str, list[str]] | None = None,
+    styles: dict[str, dict] | None = None,
+) -> Path:
     """series: label -> (xs, ys); hlines: label -> y; annotate: label -> one text per point;
     styles: label -> matplotlib line keywords (e.g. one colour per method, one dash per batch size)."""
     plt, fig, ax = _figure()
@@ -69,8 +79,7 @@ def bar_panels(png: str | Path, panels: dict[str, dict[str, float]], title: str,
 
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (name, values) in zip(axes[0], panels.items()):
-        bars = ax.bar(list(values), [v if v is not None else 0.0 for v in values.values()],
-                      color=[f"C{i}" for i in range(len(values))])
+        bars = ax.bar(list(values), [v if v is not None else 0.0 for v in values.values()], color=[f"C{i}" for i in range(len(values))])
         ax.bar_label(bars, labels=["-" if v is None else fmt % v for v in values.values()], fontsize=7)
         ax.set_title(name, fontsize=8)
         ax.tick_params(axis="x", labelsize=7, rotation=20)

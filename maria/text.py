@@ -7,6 +7,7 @@ which SmolLM2 mostly continues with digits ("The river 100 through"). So the tex
 is right-stripped and the N masked tokens include the space: the model writes " flows".
 The text after a span keeps its leading space (" through" is the ordinary token).
 """
+
 from __future__ import annotations
 
 import re
@@ -19,10 +20,14 @@ def parse_masked_text(text: str, tokenizer, max_tokens: int | None = None) -> tu
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line, or a JSON "\ud800"
-        raise ValueError(f"text {text[:40]!r} has a character that is not valid Unicode at position {e.start} (a lone "
-                         f"surrogate, e.g. from bytes that are not UTF-8); pass UTF-8 text") from None
+        raise ValueError(
+            f"text {text[:40]!r} has a character that is not valid Unicode at position {e.start} (a lone "
+            f"surrogate, e.g. from bytes that are not UTF-8); pass UTF-8 text"
+        ) from None
     if text.count("{{") != text.count("}}") or len(MASK_SPAN.findall(text)) != text.count("{{"):
-        raise ValueError(f"bad mask syntax in {text[:60]!r}: write each masked span as {{{{N}}}} with N a number of tokens, e.g. 'Paris is the {{{{2}}}} of France'")
+        raise ValueError(
+            f"bad mask syntax in {text[:60]!r}: write each masked span as {{{{N}}}} with N a number of tokens, e.g. 'Paris is the {{{{2}}}} of France'"
+        )
     ids, mask, pos = [], [], 0
     for m in MASK_SPAN.finditer(text):
         before = text[pos : m.start()]

@@ -2,6 +2,7 @@
 spelled differently across the versions pyproject.toml admits (5.17 .. 5.x). An upgrade that breaks
 one breaks it here, and tests/test_adapters.py names the call that went away.
 """
+
 from __future__ import annotations
 
 import inspect

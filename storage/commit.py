@@ -9,6 +9,7 @@ A crash before 2 leaves an attempt nobody reads (gc_uncommitted removes it); a c
 attempts racing, leaves a block group missing or naming another complete attempt: `repair_block_groups`
 (run by gc_uncommitted at the end of every extraction) rewrites it from the marker, and verify reports it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,18 @@ import numpy as np
 import zarr
 
 from maria_storage import layout
-from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, SCALES, StoreError, block_array_dtypes, check_block_id,
-                                  features_finite, scales_valid, sha256_of, to_store_features)
+from maria_storage.format import (
+    BLOCK_ARRAYS,
+    BLOCK_ID_RE,
+    SCALES,
+    StoreError,
+    block_array_dtypes,
+    check_block_id,
+    features_finite,
+    scales_valid,
+    sha256_of,
+    to_store_features,
+)
 from maria_storage.zarr_compat import array_metadata_from_json, metadata_json
 
 # write_empty_chunks=True: every chunk is a file (a missing one is damage, not zeros), and zarr skips its
@@ -51,8 +62,9 @@ def validate_block(store, arrays: dict) -> dict[str, np.ndarray]:
         if name != "features" and a.shape != (n,):
             raise StoreError(f"block array {name} has shape {a.shape}, expected ({n},) like features' rows")
     if not features_finite(f) or (SCALES in out and not scales_valid(out[SCALES])):
-        raise StoreError("features contain NaN or inf (before or after conversion to "
-                         f"{store.manifest['feature_dtype']}); check the extraction (fp16 overflow?)")
+        raise StoreError(
+            f"features contain NaN or inf (before or after conversion to {store.manifest['feature_dtype']}); check the extraction (fp16 overflow?)"
+        )
     t = out["targets"]
     if n and (t.min() < 0 or t.max() >= store.vocab_size):
         raise StoreError(f"targets must be AR token ids in [0, {store.vocab_size}); got [{t.min()}, {t.max()}]")
@@ -80,9 +92,15 @@ def write_attempt(store, block_id: str, data: dict[str, np.ndarray], stats: dict
     metas = {name: layout.block_array_metadata(name, a, store.manifest) for name, a in data.items()}
     group = layout.attempt_group(block_id, attempt, metas)
     checksums = write_hierarchy(store._loc.sub_store(f"blocks/{block_id}/{attempt}"), group, data, metas)
-    marker = {"block_id": block_id, "attempt": attempt, "rows": int(len(data["features"])),
-              "feature_dtype": store.manifest["feature_dtype"], "checksums": checksums, "stats": stats,
-              "written_at": time.time()}
+    marker = {
+        "block_id": block_id,
+        "attempt": attempt,
+        "rows": int(len(data["features"])),
+        "feature_dtype": store.manifest["feature_dtype"],
+        "checksums": checksums,
+        "stats": stats,
+        "written_at": time.time(),
+    }
     return marker, metadata_json(layout.block_group(marker, group))
 
 

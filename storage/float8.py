@@ -10,6 +10,7 @@ Zarr 3.1 has no float8 data type, so the codes are stored as uint8 (attributes s
 per-row array `feature_scales`; E4M3FN is a 256-entry table any numpy can build (see `decode_table`), so
 plain zarr + numpy reads a store. ml_dtypes (no torch) does the rounding when writing.
 """
+
 from __future__ import annotations
 
 import ml_dtypes
@@ -18,18 +19,20 @@ import numpy as np
 E4M3_MAX = 448.0
 SCALES = "feature_scales"  # the per-row scale array beside `features` in a float8 block
 
-DECODE_RECIPE = ("float8 e4m3fn bit patterns stored as uint8: NOT integers. Each row is scaled: "
-                 "value = E4M3FN[code] * feature_scales[row], with E4M3FN = a 256-entry table, in numpy: "
-                 "c = np.arange(256); e = (c >> 3) & 15; m = c & 7; "
-                 "E4M3FN = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0**(e - 7)) * np.where(c & 128, -1, 1) "
-                 "(or x.view(ml_dtypes.float8_e4m3fn).astype('float32') * feature_scales[:, None])")
+DECODE_RECIPE = (
+    "float8 e4m3fn bit patterns stored as uint8: NOT integers. Each row is scaled: "
+    "value = E4M3FN[code] * feature_scales[row], with E4M3FN = a 256-entry table, in numpy: "
+    "c = np.arange(256); e = (c >> 3) & 15; m = c & 7; "
+    "E4M3FN = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0**(e - 7)) * np.where(c & 128, -1, 1) "
+    "(or x.view(ml_dtypes.float8_e4m3fn).astype('float32') * feature_scales[:, None])"
+)
 
 
 def decode_table() -> np.ndarray:
     """float32 value of each of the 256 e4m3fn codes (0x7F and 0xFF are NaN), from the bit layout alone."""
     c = np.arange(256)
     e, m = (c >> 3) & 15, c & 7
-    table = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7)) * np.where(c & 128, -1, 1)
+    table = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7)) * np.where(c & 128, -1, 1)
     table[(c & 0x7F) == 0x7F] = np.nan
     return table.astype(np.float32)
 
@@ -53,4 +56,3 @@ def decode(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     out = TABLE[codes]
     out *= np.asarray(scales, dtype=np.float32)[:, None]
     return out
-

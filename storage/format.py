@@ -15,6 +15,7 @@ This project's code decides "committed" by the marker (one listing of commits/ f
 S3); the block group, written right after it, is the same fact for plain Zarr readers. Each attempt writes
 into its own fresh group, so two writers never share a file, and a crashed write never shows up.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,21 @@ READABLE_FORMATS = (1, 2)  # version 1 stores differ only in metadata this code 
 MANIFEST_KEY = "maria"
 
 # Manifest keys that decide whether two extraction runs may share a store (resume vs. refuse).
-IDENTITY_KEYS = ("mlm", "ar", "tokenizer_fingerprint", "d_mlm", "d_ar", "vocab_size", "mlm_offset", "feature_dtype", "masking",
-                 "seed", "corpus_fingerprint", "window_length", "docs_per_block")  # block ids number docs_per_block-sized runs
+IDENTITY_KEYS = (
+    "mlm",
+    "ar",
+    "tokenizer_fingerprint",
+    "d_mlm",
+    "d_ar",
+    "vocab_size",
+    "mlm_offset",
+    "feature_dtype",
+    "masking",
+    "seed",
+    "corpus_fingerprint",
+    "window_length",
+    "docs_per_block",
+)  # block ids number docs_per_block-sized runs
 IDENTITY_DEFAULTS = {"mlm_offset": 0}  # a manifest written before the key existed has this value
 FEATURE_DTYPES = ("float16", "bfloat16", "float8")  # float8: e4m3fn codes + a per-row scale (storage/float8.py)
 
@@ -100,13 +114,13 @@ class CorruptBlockError(CorruptStoreError):
 
     def __init__(self, block_id: str, reason: str, url: str, fix: str | None = None):
         self.block_id, self.reason, self.url = block_id, reason, url
-        fix = fix or (f"run `maria verify --store {url}`, then delete commits/{block_id}.json in the store and "
-                      f"re-run the extraction to rewrite the block")
+        fix = fix or (f"run `maria verify --store {url}`, then delete commits/{block_id}.json in the store and re-run the extraction to rewrite the block")
         super().__init__(f"block {block_id} of {url} is corrupt: {reason}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
 # dtypes
+
 
 def stored_feature_dtype(manifest: dict) -> np.dtype:
     """bfloat16 and float8 have no numpy dtype: their raw bits are stored as uint16 / uint8."""
@@ -135,8 +149,9 @@ def as_float32(features: np.ndarray, manifest: dict | None = None, scales: np.nd
     kind = (manifest or {}).get("feature_dtype")
     if features.dtype == np.uint8 or kind == "float8":
         if features.dtype != np.uint8 or scales is None:
-            raise StoreError(f"float8 features are uint8 codes decoded with their {SCALES}; got {features.dtype}"
-                             f"{'' if scales is not None else ' without scales'}")
+            raise StoreError(
+                f"float8 features are uint8 codes decoded with their {SCALES}; got {features.dtype}{'' if scales is not None else ' without scales'}"
+            )
         return float8.decode(features, scales)
     if features.dtype == np.uint16 or kind == "bfloat16":
         if features.dtype != np.uint16:
@@ -182,7 +197,7 @@ def features_finite(features: np.ndarray) -> bool:
     features = np.ascontiguousarray(features)
     flat = features.reshape(-1)
     step = 1 << 20  # slices keep the temporaries in cache: 3-10x faster than one pass over a 200 MB block
-    return not any(np.any((flat[i:i + step] & exponent) == exponent) for i in range(0, len(flat), step))
+    return not any(np.any((flat[i : i + step] & exponent) == exponent) for i in range(0, len(flat), step))
 
 
 def scales_valid(scales: np.ndarray) -> bool:

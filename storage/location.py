@@ -1,5 +1,6 @@
 """Where a store lives: a local directory or an fsspec URL (s3://...), with the few file operations the
 store needs beside zarr: atomic small-file writes (commit markers, group metadata), listing, removal."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -9,9 +10,15 @@ from maria_storage.format import StoreAccessError
 
 # URL schemes a store or corpus may use: object stores with listing and all-or-nothing single-object writes (what a
 # commit marker needs), each with the package that gives fsspec access to it and how to install that package
-BACKENDS = {"s3": ("s3fs", "pip install 'maria-infill[s3]'"), "s3a": ("s3fs", "pip install 'maria-infill[s3]'"),
-            "gs": ("gcsfs", "pip install 'maria-infill[gcs]'"), "gcs": ("gcsfs", "pip install 'maria-infill[gcs]'"),
-            "az": ("adlfs", "pip install adlfs"), "abfs": ("adlfs", "pip install adlfs"), "abfss": ("adlfs", "pip install adlfs")}
+BACKENDS = {
+    "s3": ("s3fs", "pip install 'maria-infill[s3]'"),
+    "s3a": ("s3fs", "pip install 'maria-infill[s3]'"),
+    "gs": ("gcsfs", "pip install 'maria-infill[gcs]'"),
+    "gcs": ("gcsfs", "pip install 'maria-infill[gcs]'"),
+    "az": ("adlfs", "pip install adlfs"),
+    "abfs": ("adlfs", "pip install adlfs"),
+    "abfss": ("adlfs", "pip install adlfs"),
+}
 
 
 def is_local(url: str) -> bool:
@@ -25,8 +32,7 @@ def check_url(url: str, what: str) -> None:
         return
     scheme = url.split("://", 1)[0].lower()
     if scheme not in BACKENDS:
-        raise StoreAccessError(f"{what} {url}: {scheme}:// is not supported; use a local path or an s3://, gs:// or "
-                               f"az:// URL")
+        raise StoreAccessError(f"{what} {url}: {scheme}:// is not supported; use a local path or an s3://, gs:// or az:// URL")
     package, install = BACKENDS[scheme]
     if importlib.util.find_spec(package) is None:
         raise StoreAccessError(f"{what} {url}: {scheme}:// needs the {package} package, which is not installed; {install}")
@@ -39,20 +45,21 @@ def access_error(e: BaseException, url: str, what: str) -> StoreAccessError | No
     first = " ".join((str(e).strip().splitlines() or [name])[0].split())[:200] or name
     cloud = module in ("botocore", "aiobotocore", "google", "aiohttp", "azure", "gcsfs", "s3fs")
     if cloud and "Credentials" in name:  # botocore's NoCredentialsError, PartialCredentialsError
-        return StoreAccessError(f"cannot reach {what} {url}: no credentials ({first}); set AWS_ACCESS_KEY_ID and "
-                                f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or run where a role grants access)")
-    if isinstance(e, PermissionError) or any(k in str(e) for k in ("AccessDenied", "Forbidden", "InvalidAccessKeyId",
-                                                                    "SignatureDoesNotMatch")):
-        return StoreAccessError(f"cannot reach {what} {url}: access denied ({first}); use credentials allowed to read "
-                                f"it (and to write it, for a store being extracted)")
+        return StoreAccessError(
+            f"cannot reach {what} {url}: no credentials ({first}); set AWS_ACCESS_KEY_ID and "
+            f"AWS_SECRET_ACCESS_KEY or AWS_PROFILE (or run where a role grants access)"
+        )
+    if isinstance(e, PermissionError) or any(k in str(e) for k in ("AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
+        return StoreAccessError(
+            f"cannot reach {what} {url}: access denied ({first}); use credentials allowed to read it (and to write it, for a store being extracted)"
+        )
     if isinstance(e, (ConnectionError, TimeoutError)) or (cloud and any(k in name for k in ("Connect", "Timeout", "Endpoint"))):
-        return StoreAccessError(f"cannot reach {what} {url}: {first}; check the URL, the network and, for an "
-                                f"S3-compatible server, MARIA_S3_ENDPOINT_URL")
+        return StoreAccessError(f"cannot reach {what} {url}: {first}; check the URL, the network and, for an S3-compatible server, MARIA_S3_ENDPOINT_URL")
     return None
 
 
 def local_path(url: str) -> str:
-    return os.path.abspath(os.path.expanduser(url[len("file://"):] if url.startswith("file://") else url))
+    return os.path.abspath(os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url))
 
 
 def resolve_storage_options(url: str, storage_options: dict | None) -> dict:
@@ -61,8 +68,7 @@ def resolve_storage_options(url: str, storage_options: dict | None) -> dict:
     options = dict(storage_options or {})
     if url.startswith(("s3://", "s3a://")):
         given = "endpoint_url" in options or "endpoint_url" in options.get("client_kwargs", {})
-        env = (os.environ.get("MARIA_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-               or os.environ.get("AWS_ENDPOINT_URL"))
+        env = os.environ.get("MARIA_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if env and not given:
             options["endpoint_url"] = env
     return options
@@ -156,6 +162,7 @@ class Location:
         target = self.path(*parts)
         if self.local:
             import shutil
+
             shutil.rmtree(target, ignore_errors=True)
         elif self.exists(*parts):  # not the cached listing: another process may have written here
             self.fs.rm(target, recursive=True)

@@ -1,13 +1,23 @@
 """The root metadata: the manifest (what extraction made the store, and whether another may resume it) and
 the plan, both in the root group's attributes, which only the driver writes (atomically, as a whole)."""
+
 from __future__ import annotations
 
 import json
 import shlex
 
 from maria_storage import layout
-from maria_storage.format import (FORMAT_VERSION, IDENTITY_DEFAULTS, IDENTITY_KEYS, MANIFEST_KEY, READABLE_FORMATS, CorruptStoreError,
-                            StoreError, StoreMismatchError, stored_feature_dtype)
+from maria_storage.format import (
+    FORMAT_VERSION,
+    IDENTITY_DEFAULTS,
+    IDENTITY_KEYS,
+    MANIFEST_KEY,
+    READABLE_FORMATS,
+    CorruptStoreError,
+    StoreError,
+    StoreMismatchError,
+    stored_feature_dtype,
+)
 from maria_storage.location import Location, access_error
 
 PLAN_KEY = "maria_plan"
@@ -53,15 +63,18 @@ def check_identity(stored: dict, new: dict, url: str) -> None:
         if (key in stored or key in new) and stored.get(key, default) != new.get(key, default):
             raise StoreMismatchError(
                 f"{url} holds features of another extraction: {key} is {stored.get(key)!r} there but {new.get(key)!r} "
-                f"now; use another --store or delete that store")
+                f"now; use another --store or delete that store"
+            )
 
 
 def check_format_version(manifest: dict, url: str, writing: bool = False) -> None:
     version = manifest.get("format_version")
     if version not in READABLE_FORMATS or (writing and version != FORMAT_VERSION):
-        raise StoreError(f"{url} has store format_version {version!r}; this code {'writes' if writing else 'reads'} "
-                         f"version {FORMAT_VERSION if writing else READABLE_FORMATS}; extract into a new --store "
-                         f"(or use the MARIA version that made it)")
+        raise StoreError(
+            f"{url} has store format_version {version!r}; this code {'writes' if writing else 'reads'} "
+            f"version {FORMAT_VERSION if writing else READABLE_FORMATS}; extract into a new --store "
+            f"(or use the MARIA version that made it)"
+        )
 
 
 def retarget(command: str, url: str) -> str:

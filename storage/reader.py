@@ -8,6 +8,7 @@ How an epoch is shuffled (all of it derived from (seed, epoch), never from timin
 So a batch's content depends only on its position in the stream: resuming at batch k skips whole windows
 without reading them and starts mid-window, giving exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -26,12 +27,21 @@ class ShuffledReader:
     "targets": int64 (B,), "mask_rates": float32 (B,)}. Holds up to two windows in memory (the current one
     and the next, loaded in a background thread): about 2 * buffer_rows * D * (2, or 1 for float8) bytes."""
 
-    def __init__(self, store: FeatureStore | str, batch_size: int, seed: int = 0, buffer_rows: int = 65536,
-                 chunk_rows: int = CHUNK_ROWS, blocks: list[str] | None = None, drop_last: bool = False,
-                 skip_corrupt: bool = False, verify: bool = True, prefetch: bool = True):
+    def __init__(
+        self,
+        store: FeatureStore | str,
+        batch_size: int,
+        seed: int = 0,
+        buffer_rows: int = 65536,
+        chunk_rows: int = CHUNK_ROWS,
+        blocks: list[str] | None = None,
+        drop_last: bool = False,
+        skip_corrupt: bool = False,
+        verify: bool = True,
+        prefetch: bool = True,
+    ):
         if batch_size < 1 or buffer_rows < 1 or chunk_rows < 1:
-            raise ValueError(f"batch_size, buffer_rows, chunk_rows must be >= 1; got {batch_size}, {buffer_rows}, "
-                             f"{chunk_rows}")
+            raise ValueError(f"batch_size, buffer_rows, chunk_rows must be >= 1; got {batch_size}, {buffer_rows}, {chunk_rows}")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         self.store = open_store(store) if isinstance(store, str) else store
@@ -40,8 +50,7 @@ class ShuffledReader:
         self.blocks = sorted(set(blocks if blocks is not None else self.store.committed_blocks()))
         self._names = _READ + ((SCALES,) if SCALES in block_array_dtypes(self.store.manifest) else ())
         self._info = {b: self.store.commit_info(b) for b in self.blocks}
-        self._chunks = [(b, start, min(start + chunk_rows, info["rows"]))
-                        for b, info in self._info.items() for start in range(0, info["rows"], chunk_rows)]
+        self._chunks = [(b, start, min(start + chunk_rows, info["rows"])) for b, info in self._info.items() for start in range(0, info["rows"], chunk_rows)]
         self.epoch = 0
         self.batches_done_in_epoch = 0
         self.skipped_blocks: set[str] = set()  # found corrupt and skipped (skip_corrupt=True)
@@ -51,8 +60,7 @@ class ShuffledReader:
     # --- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done_in_epoch": self.batches_done_in_epoch, "seed": self.seed,
-                "skipped_blocks": sorted(self.skipped_blocks)}
+        return {"epoch": self.epoch, "batches_done_in_epoch": self.batches_done_in_epoch, "seed": self.seed, "skipped_blocks": sorted(self.skipped_blocks)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -87,16 +95,16 @@ class ShuffledReader:
         return windows
 
     def _window_rows(self, window: list[int]) -> int:
-        return sum(stop - start for b, start, stop in (self._chunks[ci] for ci in window)
-                   if b not in self.skipped_blocks)
+        return sum(stop - start for b, start, stop in (self._chunks[ci] for ci in window) if b not in self.skipped_blocks)
 
     # --- loading ---------------------------------------------------------------------------------
 
     def _skip_or_raise(self, error: CorruptBlockError) -> None:
         url = self.store.url
         if not self.skip_corrupt:
-            raise CorruptBlockError(error.block_id, error.reason, url,
-                                    fix=f"run `maria verify --store {url}`; pass --skip-corrupt to train without it") from error
+            raise CorruptBlockError(
+                error.block_id, error.reason, url, fix=f"run `maria verify --store {url}`; pass --skip-corrupt to train without it"
+            ) from error
         warnings.warn(f"skipping block {error.block_id} of {url}: corrupt ({error.reason})", stacklevel=3)
         self.skipped_blocks.add(error.block_id)
 
@@ -114,8 +122,11 @@ class ShuffledReader:
             except CorruptBlockError as e:  # nothing of a corrupt block is kept, so the window stays exact
                 self._skip_or_raise(e)
         if not pieces:
-            return {name: np.zeros((0, self.store.feature_dim) if name == "features" else 0, dtype)
-                    for name, dtype in block_array_dtypes(self.store.manifest).items() if name in self._names}
+            return {
+                name: np.zeros((0, self.store.feature_dim) if name == "features" else 0, dtype)
+                for name, dtype in block_array_dtypes(self.store.manifest).items()
+                if name in self._names
+            }
         ordered = [pieces[pos] for pos in sorted(pieces)]
         return {name: np.concatenate([p[name] for p in ordered]) for name in self._names}
 
@@ -145,8 +156,10 @@ class ShuffledReader:
             w0 += 1
         # Prefetch: the next window loads in a thread while this one is consumed (zarr and numpy release the GIL).
         pool = ThreadPoolExecutor(max_workers=1) if self.prefetch else None
+
         def load(w):
             return pool.submit(self._load_window, windows[w]) if pool else windows[w]
+
         pending = load(w0) if w0 < len(windows) else None
         parts, have = [], 0
         try:
@@ -158,7 +171,7 @@ class ShuffledReader:
                 i, skip = skip, 0
                 while i < n:
                     take = min(B - have, n - i)
-                    parts.append(self._gather(data, perm[i:i + take]))
+                    parts.append(self._gather(data, perm[i : i + take]))
                     have, i = have + take, i + take
                     if have == B:
                         self.batches_done_in_epoch += 1  # before yielding: state_dict() inside the loop is exact
@@ -177,13 +190,16 @@ class ShuffledReader:
 
     def _batch(self, parts: list[dict]) -> dict[str, np.ndarray]:
         cat = {k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else parts[0][k] for k in parts[0]}
-        return {"features": as_float32(cat["features"], self.store.manifest, cat.get(SCALES)),
-                "targets": cat["targets"].astype(np.int64),
-                "mask_rates": cat["mask_rates"].astype(np.float32, copy=False)}
+        return {
+            "features": as_float32(cat["features"], self.store.manifest, cat.get(SCALES)),
+            "targets": cat["targets"].astype(np.int64),
+            "mask_rates": cat["mask_rates"].astype(np.float32, copy=False),
+        }
 
 
-def load_all(store: FeatureStore | str, blocks: list[str] | None = None, verify: bool = False, skip_corrupt: bool = False,
-             float32: bool = True) -> dict[str, np.ndarray]:
+def load_all(
+    store: FeatureStore | str, blocks: list[str] | None = None, verify: bool = False, skip_corrupt: bool = False, float32: bool = True
+) -> dict[str, np.ndarray]:
     """Every committed block (or `blocks`) concatenated in block-id order: targets int64, features float32
     (or as stored with float32=False: half the RAM), other arrays in their stored dtypes. For stores that fit
     in RAM. A damaged block raises CorruptBlockError, or is skipped with a warning (skip_corrupt=True)."""
@@ -196,10 +212,9 @@ def load_all(store: FeatureStore | str, blocks: list[str] | None = None, verify:
         except CorruptBlockError as e:
             if not skip_corrupt:
                 raise
-            warnings.warn(f"skipping corrupt block {b}: {e}")
+            warnings.warn(f"skipping corrupt block {b}: {e}", stacklevel=2)
     if not parts:
-        raise StoreError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify --store {store.url}` "
-                         "and re-extract")
+        raise StoreError(f"no readable rows in {len(blocks)} block(s) of {store.url}; run `maria verify --store {store.url}` and re-extract")
     out = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     if float32:  # else a float8 store's per-row scales stay beside the codes (SCALES), for the caller to decode
         out["features"] = as_float32(out["features"], store.manifest, out.pop(SCALES, None))

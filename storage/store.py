@@ -4,6 +4,7 @@ Writers (Ray tasks) call `write_block`; only the driver calls `create_store`, `w
 and `finalize`, so the root metadata has exactly one writer. See storage/format.py for the layout and
 storage/commit.py for how a block is committed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,17 +15,29 @@ import numpy as np
 import zarr
 
 from maria_storage import commit, layout
-from maria_storage.format import (BLOCK_ARRAYS, BLOCK_ID_RE, FORMAT_VERSION, IDENTITY_KEYS, INIT_ARRAYS, MANIFEST_KEY, SCALES,
-                                  CorruptBlockError, CorruptStoreError, IncompleteStoreError, StoreAccessError, StoreError,
-                                  StoreMismatchError, StoreNotFoundError, block_array_dtypes, check_block_id, features_finite, init_shapes,
-                                  scales_valid, sha256_of,
-                            stored_feature_dtype)
+from maria_storage.format import (
+    FORMAT_VERSION,
+    IDENTITY_KEYS,
+    INIT_ARRAYS,
+    MANIFEST_KEY,
+    CorruptBlockError,
+    CorruptStoreError,
+    IncompleteStoreError,
+    StoreAccessError,
+    StoreError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    block_array_dtypes,
+    check_block_id,
+    init_shapes,
+    sha256_of,
+    stored_feature_dtype,
+)
 from maria_storage.location import Location, access_error
 from maria_storage.manifest import PLAN_KEY, check_format_version, check_identity, normalize_manifest, read_root, retarget
 from maria_storage.zarr_compat import group_metadata
 
-_ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError,
-                 zarr.errors.ArrayNotFoundError)
+_ZARR_MISSING = (FileNotFoundError, KeyError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError)
 
 
 def decode_problem(e: Exception) -> str | None:
@@ -58,8 +71,7 @@ class BlockArray:
             raise CorruptBlockError(self.block_id, f"array {self.name}: {reason}", self.url) from e
 
 
-def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] | None = None,
-                 storage_options: dict | None = None) -> "FeatureStore":
+def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] | None = None, storage_options: dict | None = None) -> "FeatureStore":
     """Create the store (driver only), or reopen it when an extraction with the same identity made it."""
     manifest = normalize_manifest(manifest)
     loc = Location(url, storage_options)
@@ -74,8 +86,7 @@ def create_store(url: str, manifest: dict, init_weights: dict[str, np.ndarray] |
     foreign = sorted(set(loc.listdir()) - {"zarr.json", "init", "blocks", "commits"})
     if foreign or loc.listdir("commits"):
         found = foreign[:3] or ["commit markers without a manifest"]
-        raise StoreMismatchError(f"{url} exists and is not a MARIA feature store (found {found}); "
-                                 f"use another --store or delete it")
+        raise StoreMismatchError(f"{url} exists and is not a MARIA feature store (found {found}); use another --store or delete it")
     manifest["has_init"] = init_weights is not None
     if init_weights is not None:
         _write_init(loc, _check_init_weights(init_weights, manifest), manifest)
@@ -89,8 +100,7 @@ def _write_init(loc: Location, weights: dict[str, np.ndarray], manifest: dict) -
     """init/ as one group; its attributes hold each array's sha256 (verify checks them)."""
     metas = {name: layout.init_array_metadata(name, a, manifest) for name, a in weights.items()}
     checksums = {name: sha256_of(a) for name, a in weights.items()}
-    group = group_metadata({"description": "PoE init: logits = h_mlm @ W1.T + b1 + h_ar @ W2.T + b2, in AR ids",
-                            "maria_checksums": checksums}, metas)
+    group = group_metadata({"description": "PoE init: logits = h_mlm @ W1.T + b1 + h_ar @ W2.T + b2, in AR ids", "maria_checksums": checksums}, metas)
     loc.remove_tree("init")  # what a create that crashed half-way left
     commit.write_hierarchy(loc.sub_store("init"), group, weights, metas)
 
@@ -99,13 +109,13 @@ def _check_init_weights(init_weights: dict, m: dict) -> dict[str, np.ndarray]:
     missing = [k for k in INIT_ARRAYS if k not in init_weights]
     if missing:
         raise StoreError(f"init_weights lacks {missing}; pass all of {list(INIT_ARRAYS)}")
-    out = {k: np.ascontiguousarray(np.asarray(init_weights[k]),
-                                   dtype="<i8" if k == "vocab_map" else "<f4") for k in INIT_ARRAYS}
+    out = {k: np.ascontiguousarray(np.asarray(init_weights[k]), dtype="<i8" if k == "vocab_map" else "<f4") for k in INIT_ARRAYS}
     V = m["vocab_size"]
     for name, shape in init_shapes(m).items():
         if out[name].shape != shape:
-            raise StoreError(f"init weight {name} has shape {out[name].shape}, the manifest implies {shape} "
-                             f"(vocab_size, d_mlm, d_ar); fix the manifest or the weights")
+            raise StoreError(
+                f"init weight {name} has shape {out[name].shape}, the manifest implies {shape} (vocab_size, d_mlm, d_ar); fix the manifest or the weights"
+            )
     if out["vocab_map"].ndim != 1 or (out["vocab_map"] >= V).any() or (out["vocab_map"] < -1).any():
         raise StoreError(f"init vocab_map must be 1-D with values in [-1, {V}); got shape {out['vocab_map'].shape}")
     return out
@@ -122,10 +132,9 @@ def probe_store(url: str, storage_options: dict | None = None) -> bool:
         try:
             there = loc.fs.exists(bucket)
         except Exception as e:  # noqa: BLE001 -- as read_root: every backend has its own error classes
-            raise access_error(e, url, "store") or e
+            raise (access_error(e, url, "store") or e) from e
         if not there:
-            raise StoreAccessError(f"store {url}: bucket {bucket} does not exist (or these credentials cannot see it); "
-                                   f"create it or fix the URL")
+            raise StoreAccessError(f"store {url}: bucket {bucket} does not exist (or these credentials cannot see it); create it or fix the URL")
     return False
 
 
@@ -170,8 +179,7 @@ class FeatureStore:
     # --- commits ---------------------------------------------------------------------------------
 
     def committed_blocks(self) -> list[str]:
-        return sorted(n[:-len(".json")] for n in self._loc.listdir("commits")
-                      if n.endswith(".json") and not n.startswith("."))
+        return sorted(n[: -len(".json")] for n in self._loc.listdir("commits") if n.endswith(".json") and not n.startswith("."))
 
     def is_committed(self, block_id: str) -> bool:
         return self._loc.exists("commits", f"{check_block_id(block_id)}.json")
@@ -180,8 +188,7 @@ class FeatureStore:
         try:
             data = self._loc.read_bytes("commits", f"{check_block_id(block_id)}.json")
         except FileNotFoundError:
-            raise StoreError(f"block {block_id} is not committed in {self.url}; "
-                             f"see committed_blocks() or re-run extraction for it") from None
+            raise StoreError(f"block {block_id} is not committed in {self.url}; see committed_blocks() or re-run extraction for it") from None
         try:
             info = json.loads(data)
         except ValueError as e:
@@ -229,9 +236,11 @@ class FeatureStore:
         if old == plan:
             return
         if old is not None and old["blocks"] != blocks:
-            raise StoreMismatchError(f"{self.url} was planned with {len(old['blocks'])} other blocks; "
-                                     f"an extraction with the same settings plans the same blocks: use another --store "
-                                     f"or delete that store")
+            raise StoreMismatchError(
+                f"{self.url} was planned with {len(old['blocks'])} other blocks; "
+                f"an extraction with the same settings plans the same blocks: use another --store "
+                f"or delete that store"
+            )
         self._write_root(self._root()[MANIFEST_KEY], plan)
 
     def plan(self) -> dict | None:
@@ -267,16 +276,15 @@ class FeatureStore:
             return
         missing, command = self.missing_blocks(), retarget(plan["command"], self.url)
         if missing:
-            raise IncompleteStoreError(f"{self.url} is incomplete: {len(missing)} of {len(plan['blocks'])} "
-                                       f"planned blocks are missing; finish it with `{command}`")
+            raise IncompleteStoreError(
+                f"{self.url} is incomplete: {len(missing)} of {len(plan['blocks'])} planned blocks are missing; finish it with `{command}`"
+            )
         if "rows" not in self._root()[MANIFEST_KEY]:
-            raise IncompleteStoreError(f"{self.url} is incomplete: its extraction never finished (not finalized); "
-                                       f"finish it with `{command}`")
+            raise IncompleteStoreError(f"{self.url} is incomplete: its extraction never finished (not finalized); finish it with `{command}`")
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def write_block(self, block_id: str, arrays: dict[str, np.ndarray], stats: dict | None = None,
-                    overwrite: bool = False) -> bool:
+    def write_block(self, block_id: str, arrays: dict[str, np.ndarray], stats: dict | None = None, overwrite: bool = False) -> bool:
         """Write and commit one block; False (and nothing written) when it is already committed. Safe to retry
         and to run concurrently: each attempt writes its own group, the marker written last decides."""
         check_block_id(block_id)
@@ -304,13 +312,13 @@ class FeatureStore:
             try:
                 array = zarr.open_array(store, path=name, mode="r", zarr_format=3)  # 3: no v2 probes
             except _ZARR_MISSING:
-                raise CorruptBlockError(block_id, f"array {name} of attempt {info['attempt']} is missing",
-                                        self.url) from None
+                raise CorruptBlockError(block_id, f"array {name} of attempt {info['attempt']} is missing", self.url) from None
             # every chunk of a committed block was written (write_empty_chunks): zarr would read a missing one as zeros
             stored = array.nchunks_initialized if array.size else 0
             if stored < (array.nchunks if array.size else 0):
-                raise CorruptBlockError(block_id, f"array {name} has {stored} of its {array.nchunks} chunk files (a "
-                                        f"missing chunk would read as zeros)", self.url)
+                raise CorruptBlockError(
+                    block_id, f"array {name} has {stored} of its {array.nchunks} chunk files (a missing chunk would read as zeros)", self.url
+                )
             out[name] = BlockArray(array, block_id, self.url, name)
         return out
 
@@ -327,25 +335,21 @@ class FeatureStore:
 
     def init_weights(self, verify: bool = False) -> dict[str, np.ndarray]:
         if not self.manifest.get("has_init", True):
-            raise StoreError(f"{self.url} was created without init weights; re-create it with them, "
-                             f"or train from a random init")
+            raise StoreError(f"{self.url} was created without init weights; re-create it with them, or train from a random init")
         out = {}
         for name in INIT_ARRAYS:
             try:
                 out[name] = zarr.open_array(self._loc.zarr_store, path=f"init/{name}", mode="r", zarr_format=3)[...]
             except _ZARR_MISSING:
-                raise CorruptStoreError(f"{self.url} lacks init/{name}; run `maria verify --store {self.url}` "
-                                        f"and re-extract into a new --store") from None
+                raise CorruptStoreError(f"{self.url} lacks init/{name}; run `maria verify --store {self.url}` and re-extract into a new --store") from None
             except Exception as e:
                 if decode_problem(e) is None:
                     raise
-                raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: {decode_problem(e)}; "
-                                        f"re-extract into a new --store") from e
+                raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: {decode_problem(e)}; re-extract into a new --store") from e
         if verify:
             for name, want in self.init_checksums().items():
                 if name in out and sha256_of(out[name]) != want:
-                    raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: its checksum does not match; "
-                                            f"re-extract into a new --store")
+                    raise CorruptStoreError(f"init/{name} of {self.url} is corrupt: its checksum does not match; re-extract into a new --store")
         return out
 
     def init_checksums(self) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """verify_store: everything wrong with a feature store, each problem classed as corrupt, incomplete or
 unreadable, so a CLI can map them to different exit codes. Backs `maria verify --store URL`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,8 +10,7 @@ import numpy as np
 import zarr
 
 from maria_storage.commit import block_problem, published_attempt
-from maria_storage.format import (FORMAT_VERSION, INIT_ARRAYS, CorruptStoreError, IncompleteStoreError,
-                            StoreError, init_shapes, sha256_of)
+from maria_storage.format import FORMAT_VERSION, INIT_ARRAYS, CorruptStoreError, IncompleteStoreError, StoreError, init_shapes, sha256_of
 from maria_storage.store import _ZARR_MISSING, FeatureStore, decode_problem, open_store
 
 CORRUPT, INCOMPLETE, UNREADABLE = "corrupt", "incomplete", "unreadable"
@@ -32,8 +32,7 @@ class VerifyReport(list):
     (Problem objects), `.corrupt` / `.incomplete`, `.missing_blocks`, `.command` (what finishes the job),
     and `error()`: the exception a caller should raise, the corrupt kind first."""
 
-    def __init__(self, problems: list[Problem], url: str = "", missing_blocks: list[str] | None = None,
-                 command: str | None = None):
+    def __init__(self, problems: list[Problem], url: str = "", missing_blocks: list[str] | None = None, command: str | None = None):
         super().__init__(str(p) for p in problems)
         self.problems, self.url = problems, url
         self.missing_blocks = list(missing_blocks or [])
@@ -59,9 +58,13 @@ class VerifyReport(list):
 
     def as_dict(self) -> dict:
         """The report as JSON-ready data (`maria verify --json`)."""
-        return {"store": self.url, "ok": not self.problems,
-                "problems": [{"kind": p.kind, "where": p.where, "message": p.message} for p in self.problems],
-                "missing_blocks": self.missing_blocks, "command": self.command}
+        return {
+            "store": self.url,
+            "ok": not self.problems,
+            "problems": [{"kind": p.kind, "where": p.where, "message": p.message} for p in self.problems],
+            "missing_blocks": self.missing_blocks,
+            "command": self.command,
+        }
 
     @staticmethod
     def _first(problems: list[Problem]) -> str:
@@ -139,20 +142,31 @@ def _completeness(store: FeatureStore, blocks: list[str]) -> tuple[list[Problem]
     missing = store.missing_blocks(blocks)
     problems = []
     if missing:
-        problems.append(Problem(INCOMPLETE, "plan", f"{len(missing)} of {len(plan['blocks'])} planned blocks are "
-                                f"missing (first: {', '.join(missing[:3])}); finish the job with `{command}`"))
+        problems.append(
+            Problem(
+                INCOMPLETE,
+                "plan",
+                f"{len(missing)} of {len(plan['blocks'])} planned blocks are missing (first: {', '.join(missing[:3])}); finish the job with `{command}`",
+            )
+        )
     elif "rows" not in store.manifest:
-        problems.append(Problem(INCOMPLETE, "plan", f"every planned block is committed but the extraction never "
-                                f"finished (not finalized); finish the job with `{command}`"))
+        problems.append(
+            Problem(INCOMPLETE, "plan", f"every planned block is committed but the extraction never finished (not finalized); finish the job with `{command}`")
+        )
     extra = sorted(set(blocks) - set(plan["blocks"]))
     if extra:
-        problems.append(Problem(CORRUPT, "plan", f"{len(extra)} committed blocks are not in the plan (first: "
-                                f"{', '.join(extra[:3])}); delete their commits/<id>.json or re-extract into a new --store"))
+        problems.append(
+            Problem(
+                CORRUPT,
+                "plan",
+                f"{len(extra)} committed blocks are not in the plan (first: "
+                f"{', '.join(extra[:3])}); delete their commits/<id>.json or re-extract into a new --store",
+            )
+        )
     return problems, missing, command
 
 
-def verify_store(url: str, check_data: bool = True, storage_options: dict | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+def verify_store(url: str, check_data: bool = True, storage_options: dict | None = None, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Every problem, each naming what it concerns ("block b000123: ..."); empty when the store is sound and
     complete. check_data=False skips reading the arrays (no checksums, no NaN scan): metadata and counts only.
     progress(done, total) is called after each block."""
@@ -182,8 +196,7 @@ def verify_store(url: str, check_data: bool = True, storage_options: dict | None
     if "rows" in m and not problems:
         rows = store.num_rows(blocks)
         if m["rows"] != rows:
-            problems.append(Problem(CORRUPT, "manifest", f"rows is {m['rows']} but the committed blocks hold {rows} "
-                                    f"(blocks committed after finalize?)"))
+            problems.append(Problem(CORRUPT, "manifest", f"rows is {m['rows']} but the committed blocks hold {rows} (blocks committed after finalize?)"))
     return VerifyReport(problems, url, missing_blocks, command)
 
 
@@ -194,8 +207,13 @@ def _unpublished(store: FeatureStore, blocks: list[str], command: str | None) ->
     if not stale:
         return []
     fix = f"`{command}`" if command else "FeatureStore.gc_uncommitted() (the extraction runs it at its end)"
-    return [Problem(INCOMPLETE, "blocks", f"{len(stale)} committed blocks have no Zarr group naming their committed "
-                    f"attempt (first: {', '.join(stale[:3])}); rewrite them with {fix}")]
+    return [
+        Problem(
+            INCOMPLETE,
+            "blocks",
+            f"{len(stale)} committed blocks have no Zarr group naming their committed attempt (first: {', '.join(stale[:3])}); rewrite them with {fix}",
+        )
+    ]
 
 
 def _attempt(store: FeatureStore, block_id: str) -> str | None:

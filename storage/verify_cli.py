@@ -4,6 +4,7 @@ Raises CorruptStoreError (damaged data: CLIs exit with their "corrupt data" code
 (the extraction has not finished: the message names the command that finishes it), or the StoreError that
 opening raised (no store there: bad input). Shows a progress bar over the blocks; `--json FILE` writes the
 report (problems, missing blocks, the finish command) whatever the verdict, for a scheduler or a script."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ not promise to keep. Group metadata with consolidated members is how one atomic 
 publishes a whole block; zarr's public API would write member by member. An upgrade that moves one of
 these breaks it here, and tests/test_adapters.py names the call that went away.
 """
+
 from __future__ import annotations
 
 from zarr.core.buffer import default_buffer_prototype
@@ -12,8 +13,7 @@ from zarr.core.metadata import ArrayV3Metadata
 
 def group_metadata(attributes: dict, members: dict | None = None) -> GroupMetadata:
     """A group's metadata; `members` ({relative path: array or group metadata}) are consolidated into it."""
-    return GroupMetadata(attributes=attributes,
-                         consolidated_metadata=None if members is None else ConsolidatedMetadata(metadata=dict(members)))
+    return GroupMetadata(attributes=attributes, consolidated_metadata=None if members is None else ConsolidatedMetadata(metadata=dict(members)))
 
 
 def metadata_json(meta) -> bytes:

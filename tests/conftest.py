@@ -43,8 +43,7 @@ def s3_endpoint():
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "MARIA_S3_ENDPOINT_URL": url})
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "MARIA_S3_ENDPOINT_URL": url})
     import s3fs
 
     s3fs.S3FileSystem(endpoint_url=url).mkdir("maria-test")
@@ -79,8 +78,9 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def store_a(ray_local, pairs, corpus, tmp_path_factory):
     """An uninterrupted extraction: the reference the fault tests compare against."""
-    from maria_extract.job import run_extract
     from extract_fixtures import config
+
+    from maria_extract.job import run_extract
 
     out = tmp_path_factory.mktemp("stores") / "a"
     summary = run_extract(config(pairs, corpus, out))

@@ -8,6 +8,7 @@ backbones (in a child process, so this one never imports torch), extracts it on 
 and prints one JSON line: the driver's peak RSS, blocks, rows, tokens/s (steady state) and store
 bytes per masked-token row.
 """
+
 import argparse
 import json
 import os
@@ -42,16 +43,38 @@ def main() -> None:
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    summary = run_extract(ExtractConfig(mlm=mlm, ar=ar, corpus=str(corpus), out=str(work / "store"), window_length=64,
-                                        docs_per_block=args.docs_per_block, batch_size=32,
-                                        ray_temp_dir=str(work / "ray")))  # short enough for Ray's sockets
+    summary = run_extract(
+        ExtractConfig(
+            mlm=mlm,
+            ar=ar,
+            corpus=str(corpus),
+            out=str(work / "store"),
+            window_length=64,
+            docs_per_block=args.docs_per_block,
+            batch_size=32,
+            ray_temp_dir=str(work / "ray"),
+        )
+    )  # short enough for Ray's sockets
     seconds = time.perf_counter() - t
     store_bytes = sum(p.stat().st_size for p in (work / "store" / "blocks").rglob("*") if p.is_file())
     steady = summary.get("steady_tokens", 0) / summary["steady_seconds"] if summary.get("steady_seconds") else None
-    print(json.dumps({"docs": args.docs, "hidden": args.hidden, "blocks": summary["blocks"], "rows": summary["rows"],
-                      "window_tokens": summary["new_tokens"], "seconds": round(seconds, 1), "steady_tok_s": steady and round(steady),
-                      "driver_rss_before_job_mb": round(rss_before), "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                      "store_bytes_per_row": round(store_bytes / max(1, summary["rows"]), 1), "work": str(work)}))
+    print(
+        json.dumps(
+            {
+                "docs": args.docs,
+                "hidden": args.hidden,
+                "blocks": summary["blocks"],
+                "rows": summary["rows"],
+                "window_tokens": summary["new_tokens"],
+                "seconds": round(seconds, 1),
+                "steady_tok_s": steady and round(steady),
+                "driver_rss_before_job_mb": round(rss_before),
+                "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "store_bytes_per_row": round(store_bytes / max(1, summary["rows"]), 1),
+                "work": str(work),
+            }
+        )
+    )
 
 
 def prepare(work: Path, args) -> None:
@@ -65,7 +88,7 @@ def prepare(work: Path, args) -> None:
     per_file = -(-args.docs // args.files)
     for f in range(args.files):
         ids = range(f * per_file, min(args.docs, (f + 1) * per_file))
-        texts = [" ".join(CORPUS[i % len(CORPUS):] + CORPUS[: i % len(CORPUS)])[: args.chars] for i in ids]
+        texts = [" ".join(CORPUS[i % len(CORPUS) :] + CORPUS[: i % len(CORPUS)])[: args.chars] for i in ids]
         pq.write_table(pa.table({"text": texts}), corpus / f"part-{f:03d}.parquet")
 
 

@@ -1,7 +1,6 @@
 """Shared helpers for the extraction tests (the fixtures themselves live in conftest.py)."""
-import dataclasses
+
 import sys
-import typing
 
 from maria_app.cli import parse
 from maria_extract.job import ExtractConfig

@@ -1,6 +1,7 @@
 """Faults the extraction tests inject through `run_extract(cfg, hooks=Faults(...))` (or, for a job in
 another process, `fault_command`): a killed actor, a full disk, a slow block. Test code only; the job
 itself just calls its BlockHooks."""
+
 import dataclasses
 import errno
 import hashlib

@@ -1,5 +1,6 @@
 """`python tests/run_with_faults.py FAULTS_JSON <maria args>`: the maria CLI with tests/faults.py's
 Faults injected into extraction (for tests whose job runs in another process)."""
+
 import json
 import sys
 from pathlib import Path

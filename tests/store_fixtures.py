@@ -3,13 +3,12 @@
 `make_windows` is deterministic in (backbones, n_windows, seed, window_length), so a test can
 rebuild exactly the windows and masks a store was made from and check it against the models.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from tiny import CORPUS
-
 
 FINISH_COMMAND = "maria extract --corpus tiny.jsonl --store {path}"  # recorded by make_store(plan=True)
 
@@ -35,20 +34,39 @@ def make_windows(bb, n_windows: int, seed: int, window_length: int = 24):
 
 
 def manifest_of(bb, window_length: int = 24, feature_dtype: str = "float16") -> dict:
-    return {**bb.identity, "d_mlm": bb.d_mlm, "d_ar": bb.d_ar, "vocab_size": bb.vocab_size, "start_token_id": bb.start_id,
-            "mlm_offset": bb.mlm_offset, "feature_dtype": feature_dtype, "masking": {"mode": "token", "rate": "uniform"}, "seed": 0,
-            "corpus_fingerprint": "test", "window_length": window_length}
+    return {
+        **bb.identity,
+        "d_mlm": bb.d_mlm,
+        "d_ar": bb.d_ar,
+        "vocab_size": bb.vocab_size,
+        "start_token_id": bb.start_id,
+        "mlm_offset": bb.mlm_offset,
+        "feature_dtype": feature_dtype,
+        "masking": {"mode": "token", "rate": "uniform"},
+        "seed": 0,
+        "corpus_fingerprint": "test",
+        "window_length": window_length,
+    }
 
 
-def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, windows_per_block: int = 16,
-               feature_dtype: str = "float16", plan: bool = False, missing: int = 0, finalize: bool = True):
+def make_store(
+    path,
+    bb,
+    n_windows: int,
+    seed: int,
+    window_length: int = 24,
+    windows_per_block: int = 16,
+    feature_dtype: str = "float16",
+    plan: bool = False,
+    missing: int = 0,
+    finalize: bool = True,
+):
     """Write a store of the aligned features of `make_windows(bb, n_windows, seed)`; one block per
     `windows_per_block` windows. Returns the opened FeatureStore. plan=True records a plan as extraction does
     (FINISH_COMMAND) and finalizes (unless finalize=False: every block there, the job never finished);
     `missing` more planned blocks are never written (an incomplete store)."""
-    from maria_storage import create_store
-
     from maria.features import aligned_features
+    from maria_storage import create_store
 
     weights = {k: v.numpy() for k, v in bb.expert_weights().items()}
     weights["vocab_map"] = bb.mlm_to_ar.numpy()
@@ -58,9 +76,17 @@ def make_store(path, bb, n_windows: int, seed: int, window_length: int = 24, win
         sl = slice(s, s + windows_per_block)
         af = aligned_features(bb, ids[sl], mask[sl], lengths[sl])
         rows = af.rows.numpy() + s
-        store.write_block(f"b{j:06d}", {"features": af.features.numpy(), "targets": af.targets.numpy().astype(np.int32),
-                                        "doc_ids": rows.astype(np.int64), "window_ids": np.zeros(len(rows), np.int64),
-                                        "positions": af.positions.numpy().astype(np.int32), "mask_rates": rates.numpy()[rows]})
+        store.write_block(
+            f"b{j:06d}",
+            {
+                "features": af.features.numpy(),
+                "targets": af.targets.numpy().astype(np.int32),
+                "doc_ids": rows.astype(np.int64),
+                "window_ids": np.zeros(len(rows), np.int64),
+                "positions": af.positions.numpy().astype(np.int32),
+                "mask_rates": rates.numpy()[rows],
+            },
+        )
     if plan:
         written = store.committed_blocks()
         store.write_plan(written + [f"b{len(written) + i:06d}" for i in range(missing)], FINISH_COMMAND.format(path=path))

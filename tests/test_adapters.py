@@ -2,21 +2,28 @@
 (maria/transformers_compat.py, extract/ray_compat.py, storage/zarr_compat.py, extract/datasets_compat.py).
 Each test names the call it guards, so an upgrade that removes one fails here, loudly, by name; and a
 scan checks no other file reaches into a private module."""
-import ast
+
 import inspect
 import json
 import re
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTERS = {"maria/transformers_compat.py", "extract/ray_compat.py", "storage/zarr_compat.py", "extract/datasets_compat.py"}
-PRIVATE = (r"ray\._private", r"ray\.data\._internal", r"zarr\.core", r"transformers\.models\.auto\.modeling_auto",
-           r"transformers\.utils\.hub", r"\b_data_files\b", r"\b_temp_dir\b", r"\b_open_input_source\b", r"issue_detectors_config",
-           r"\.keys, \w+\.values =")  # assigning a DynamicCache layer's tensors
+PRIVATE = (
+    r"ray\._private",
+    r"ray\.data\._internal",
+    r"zarr\.core",
+    r"transformers\.models\.auto\.modeling_auto",
+    r"transformers\.utils\.hub",
+    r"\b_data_files\b",
+    r"\b_temp_dir\b",
+    r"\b_open_input_source\b",
+    r"issue_detectors_config",
+    r"\.keys, \w+\.values =",
+)  # assigning a DynamicCache layer's tensors
 
 
 def test_no_private_reach_outside_the_adapters():
@@ -34,8 +41,7 @@ def test_no_private_reach_outside_the_adapters():
 def test_transformers_mapping_names_and_cache_argument(pairs):
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from maria.transformers_compat import (cache_kwargs, cache_layer_tensors, causal_lm_model_types, masked_lm_model_types,
-                                           set_cache_layer_tensors)
+    from maria.transformers_compat import cache_kwargs, cache_layer_tensors, causal_lm_model_types, masked_lm_model_types, set_cache_layer_tensors
 
     assert {"bert", "modernbert"} <= masked_lm_model_types(), "transformers MODEL_FOR_MASKED_LM_MAPPING_NAMES moved"
     assert {"gpt2", "olmo"} <= causal_lm_model_types(), "transformers MODEL_FOR_CAUSAL_LM_MAPPING_NAMES moved"
@@ -58,8 +64,7 @@ def test_ray_private_calls_exist():
     from maria_extract import ray_compat
 
     assert callable(getattr(FileBasedDatasource, "_open_input_source", None)), "FileBasedDatasource._open_input_source is gone"
-    assert "_temp_dir" in inspect.signature(ray.init).parameters or "kwargs" in inspect.signature(ray.init).parameters, \
-        "ray.init(_temp_dir=) is gone"
+    assert "_temp_dir" in inspect.signature(ray.init).parameters or "kwargs" in inspect.signature(ray.init).parameters, "ray.init(_temp_dir=) is gone"
     assert ray_compat.canonical_address("127.0.0.1:6379").endswith(":6379"), "ray._private.services.canonicalize_bootstrap_address"
     assert callable(ray._private.state.state.get_cluster_config), "ray._private.state.state.get_cluster_config is gone"
     ctx = ray.data.DataContext.get_current()

@@ -1,5 +1,6 @@
 """Simulated annealing's proposals: one contiguous span (or scattered positions), never position 0
 without a start token, and a run that keeps every sample's energy consistent with the AR."""
+
 import torch
 
 from maria.anneal import AnnealConfig, anneal, ar_nll, remask

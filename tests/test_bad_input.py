@@ -1,5 +1,6 @@
 """Bad input through the CLI: a one-line error naming the fix, exit code 2, nothing half-written.
 Each case here is a row of the README's bad-input table."""
+
 import json
 
 import pytest
@@ -70,10 +71,10 @@ def test_backbone_errors(capsys, pairs, tmp_path):
     assert "tokenizers disagree" in run_cli(capsys, "export", "--mlm", bad_mlm, "--ar", bad_ar, "--head", head, "--out", tmp_path / "o")
     assert "cannot load MLM 'nobody/nothing'" in run_cli(capsys, "export", "--mlm", "nobody/nothing", "--ar", ar, "--head", head, "--out", tmp_path / "o")
     assert "not a head folder" in run_cli(capsys, "export", "--mlm", mlm, "--ar", ar, "--head", tmp_path / "o", "--out", tmp_path / "o2")
-    assert "--mlm-offset is 1; an MLM predicts x[i] at i" in run_cli(capsys, "export", "--mlm", mlm, "--ar", ar, "--head", head,
-                                                                     "--out", tmp_path / "o", "--mlm-offset", "1")
-    assert "--mlm-offset is -2" in run_cli(capsys, "extract", "--mlm", mlm, "--ar", ar, "--corpus", tmp_path, "--store", tmp_path / "s",
-                                           "--mlm-offset", "-2")
+    assert "--mlm-offset is 1; an MLM predicts x[i] at i" in run_cli(
+        capsys, "export", "--mlm", mlm, "--ar", ar, "--head", head, "--out", tmp_path / "o", "--mlm-offset", "1"
+    )
+    assert "--mlm-offset is -2" in run_cli(capsys, "extract", "--mlm", mlm, "--ar", ar, "--corpus", tmp_path, "--store", tmp_path / "s", "--mlm-offset", "-2")
     assert not (tmp_path / "o").exists() and not (tmp_path / "s").exists()
 
 
@@ -114,6 +115,7 @@ def test_mask_covering_everything_is_generation(capsys, checkpoint, tmp_path):
 
 
 # --- reliability round 3: refused before any work, in one line ----------------------------------------------------
+
 
 def extract_cli(pairs, corpus, store, *extra):
     mlm, ar = pairs["modernbert-olmo"]
@@ -198,8 +200,7 @@ def test_urls_are_one_line_naming_the_fix(capsys, pairs, tmp_path, no_s3_credent
         assert f"{url.split(':')[0]}:// is not supported; use a local path or an s3://" in run_cli(capsys, "verify", "--store", url)
         assert "is not supported" in run_cli(capsys, *extract_cli(pairs, url, tmp_path / "s"))
     if importlib.util.find_spec("gcsfs") is None:
-        assert "gs:// needs the gcsfs package, which is not installed; pip install 'maria-infill[gcs]'" in \
-            run_cli(capsys, "eval", "--store", "gs://bucket/x")
+        assert "gs:// needs the gcsfs package, which is not installed; pip install 'maria-infill[gcs]'" in run_cli(capsys, "eval", "--store", "gs://bucket/x")
     assert not (tmp_path / "s").exists() and not (tmp_path / "h").exists()
 
 
@@ -208,9 +209,12 @@ def test_strict_csv_names_the_line(tmp_path):
 
     ok = tmp_path / "ok.csv"
     ok.write_text('text,n\n"a document, with a comma\nand a line break",1\n"a ""quoted"" word",2\n\nplain,3\n')
-    assert list(iter_documents(str(ok))) == ['a document, with a comma\nand a line break', 'a "quoted" word', 'plain']
-    for body, line in (('text,n\n"open quote,1\nnext row,2\n', 2),  # used to be one document of two rows
-                       ('text,n\nfine,1\n"closed" then text,2\n', 3), ('text,n\nfine,1\nshort\n', 3)):
+    assert list(iter_documents(str(ok))) == ["a document, with a comma\nand a line break", 'a "quoted" word', "plain"]
+    for body, line in (
+        ('text,n\n"open quote,1\nnext row,2\n', 2),  # used to be one document of two rows
+        ('text,n\nfine,1\n"closed" then text,2\n', 3),
+        ("text,n\nfine,1\nshort\n", 3),
+    ):
         bad = tmp_path / "bad.csv"
         bad.write_text(body)
         with pytest.raises(CorpusError, match=f"bad.csv line {line}: "):
@@ -233,11 +237,13 @@ def test_damaged_compression_is_one_line(tmp_path):
 
 def test_yaml_type_errors_name_the_file_and_field(capsys, tmp_path):
     store = tmp_path / "s"
-    for body, problem in (("lr: [1, 2]\n", "field 'lr' takes one value, not a list"),
-                          ("batch_size: many\n", "field 'batch_size' must be a whole number"),
-                          ("resume: 3\n", "field 'resume' must be true or false"),
-                          ("init: yes\n", "field 'init' must be one of poe, mix, random, ar-only, not True"),
-                          ("val_store: [a, b]\n", "field 'val_store' takes one value, not a list")):
+    for body, problem in (
+        ("lr: [1, 2]\n", "field 'lr' takes one value, not a list"),
+        ("batch_size: many\n", "field 'batch_size' must be a whole number"),
+        ("resume: 3\n", "field 'resume' must be true or false"),
+        ("init: yes\n", "field 'init' must be one of poe, mix, random, ar-only, not True"),
+        ("val_store: [a, b]\n", "field 'val_store' takes one value, not a list"),
+    ):
         cfg = tmp_path / "c.yaml"
         cfg.write_text(body)
         assert f"--config {cfg}: {problem}" in run_cli(capsys, "train", "--store", store, "--out", tmp_path / "h", "--config", cfg)

@@ -11,27 +11,31 @@ The stated tolerances (README "Precision"), each measured on this pair and given
   LOGIT_TOL (relative); greedy infills keep every known token, and the filled tokens agree with float32's on
   at least AGREE_MIN of the positions (near-ties of random weights may flip).
 """
+
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from extract_fixtures import config, read_all
+
+from maria.head import load_head
 from maria.modeling_maria import MariaModel
+from maria.text import parse_masked_text
 from maria_app.cli import main
 from maria_extract.job import run_extract
 from maria_storage import as_float32, open_store
 from maria_train_head.data import eval_batches, read_rows
 from maria_train_head.evaluate import EvalConfig, mean_nll, run_eval
-from maria.head import load_head
-from maria.text import parse_masked_text
 from maria_train_head.train import TrainConfig, run_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
 FEATURE_TOL, NLL_TOL, LOGIT_TOL, AGREE_MIN = 1.5e-2, 1e-3, 1e-2, 0.75  # measured: 0.0042, <= 1.4e-4, 0.0019, 14 of 14
-TEXTS = ["Paris is the {{2}} of France. Berlin is the {{3}} of Germany.", "A cat sat on the {{2}}, and the dog {{}} by the door.",
-         "Masked language models read {{4}} sides; autoregressive models read only the {{2}}."]
+TEXTS = [
+    "Paris is the {{2}} of France. Berlin is the {{3}} of Germany.",
+    "A cat sat on the {{2}}, and the dog {{}} by the door.",
+    "Masked language models read {{4}} sides; autoregressive models read only the {{2}}.",
+]
 
 
 def test_bf16_end_to_end_matches_float32(ray_local, store_a, pairs, corpus, tmp_path, capsys):
@@ -51,11 +55,14 @@ def test_bf16_end_to_end_matches_float32(ray_local, store_a, pairs, corpus, tmp_
     assert 0 < worst < FEATURE_TOL
 
     head = tmp_path / "head"
-    trained = run_train(TrainConfig(store=str(bf16), val_store=str(bf16), out=str(head), max_steps=12, batch_size=128, lr=3e-3,
-                                    warmup_steps=2, eval_every=6, device="cpu"))
+    trained = run_train(
+        TrainConfig(store=str(bf16), val_store=str(bf16), out=str(head), max_steps=12, batch_size=128, lr=3e-3, warmup_steps=2, eval_every=6, device="cpu")
+    )
     assert trained["best_val_loss"] < trained["init_val_loss"]
-    evals = {k: run_eval(EvalConfig(store=str(s), head=str(head) if k == "bf16" else None, device="cpu"))["models"]
-             for k, s in (("bf16", bf16), ("float32", store_a))}
+    evals = {
+        k: run_eval(EvalConfig(store=str(s), head=str(head) if k == "bf16" else None, device="cpu"))["models"]
+        for k, s in (("bf16", bf16), ("float32", store_a))
+    }
     for model in ("poe_init", "ar_only", "mlm_only"):
         assert evals["bf16"][model]["nll"] == pytest.approx(evals["float32"][model]["nll"], abs=NLL_TOL)
     # the bf16-trained head on the float32 rows (eval refuses a head of other fingerprints: score it directly)
@@ -90,7 +97,25 @@ def test_bf16_end_to_end_matches_float32(ray_local, store_a, pairs, corpus, tmp_
     capsys.readouterr()
     assert main(["infill", "--model", str(ckpt["bfloat16"]), "--text", TEXTS[0]]) == 0
     assert capsys.readouterr().out.startswith("Paris is the")
-    assert main(["generate", "--model", str(ckpt["bfloat16"]), "--steps", "2", "--chains", "2", "--length", "12", "--seed", "0",
-                 "--out", str(tmp_path / "gen.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(ckpt["bfloat16"]),
+                "--steps",
+                "2",
+                "--chains",
+                "2",
+                "--length",
+                "12",
+                "--seed",
+                "0",
+                "--out",
+                str(tmp_path / "gen.jsonl"),
+            ]
+        )
+        == 0
+    )
     samples = [json.loads(x) for x in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and all(np.isfinite(s["ar_ppl"]) for s in samples)

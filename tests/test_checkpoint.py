@@ -2,6 +2,7 @@
 dtype form a transformers user writes, the authors' `infill(input_ids, mask_token_id=...)` call, hub ids from the local cache, the tokenizer at the root, a model card, safetensors
 named like the module with standard metadata, --dtype, portable references (the folder moves), and
 one line with exit code 3 for a damaged file."""
+
 import json
 import os
 import shutil
@@ -15,18 +16,27 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from maria_app.cli import main
+from maria import MariaConfig, MariaModel, export
 from maria.checkpoint import CheckpointError, CorruptCheckpointError
 from maria.features import aligned_features
 from maria.head import load_head, save_head
 from maria.io import CorruptDataError
-from maria import MariaConfig, MariaModel, export
+from maria_app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Paris is the {{3}} of France.", "A {{2}} sat on the {{}} by the door."]
 SHA = "0123456789abcdef0123456789abcdef01234567"
-TRAINED = {"store": "stores/train", "init": "poe", "steps": 5, "total_steps": 5, "best_step": 4, "init_val_loss": 3.25,
-           "best_val_loss": 2.5, "complete": True, "window_length": 24}
+TRAINED = {
+    "store": "stores/train",
+    "init": "poe",
+    "steps": 5,
+    "total_steps": 5,
+    "best_step": 4,
+    "init_val_loss": 3.25,
+    "best_val_loss": 2.5,
+    "complete": True,
+    "window_length": 24,
+}
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +137,14 @@ def test_dtype_on_export_and_on_load(pairs, trained, ckpt, tmp_path, capsys):
 
 
 def test_eval_results_go_into_the_card(pairs, trained, tmp_path, capsys):
-    result = {"store": "stores/val", "rows": 1234, "models": {
-        "trained": {"label": "MARIA (trained head)", "nll": 2.25, "ppl": 9.4877},
-        "ar_only": {"label": "AR only (past context)", "nll": 3.5, "ppl": 33.1155}}}
+    result = {
+        "store": "stores/val",
+        "rows": 1234,
+        "models": {
+            "trained": {"label": "MARIA (trained head)", "nll": 2.25, "ppl": 9.4877},
+            "ar_only": {"label": "AR only (past context)", "nll": 3.5, "ppl": 33.1155},
+        },
+    }
     (tmp_path / "eval.json").write_text(json.dumps(result))
     mlm, ar = pairs["modernbert-olmo"]
     args = ["export", "--mlm", mlm, "--ar", ar, "--head", str(trained[1]), "--out", str(tmp_path / "ck")]
@@ -159,12 +174,24 @@ def test_a_head_recorded_from_a_bf16_extraction_exports(pairs, trained, tmp_path
     assert (export(*pairs["modernbert-olmo"], str(head_dir), str(tmp_path / "out")) / "config.json").exists()
 
 
-@pytest.mark.parametrize("name,damage", [("head.safetensors", "truncate"), ("vocab_map.safetensors", "truncate"),
-                                         ("mlm/model.safetensors", "truncate"), ("ar/model.safetensors", "garble"),
-                                         ("config.json", "garble"), ("head.json", "garble"), ("head.json", "delete"),
-                                         ("mlm/tokenizer.json", "truncate"), ("ar/model.safetensors", "flip"),
-                                         ("mlm/model.safetensors", "flip"), ("head.safetensors", "flip"),
-                                         ("vocab_map.safetensors", "flip"), ("checksums.json", "garble")])
+@pytest.mark.parametrize(
+    "name,damage",
+    [
+        ("head.safetensors", "truncate"),
+        ("vocab_map.safetensors", "truncate"),
+        ("mlm/model.safetensors", "truncate"),
+        ("ar/model.safetensors", "garble"),
+        ("config.json", "garble"),
+        ("head.json", "garble"),
+        ("head.json", "delete"),
+        ("mlm/tokenizer.json", "truncate"),
+        ("ar/model.safetensors", "flip"),
+        ("mlm/model.safetensors", "flip"),
+        ("head.safetensors", "flip"),
+        ("vocab_map.safetensors", "flip"),
+        ("checksums.json", "garble"),
+    ],
+)
 def test_damaged_checkpoint_is_one_line_and_exit_3(ckpt, tmp_path, capsys, name, damage):
     bad = shutil.copytree(ckpt, tmp_path / "bad")
     f = bad / name
@@ -197,8 +224,7 @@ def test_damaged_head_folder_is_exit_3_before_any_loading(pairs, trained, tmp_pa
         data = bytearray((head / "head.safetensors").read_bytes())
         data[-2] ^= 0x01
         (head / "head.safetensors").write_bytes(bytes(data))
-    assert main(["export", "--mlm", pairs["modernbert-olmo"][0], "--ar", pairs["modernbert-olmo"][1], "--head", str(head),
-                 "--out", str(tmp_path / "out")]) == 3
+    assert main(["export", "--mlm", pairs["modernbert-olmo"][0], "--ar", pairs["modernbert-olmo"][1], "--head", str(head), "--out", str(tmp_path / "out")]) == 3
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.rstrip().endswith("/s]")]  # progress bars aside
     assert len(err) == 1 and "is damaged" in err[0] and not (tmp_path / "out").exists()
 
@@ -231,8 +257,7 @@ def test_push_to_hub_uploads_the_checkpoint_with_its_card(trained, monkeypatch):
 
         def upload_folder(self, repo_id, folder_path, **kw):
             root = Path(folder_path)
-            calls.update(repo=repo_id, files={p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()},
-                         card=(root / "README.md").read_text())
+            calls.update(repo=repo_id, files={p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}, card=(root / "README.md").read_text())
             return "https://example/commit"
 
     monkeypatch.setattr(maria.modeling_maria, "HfApi", FakeApi)
@@ -275,7 +300,8 @@ def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, traine
     _cache(cache, "maria-test/tiny-maria", ckpt)
     want = [r["text"] for r in trained[0].infill_text(TEXTS)]
     # Export references the hub AR (id + commit) and copies the local MLM; the folder then moves.
-    a = _run(f"""
+    a = _run(
+        f"""
         from maria import MariaModel, export, __version__
         assert __version__ and MariaModel.__module__ == "maria.modeling_maria"
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -287,14 +313,17 @@ def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, traine
         tok = AutoTokenizer.from_pretrained("maria-test/tiny-maria")
         print(json.dumps(dict(config=type(config).__name__, cls=type(model).__module__ + "." + type(model).__name__,
                               ar=config.ar, mlm=config.mlm, ref=infills(model), hub=infills(hub), tok=len(tok))))
-    """, cache)
+    """,
+        cache,
+    )
     assert a["config"] == "MariaConfig" and a["cls"] == "maria.modeling_maria.MariaModel"
     assert a["ar"]["id"] == "maria-test/tiny-ar" and a["ar"]["revision"] == SHA and "path" not in a["ar"]
     assert a["mlm"]["path"] == "mlm" and a["mlm"]["id"] is None
     assert a["ref"] == want and a["hub"] == want and a["tok"] == len(trained[0].bb.ar_tokenizer)
     assert not (tmp_path / "moved" / "ar").exists() and (tmp_path / "moved" / "mlm" / "model.safetensors").exists()
     # transformers first: the tokenizer needs no maria; the model type is unknown until `import maria`
-    b = _run("""
+    b = _run(
+        """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         n = len(AutoTokenizer.from_pretrained("maria-test/tiny-maria"))
         try:
@@ -305,7 +334,9 @@ def test_auto_classes_in_both_import_orders_and_from_the_hub_cache(pairs, traine
         import maria
         model = AutoModel.from_pretrained("maria-test/tiny-maria")
         print(json.dumps(dict(n=n, unknown=unknown, cls=type(model).__name__, hub=infills(model))))
-    """, cache)
+    """,
+        cache,
+    )
     assert b["unknown"] and b["cls"] == "MariaModel" and b["hub"] == want and b["n"] == len(trained[0].bb.ar_tokenizer)
 
 

@@ -1,5 +1,6 @@
 """Ragged batched decoding (maria/decode.py): parity with decoding each window alone, with the
 extracted features (train/serve parity), with the uncached reference; seeded sampling; the plan."""
+
 import dataclasses
 
 import numpy as np
@@ -48,6 +49,7 @@ def windows(bb, start_token: bool = True):
 @pytest.fixture(scope="module")
 def alone(backbones):
     """Each window decoded alone with the PoE head (greedy): outputs and features, once per kind."""
+
     def run(kind):
         if kind not in cache:
             bb = backbones[kind]
@@ -55,6 +57,7 @@ def alone(backbones):
             parts = [infill(bb, poe(bb), ids[r : r + 1], mask[r : r + 1], lengths[r : r + 1], return_features=True) for r in range(len(ids))]
             cache[kind] = torch.cat([o for o, _ in parts]), torch.cat([f for _, f in parts])
         return cache[kind]
+
     cache = {}
     return run
 
@@ -158,8 +161,18 @@ def test_sliding_window_ar_decodes_each_window_alone(backbones):
     window by window, and still see the extracted features."""
     bb = backbones["modernbert-olmo", -1]
     torch.manual_seed(0)
-    ar = MistralForCausalLM(MistralConfig(vocab_size=bb.vocab_size, hidden_size=bb.d_ar, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, sliding_window=8, max_position_embeddings=512)).eval()
+    ar = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=bb.vocab_size,
+            hidden_size=bb.d_ar,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+            max_position_embeddings=512,
+        )
+    ).eval()
     bb = dataclasses.replace(bb, ar=ar)
     ids, mask, lengths = windows(bb)
     head = FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size)
@@ -206,8 +219,9 @@ def test_bench_decode_reports_medians_and_spread(tmp_path):
     from maria_bench.decode import bench_decode
     from maria_bench.setup import BenchConfig
 
-    cfg = BenchConfig(what="decode", preset="tiny", json=str(tmp_path / "d.json"), lengths=[16], batch_sizes=[1, 3], repeats=2,
-                      unmask_steps=2, mlm_ar_columns=1, device="cpu")
+    cfg = BenchConfig(
+        what="decode", preset="tiny", json=str(tmp_path / "d.json"), lengths=[16], batch_sizes=[1, 3], repeats=2, unmask_steps=2, mlm_ar_columns=1, device="cpu"
+    )
     r = bench_decode(cfg)
     assert [(x["batch_size"], x["length"]) for x in r["results"]] == [(1, 16), (3, 16)]
     for x in r["results"]:

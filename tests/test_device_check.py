@@ -1,6 +1,7 @@
 """The prepared device check (bench/device_check.sh, bench/device_check.py) rehearsed on the CPU: from a plain
 checkout on PYTHONPATH, with zarr, Ray and datasets made unimportable (the lent image has none of them), the tiny
 preset end to end, its JSON in the documented shape and its PNG; so the script a GPU session runs cannot rot."""
+
 import dataclasses
 import json
 import os
@@ -23,8 +24,7 @@ def test_dry_run_from_a_plain_checkout_without_ray_zarr_or_datasets(tmp_path):
         (stubs / name).mkdir(parents=True)
         (stubs / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the device image')\n")
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(stubs), "OUT": str(tmp_path / "out")}
-    done = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=540)
+    done = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     r = json.loads((tmp_path / "out" / "device_check.json").read_text())
     assert (tmp_path / "out" / "device_check.png").stat().st_size > 0
@@ -37,8 +37,13 @@ def test_dry_run_from_a_plain_checkout_without_ray_zarr_or_datasets(tmp_path):
     assert set(r["decode"]["maria_over_ar"]) == {"1", "3"} and isinstance(r["decode"]["goal_met"], bool)
     assert {k for k, v in r["train"].items() if isinstance(v, dict)} == {"bare step", "float16", "bfloat16", "float8"}
     assert all(v["rows_per_s_median"] > 0 for v in r["train"].values() if isinstance(v, dict))
-    again = subprocess.run([sys.executable, "-m", "maria_bench.device_check", "--plot", str(tmp_path / "out" / "device_check.json")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "maria_bench.device_check", "--plot", str(tmp_path / "out" / "device_check.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
 
 

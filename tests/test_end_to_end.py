@@ -1,6 +1,7 @@
 """The whole mission in miniature, as the README's notebook block writes it (executed as written, only
 its backbones, corpus and window swapped for the tiny ones): embedded Ray -> Zarr -> train -> eval ->
 export -> load -> infill; then the CLI's export and JSONL infill, a random-init head, and generation."""
+
 import json
 import re
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The extraction job on embedded Ray (2 CPUs) into a Zarr store, over tiny backbones."""
+
 import json
 import shutil
 import subprocess
@@ -6,11 +7,11 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from extract_fixtures import ARRAYS, config, maria_command, read_all  # fixtures ray_local, corpus, store_a: conftest.py
 
 from maria_extract.corpus import CorpusError, cut_windows, iter_documents
 from maria_extract.job import run_extract
 from maria_extract.masking import MaskingConfig, sample_mask
-from extract_fixtures import ARRAYS, config, maria_command, read_all  # fixtures ray_local, corpus, store_a: conftest.py
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 

@@ -1,6 +1,7 @@
 """Fleet extraction: corpora read on the workers, stable ids, Ray conventions, cluster configs, and a
 multi-node cluster on one machine (head runs no work, two 1-CPU worker nodes) that loses a node
 mid-job and still commits exactly the rows of an uninterrupted embedded run."""
+
 import dataclasses
 import gzip
 import json
@@ -16,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from maria_extract.cluster import ActorRequest, RayClusterError, check_temp_dir, resolve_address, unsatisfiable
-from maria_extract.corpus import (CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows,
-                            list_corpus, plan_blocks)
-from maria_extract.job import ExtractConfig, command_line, initial_actors, run_extract
 from extract_fixtures import ARRAYS, config, config_from_args, maria_command, read_all
 from faults import Faults, fault_command
+
+from maria_extract.cluster import ActorRequest, RayClusterError, check_temp_dir, resolve_address, unsatisfiable
+from maria_extract.corpus import CorpusError, block_id, corpus_fingerprint, doc_offsets, iter_documents, limit_rows, list_corpus, plan_blocks
+from maria_extract.job import ExtractConfig, command_line, initial_actors, run_extract
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(300)
@@ -60,6 +60,7 @@ def parquet_corpus(tmp_path_factory):
 
 # --- the corpus: formats, ids and errors, without Ray -------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def formats(tmp_path_factory):
     """One small corpus per reader: JSONL (plain and gzip), .txt, CSV, a parquet glob, a datasets split."""
@@ -76,8 +77,9 @@ def formats(tmp_path_factory):
     write_parquet(root / "p1.parquet", ["p one"])
     write_parquet(root / "p2.parquet", ["p two"])
     datasets.disable_progress_bars()
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["tr"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["te"]})}).save_to_disk(str(root / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["tr"]}), "test": datasets.Dataset.from_dict({"text": ["te"]})}).save_to_disk(
+        str(root / "ds")
+    )
     return {  # (source, split): the documents, in corpus order
         (str(root / "j"), None): ["plain", "gz one", "gz two"],  # sorted files, empty rows skipped
         (str(root / "t"), None): ["line one\n\nline two\n"],  # .txt: one file is one document
@@ -93,18 +95,19 @@ def test_formats_one_rule_each_and_stable_ids(formats):
         assert list(iter_documents(source, split=split)) == docs, source
     # ids and blocks are pure functions of (rows per file, docs_per_block)
     rows = [5, 0, 3]
-    assert plan_blocks(rows, 2) == [(block_id(0, 0), 0, 0, 2), (block_id(0, 2), 0, 2, 4), (block_id(0, 4), 0, 4, 5),
-                                    (block_id(2, 0), 2, 0, 2), (block_id(2, 2), 2, 2, 3)]
+    assert plan_blocks(rows, 2) == [
+        (block_id(0, 0), 0, 0, 2),
+        (block_id(0, 2), 0, 2, 4),
+        (block_id(0, 4), 0, 4, 5),
+        (block_id(2, 0), 2, 0, 2),
+        (block_id(2, 2), 2, 2, 3),
+    ]
     assert doc_offsets(rows) == [0, 5, 5] and limit_rows(rows, 6) == [5, 0, 1]
     assert corpus_fingerprint([(5, "a"), (3, "b")], None) != corpus_fingerprint([(5, "a"), (3, "c")], None)
 
 
 def test_corpus_errors_are_one_line_naming_the_fix(tmp_path):
-    cases = {
-        "missing": (tmp_path / "nope", "does not exist"),
-        "mixed": (tmp_path / "mixed", "mixes file kinds"),
-        "split": (tmp_path / "ds", "no split 'dev'"),
-    }
+    cases = {"missing": (tmp_path / "nope", "does not exist"), "mixed": (tmp_path / "mixed", "mixes file kinds"), "split": (tmp_path / "ds", "no split 'dev'")}
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.jsonl").write_text('{"text": "x"}\n')
     write_parquet(tmp_path / "mixed" / "b.parquet", ["y"])
@@ -127,6 +130,7 @@ def test_corpus_errors_are_one_line_naming_the_fix(tmp_path):
 
 
 # --- Ray conventions, requests the cluster cannot satisfy, configs -------------------------------
+
 
 def test_address_temp_dir_and_unsatisfiable_requests(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
@@ -154,8 +158,10 @@ def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_
     mlm, ar = pairs["modernbert-olmo"]
     base = ["extract", "--mlm", mlm, "--ar", ar, "--corpus", parquet_corpus, "--store", tmp_path / "s"]
     nobody = f"127.0.0.1:{_free_port()}"
-    for extra, said in ((["--address", nobody], (f"cannot connect to the Ray cluster at '{nobody}'", "ray start --head")),
-                        (["--ray-temp-dir", "/tmp/" + "y" * 90], ("must fit 107 bytes", "/tmp/ray-maria"))):
+    for extra, said in (
+        (["--address", nobody], (f"cannot connect to the Ray cluster at '{nobody}'", "ray start --head")),
+        (["--ray-temp-dir", "/tmp/" + "y" * 90], ("must fit 107 bytes", "/tmp/ray-maria")),
+    ):
         t = time.monotonic()
         res = subprocess.run(maria_command(*base, *extra), capture_output=True, text=True, env=env, timeout=120)
         assert res.returncode == 2 and all(m in res.stderr for m in said), res.stderr[-2000:]
@@ -164,8 +170,7 @@ def test_ray_start_and_connect_failures_are_one_line(pairs, parquet_corpus, tmp_
 
 
 def test_command_line_round_trips():
-    cfg = ExtractConfig(mlm="m", ar="a", corpus="s3://b/c/", store="s3://b/s", max_docs=10, mask_rate=0.5,
-                        actor_gpus=0.5, max_actors=8, trust_remote_code=True)
+    cfg = ExtractConfig(mlm="m", ar="a", corpus="s3://b/c/", store="s3://b/s", max_docs=10, mask_rate=0.5, actor_gpus=0.5, max_actors=8, trust_remote_code=True)
     line = command_line(cfg)
     assert line.startswith("maria extract --mlm m --ar a") and "--actor-gpus 0.5" in line and "--window-length" not in line
     assert config_from_args(shlex.split(line)[2:]) == cfg
@@ -194,8 +199,7 @@ def test_kuberay_rayjob_structure_and_entrypoint():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]["rayClusterSpec"]
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if any("nvidia.com/gpu" in c["resources"].get("limits", {}) for c in g["template"]["spec"]["containers"])]
     assert gpu_groups and gpu_groups[0]["maxReplicas"] >= 1
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:2] == ["maria", "extract"] and "--address" not in argv  # KubeRay sets RAY_ADDRESS
@@ -223,6 +227,7 @@ def test_kuberay_rayjob_retries_has_a_deadline_a_hub_token_and_a_model_cache():
 
 
 # --- embedded Ray: the reader on the workers, and fast refusals --------------------------------
+
 
 @pytest.mark.ray
 def test_workers_read_what_the_local_reader_reads(ray_local, parquet_corpus):
@@ -292,6 +297,7 @@ def test_impossible_requests_fail_at_once_on_embedded_ray(ray_local, pairs, parq
 
 # --- a multi-node cluster on one machine ----------------------------------------------------------
 
+
 def _free_port() -> int:
     import socket
 
@@ -320,12 +326,19 @@ def fleet():
     os.environ.pop("RAY_ADDRESS", None)
     port = _free_port()
     agent = lambda: {"dashboard_agent_listen_port": _free_port()}  # noqa: E731 -- Ray's default 52365 may be taken
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True, "temp_dir": tmp,
-                                                            "dashboard_host": "127.0.0.1", "dashboard_port": port, **agent(),
-                                                            # a killed node is declared dead in ~3 s, not ~30 s
-                                                            "_system_config": {"health_check_period_ms": 1000,
-                                                                               "health_check_timeout_ms": 1000,
-                                                                               "health_check_failure_threshold": 2}})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            "temp_dir": tmp,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": port,
+            **agent(),
+            # a killed node is declared dead in ~3 s, not ~30 s
+            "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 2},
+        },
+    )
     try:
         workers = [cluster.add_node(num_cpus=1, **agent()) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -372,8 +385,17 @@ def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, par
     args = shlex.split(command_line(dataclasses.replace(reference, store=str(out))))[1:]
     assert "--address" not in args  # the job finds the cluster through RAY_ADDRESS only
     sid = f"maria-{os.getpid()}-{int(time.time())}"
-    submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", fleet.dashboard, "--submission-id", sid,
-              "--", *fault_command(Faults(sleep_s=2), *args)]
+    submit = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        fleet.dashboard,
+        "--submission-id",
+        sid,
+        "--",
+        *fault_command(Faults(sleep_s=2), *args),
+    ]
     done, preempted = threading.Event(), []
     killer = threading.Thread(target=_preempt_actor_node, args=(fleet, out / "commits", done, preempted), daemon=True)
     killer.start()
@@ -384,8 +406,9 @@ def test_ray_job_submit_survives_a_lost_worker_node(fleet, ray_local, pairs, par
         killer.join(60)
     assert "succeeded" in res.stdout, res.stdout[-3000:] + res.stderr[-1500:]
     status = JobSubmissionClient(fleet.dashboard).get_job_status(sid)
-    logs = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", fleet.dashboard, sid],
-                          capture_output=True, text=True, timeout=120).stdout
+    logs = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", fleet.dashboard, sid], capture_output=True, text=True, timeout=120
+    ).stdout
     assert str(status).endswith("SUCCEEDED"), res.stdout[-3000:] + res.stderr[-2000:]
     assert preempted and preempted[0] < 6, f"the actor's node was not removed mid-job ({preempted})"
     assert "(from RAY_ADDRESS)" in logs and "backbone actor on cpu" in logs  # worker output reaches `ray job logs`

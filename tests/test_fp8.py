@@ -1,5 +1,6 @@
 """float8 feature stores (storage/float8.py): the e4m3fn table, the round trip's error bound, plain-zarr reading,
 damage, the trainer's decoding (RAM and stream), and a store written in float8 that trains."""
+
 import glob
 import os
 import subprocess
@@ -11,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from store_fixtures import make_store as make_tiny_store
+from test_storage import MANIFEST, block, make_store
 
 from maria_storage import SCALES, ShuffledReader, StoreError, as_float32, create_store, load_all, open_store, verify_store
 from maria_storage.float8 import TABLE, decode, encode
 from maria_train_head.data import read_rows
 from maria_train_head.step import decode_features
-from store_fixtures import make_store as make_tiny_store
-from test_storage import MANIFEST, block, make_store
 
 SNIPPET = Path(__file__).parent / "data" / "read_store_snippet.py"
 pytestmark = pytest.mark.timeout(300)
@@ -43,7 +44,7 @@ def test_round_trip_within_the_stated_bound():
     codes, scales = encode(x)
     assert codes.dtype == np.uint8 and scales.dtype == np.float32 and scales[0] == 1.0
     y = decode(codes, scales)
-    bound = np.maximum(2.0 ** -4 * np.abs(x), 2.0 ** -10 * scales[:, None]) * (1 + 1e-6)
+    bound = np.maximum(2.0**-4 * np.abs(x), 2.0**-10 * scales[:, None]) * (1 + 1e-6)
     assert (np.abs(y - x) <= bound).all()
     assert np.abs(y).max(1).tolist() == pytest.approx(np.abs(x).max(1).tolist(), rel=1e-6)  # each row's largest value is exact
     rel = np.linalg.norm(y - x) / np.linalg.norm(x)
@@ -62,11 +63,11 @@ def test_store_round_trip_bytes_verify_and_reader(tmp_path):
         assert got["features"].dtype == np.uint8 and got[SCALES].shape == (len(arrays["targets"]),)
         f = as_float32(got["features"], store.manifest, got[SCALES])
         x = arrays["features"]
-        assert (np.abs(f - x) <= np.maximum(2.0 ** -4 * np.abs(x), 2.0 ** -10 * got[SCALES][:, None]) * (1 + 1e-6)).all()
+        assert (np.abs(f - x) <= np.maximum(2.0**-4 * np.abs(x), 2.0**-10 * got[SCALES][:, None]) * (1 + 1e-6)).all()
     with pytest.raises(StoreError, match="without scales"):
         as_float32(got["features"], store.manifest)
     # bytes: features take one byte per value, half of float16's
-    size = (lambda u, name: sum(os.path.getsize(p) for p in glob.glob(f"{u}/blocks/*/*/{name}/c/**", recursive=True) if os.path.isfile(p)))
+    size = lambda u, name: sum(os.path.getsize(p) for p in glob.glob(f"{u}/blocks/*/*/{name}/c/**", recursive=True) if os.path.isfile(p))
     assert size(url, "features") * 2 == size(str(tmp_path / "h"), "features")
     # the trainer's two data paths decode to the same float32 rows as load_all
     everything = load_all(url)
@@ -94,8 +95,14 @@ def test_plain_zarr_reads_float8_with_the_documented_recipe(tmp_path):
     exec(recipe.replace("; ", "\n"), scope)  # noqa: S102 -- the store's own attribute text, checked as a reader would run it
     decoded = scope["E4M3FN"][features[...]] * data[SCALES][...][:, None]
     np.testing.assert_array_equal(decoded.astype(np.float32), as_float32(features[...], store.manifest, data[SCALES][...]))
-    done = subprocess.run([sys.executable, "-c", SNIPPET.read_text()], cwd=str(tmp_path), capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    done = subprocess.run(
+        [sys.executable, "-c", SNIPPET.read_text()],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("b0 (40, 8) (40, 12)")
 
@@ -130,9 +137,21 @@ def test_float8_store_trains_and_evaluates_close_to_float16(pairs, tmp_path):
         make_tiny_store(tmp_path / f"{dtype}-train", bb, 128, seed=1, windows_per_block=32, feature_dtype=dtype, plan=True)
         make_tiny_store(tmp_path / f"{dtype}-val", bb, 48, seed=2, windows_per_block=24, feature_dtype=dtype, plan=True)
         for mode in modes:
-            res[dtype, mode] = run_train(TrainConfig(store=str(tmp_path / f"{dtype}-train"), val_store=str(tmp_path / f"{dtype}-val"),
-                                                     out=str(tmp_path / f"head-{dtype}-{mode}"), init="mix", max_steps=20, batch_size=128,
-                                                     lr=3e-3, warmup_steps=4, eval_every=10, device="cpu", data_mode=mode))
+            res[dtype, mode] = run_train(
+                TrainConfig(
+                    store=str(tmp_path / f"{dtype}-train"),
+                    val_store=str(tmp_path / f"{dtype}-val"),
+                    out=str(tmp_path / f"head-{dtype}-{mode}"),
+                    init="mix",
+                    max_steps=20,
+                    batch_size=128,
+                    lr=3e-3,
+                    warmup_steps=4,
+                    eval_every=10,
+                    device="cpu",
+                    data_mode=mode,
+                )
+            )
         res[dtype, "eval"] = run_eval(EvalConfig(store=str(tmp_path / f"{dtype}-val"), head=str(tmp_path / f"head-{dtype}-ram"), device="cpu"))
     for dtype in ("float16", "float8"):
         assert res[dtype, "ram"]["best_val_loss"] < res[dtype, "ram"]["init_val_loss"] - 0.05
@@ -155,8 +174,18 @@ def test_bench_fp8_reports_both_dtypes(pairs, tmp_path):
     bb = load_backbones(*pairs["modernbert-olmo"])
     make_tiny_store(tmp_path / "train", bb, 64, seed=1, windows_per_block=16, plan=True)
     make_tiny_store(tmp_path / "val", bb, 16, seed=2, windows_per_block=16, plan=True)
-    r = run_bench(BenchConfig(what="fp8", store=str(tmp_path / "train"), val_store=str(tmp_path / "val"), steps=2, repeats=1,
-                              batch_size=64, device="cpu", json=str(tmp_path / "fp8.json")))
+    r = run_bench(
+        BenchConfig(
+            what="fp8",
+            store=str(tmp_path / "train"),
+            val_store=str(tmp_path / "val"),
+            steps=2,
+            repeats=1,
+            batch_size=64,
+            device="cpu",
+            json=str(tmp_path / "fp8.json"),
+        )
+    )
     f16, f8 = r["dtypes"]["float16"], r["dtypes"]["float8"]
     assert f16["rows"] == f8["rows"] == open_store(str(tmp_path / "train")).num_rows()
     d = bb.d_mlm + bb.d_ar

@@ -2,6 +2,7 @@
 features decoded on the GPU against the format's own table, the trainer's step under bf16 autocast, and a
 bfloat16 checkpoint loaded onto CUDA. Skipped without a GPU (conftest.py); the device check runs them
 (bench/device_check.sh). Imports nothing the lent image lacks (no zarr, Ray or datasets)."""
+
 import numpy as np
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_float8_decodes_on_cuda_as_the_stored_table():
     """torch's CUDA float8_e4m3fn -> float32 equals the store's documented 256-entry table (README recipe)."""
     c = np.arange(256)
     e, m = (c >> 3) & 15, c & 7
-    table = (np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7)) * np.where(c & 128, -1, 1)).astype(np.float32)
+    table = (np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7)) * np.where(c & 128, -1, 1)).astype(np.float32)
     finite = (c & 0x7F) != 0x7F
     codes = torch.arange(256, dtype=torch.uint8).cuda()[None].repeat(3, 1)
     scales = torch.tensor([1.0, 0.5, 3.25], device="cuda")

@@ -10,6 +10,7 @@ Cheap verbs (verify, train, eval, export, infill, generate) run for real on tiny
 pretrain-mlm, bench) run with --print-config: parsing and the configs' own validation, which is
 where their flags are checked; their runtime inputs have tests of their own (corpus, window length).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,9 +27,9 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_fixtures import make_store
 
 from maria_app.cli import VERBS, main
-from store_fixtures import make_store
 
 pytestmark = pytest.mark.timeout(900)
 CHEAP = ("verify", "train", "eval", "export", "infill", "generate")
@@ -83,16 +84,19 @@ def kind_of(hint) -> str:
 
 def valid_base(verb: str, world: dict, n: int) -> list[str]:
     r, out = world["root"], str(world["root"] / "dir" / f"out-{n}")
-    return {"verify": ["--store", str(r / "store")],
-            "train": ["--store", str(r / "store"), "--out", out, "--batch-size", "16", "--eval-every", "1"],
-            "eval": ["--store", str(r / "store"), "--head", str(r / "head")],
-            "export": ["--mlm", world["mlm"], "--ar", world["ar"], "--head", str(r / "head"), "--out", out],
-            "infill": ["--model", str(r / "ckpt"), "--text", "Paris is the {{2}} of France."],
-            "serve": ["--model", str(r / "ckpt")],
-            "generate": ["--model", str(r / "ckpt"), "--steps", "1", "--length", "8", "--chains", "1"],
-            "extract": ["--mlm", world["mlm"], "--ar", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--store", out],
-            "pretrain-mlm": ["--tokenizer-from", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--out", out],
-            "demo": [], "bench": ["--what", "decode"]}[verb]
+    return {
+        "verify": ["--store", str(r / "store")],
+        "train": ["--store", str(r / "store"), "--out", out, "--batch-size", "16", "--eval-every", "1"],
+        "eval": ["--store", str(r / "store"), "--head", str(r / "head")],
+        "export": ["--mlm", world["mlm"], "--ar", world["ar"], "--head", str(r / "head"), "--out", out],
+        "infill": ["--model", str(r / "ckpt"), "--text", "Paris is the {{2}} of France."],
+        "serve": ["--model", str(r / "ckpt")],
+        "generate": ["--model", str(r / "ckpt"), "--steps", "1", "--length", "8", "--chains", "1"],
+        "extract": ["--mlm", world["mlm"], "--ar", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--store", out],
+        "pretrain-mlm": ["--tokenizer-from", world["ar"], "--corpus", str(r / "corpus.jsonl"), "--out", out],
+        "demo": [],
+        "bench": ["--what", "decode"],
+    }[verb]
 
 
 @st.composite
@@ -115,8 +119,7 @@ def hostile_call(draw, verb: str, world: dict):
             argv += ([flag] if v else ["--no-" + flag[2:]]) if isinstance(v, bool) else [flag, v]
     else:
         cfg = world["root"] / f"cfg-{verb}-{draw(st.integers(0, 10**9))}.yaml"
-        typed = {k: (None if v == "None" else yaml.safe_load(v) if isinstance(v, str) and v[:1] in tuple("-0123456789") else v)
-                 for k, v in values.items()}
+        typed = {k: (None if v == "None" else yaml.safe_load(v) if isinstance(v, str) and v[:1] in tuple("-0123456789") else v) for k, v in values.items()}
         text = yaml.safe_dump(typed) if as_yaml == "yaml" else "a: [b\n" + draw(st.text(string.printable, max_size=20))
         cfg.write_text(text)
         argv += ["--config", str(cfg)]
@@ -145,8 +148,7 @@ def check_call(verb: str, argv: list[str], world: dict, capsys) -> None:
 def test_hostile_arguments(verb, world, capsys, monkeypatch):
     monkeypatch.chdir(world["root"] / "dir")  # relative outputs land in a scratch folder
 
-    @settings(max_examples=12 if verb in CHEAP else 25, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=12 if verb in CHEAP else 25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(hostile_call(verb, world))
     def run(argv):
         check_call(verb, argv, world, capsys)
@@ -184,23 +186,49 @@ def parquet(table_rows: dict) -> bytes:
 
 
 BODIES = {  # per file kind: named bodies, good and hostile (a callable draws its own)
-    "jsonl": {"ok": jsonl({"text": DOC}, {"text": DOC * 2}), "broken line": jsonl({"text": DOC}) + b'{"text": "open\n',
-              "not objects": b'[1, 2]\n"text"\n', "no text key": jsonl({"body": DOC}), "number text": jsonl({"text": 5}),
-              "list text": jsonl({"text": ["a"]}), "mixed types": jsonl({"text": DOC}, {"text": 5}),
-              "nulls": jsonl({"text": None}, {"text": DOC}), "surrogate": b'{"text": "a \\ud800 b"}\n',
-              "not utf-8": b'{"text": "caf\xe9 au lait"}\n', "bom": b"\xef\xbb\xbf" + jsonl({"text": DOC}), "empty": b"",
-              "blank docs": jsonl({"text": "  "}, {"text": ""}), "random bytes": st.binary(max_size=300),
-              "random text": st.text(max_size=300).map(str.encode)},
-    "csv": {"ok": f'text,n\n"{DOC}",1\n"{DOC}, again",2\n'.encode(), "open quote": f'text,n\n"{DOC},1\nnext,2\n'.encode(),
-            "text after quote": b'text,n\n"a" b,1\n', "short row": f"text,n\n{DOC},1\nshort\n".encode(),
-            "no text column": b"body,n\nx,1\n", "bom": f"\ufefftext\n{DOC}\n".encode(), "empty": b"",
-            "random text": st.text(max_size=300).map(str.encode)},
+    "jsonl": {
+        "ok": jsonl({"text": DOC}, {"text": DOC * 2}),
+        "broken line": jsonl({"text": DOC}) + b'{"text": "open\n',
+        "not objects": b'[1, 2]\n"text"\n',
+        "no text key": jsonl({"body": DOC}),
+        "number text": jsonl({"text": 5}),
+        "list text": jsonl({"text": ["a"]}),
+        "mixed types": jsonl({"text": DOC}, {"text": 5}),
+        "nulls": jsonl({"text": None}, {"text": DOC}),
+        "surrogate": b'{"text": "a \\ud800 b"}\n',
+        "not utf-8": b'{"text": "caf\xe9 au lait"}\n',
+        "bom": b"\xef\xbb\xbf" + jsonl({"text": DOC}),
+        "empty": b"",
+        "blank docs": jsonl({"text": "  "}, {"text": ""}),
+        "random bytes": st.binary(max_size=300),
+        "random text": st.text(max_size=300).map(str.encode),
+    },
+    "csv": {
+        "ok": f'text,n\n"{DOC}",1\n"{DOC}, again",2\n'.encode(),
+        "open quote": f'text,n\n"{DOC},1\nnext,2\n'.encode(),
+        "text after quote": b'text,n\n"a" b,1\n',
+        "short row": f"text,n\n{DOC},1\nshort\n".encode(),
+        "no text column": b"body,n\nx,1\n",
+        "bom": f"\ufefftext\n{DOC}\n".encode(),
+        "empty": b"",
+        "random text": st.text(max_size=300).map(str.encode),
+    },
     "txt": {"ok": DOC.encode() * 3, "not utf-8": b"caf\xe9 " * 40, "empty": b"", "random bytes": st.binary(max_size=300)},
-    "parquet": {"ok": lambda: parquet({"text": [DOC, DOC * 2]}), "number column": lambda: parquet({"text": [1, 2]}),
-                "no text column": lambda: parquet({"body": [DOC]}), "random bytes": st.binary(max_size=300)},
+    "parquet": {
+        "ok": lambda: parquet({"text": [DOC, DOC * 2]}),
+        "number column": lambda: parquet({"text": [1, 2]}),
+        "no text column": lambda: parquet({"body": [DOC]}),
+        "random bytes": st.binary(max_size=300),
+    },
 }
-WRAPS = {"none": ("", None), "gzip": (".gz", "gzip"), "zstd": (".zst", "zstd"), "not gzip": (".gz", None),
-         "cut gzip": (".gz", "cut"), "not zstd": (".zst", None)}
+WRAPS = {
+    "none": ("", None),
+    "gzip": (".gz", "gzip"),
+    "zstd": (".zst", "zstd"),
+    "not gzip": (".gz", None),
+    "cut gzip": (".gz", "cut"),
+    "not zstd": (".zst", None),
+}
 
 
 @st.composite
@@ -238,8 +266,9 @@ def check_extract(world: dict, corpus: str, root: Path, capsys, label: str) -> i
     local = Path(corpus) if "://" not in corpus and Path(corpus).exists() else None
     before = digest(local) if local and local.is_dir() else None
     start = time.monotonic()
-    code = main(["extract", "--mlm", world["mlm"], "--ar", world["ar"], "--corpus", corpus, "--store", str(store),
-                 "--window-length", "16", "--docs-per-block", "2"])
+    code = main(
+        ["extract", "--mlm", world["mlm"], "--ar", world["ar"], "--corpus", corpus, "--store", str(store), "--window-length", "16", "--docs-per-block", "2"]
+    )
     took = time.monotonic() - start
     err = capsys.readouterr().err
     assert "Traceback" not in err and code in (0, 2, 3), f"{label}: exit {code}: {err[-2000:]}"
@@ -261,6 +290,7 @@ def check_extract(world: dict, corpus: str, root: Path, capsys, label: str) -> i
 @pytest.mark.ray
 def test_hostile_corpora(world, ray_local, tmp_path, capsys):
     """Generated corpus files of every kind, good or hostile, compressed or wrongly so."""
+
     @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(hostile_corpus(tmp_path))
     def run(case):
@@ -271,9 +301,21 @@ def test_hostile_corpora(world, ray_local, tmp_path, capsys):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("corpus", ["s3://maria-test/no-such-corpus/", "s3://no-such-bucket/corpus/", "ftp://127.0.0.1:9/c/",
-                                    "http://127.0.0.1:9/c.jsonl", "gs://bucket/corpus/", "foo://x", "hf://datasets/x/y",
-                                    "{root}/nothing-*.jsonl", "{root}/mixed", "{root}/missing.jsonl"])
+@pytest.mark.parametrize(
+    "corpus",
+    [
+        "s3://maria-test/no-such-corpus/",
+        "s3://no-such-bucket/corpus/",
+        "ftp://127.0.0.1:9/c/",
+        "http://127.0.0.1:9/c.jsonl",
+        "gs://bucket/corpus/",
+        "foo://x",
+        "hf://datasets/x/y",
+        "{root}/nothing-*.jsonl",
+        "{root}/mixed",
+        "{root}/missing.jsonl",
+    ],
+)
 def test_hostile_corpus_urls(world, ray_local, tmp_path, capsys, corpus):
     mixed = tmp_path / "mixed"
     mixed.mkdir()

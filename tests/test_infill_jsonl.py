@@ -2,20 +2,29 @@
 keeps the input order and equals each text decoded alone; an interrupted run continues when the
 same command is re-run, without redoing or duplicating a line; a run with other settings is never
 mixed in; a text without a {{N}} span is refused as the server refuses it."""
+
 import json
 from pathlib import Path
 
 import pytest
 
+from maria import MariaModel
+from maria.decode import batches_by_masked_count
 from maria_app.cli import main
 from maria_app.commands import InfillConfig, partial_file
-from maria.decode import batches_by_masked_count
-from maria import MariaModel
 
-TEXTS = ["Paris is the {{2}} of France.", "A {{2}} sat on the {{}} by the door.", "It was {{8}}, and 3.14159 is pi!",
-         "The quick brown {{3}} over the lazy dog.", "Numbers like {{1}} appear in text.", "Rome is in {{6}}.",
-         "Masked language models read {{4}} sides; autoregressive models read only the {{2}}.", "{{5}} the capital of Germany.",
-         "Infilling: fill in the {{2}} between a past and a future.", "A cat {{1}} on the mat."]
+TEXTS = [
+    "Paris is the {{2}} of France.",
+    "A {{2}} sat on the {{}} by the door.",
+    "It was {{8}}, and 3.14159 is pi!",
+    "The quick brown {{3}} over the lazy dog.",
+    "Numbers like {{1}} appear in text.",
+    "Rome is in {{6}}.",
+    "Masked language models read {{4}} sides; autoregressive models read only the {{2}}.",
+    "{{5}} the capital of Germany.",
+    "Infilling: fill in the {{2}} between a past and a future.",
+    "A cat {{1}} on the mat.",
+]
 
 
 @pytest.fixture(scope="module")

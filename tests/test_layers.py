@@ -2,6 +2,7 @@
 demo's defaults (defaults/), benchmarks (bench/) and the CLI (app/), each installed under a maria_* name.
 Imports only go down; storage needs no torch/transformers/ray; train_head no ray; and the CLI maps
 each verb to one function with typed, documented flags."""
+
 import ast
 import dataclasses
 import importlib
@@ -14,8 +15,15 @@ import pytest
 from maria_app.cli import VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"maria": "maria", "maria_storage": "storage", "maria_extract": "extract", "maria_train_head": "train_head",
-           "maria_defaults": "defaults", "maria_bench": "bench", "maria_app": "app"}  # import name -> room
+FOLDERS = {
+    "maria": "maria",
+    "maria_storage": "storage",
+    "maria_extract": "extract",
+    "maria_train_head": "train_head",
+    "maria_defaults": "defaults",
+    "maria_bench": "bench",
+    "maria_app": "app",
+}  # import name -> room
 PACKAGES = tuple(FOLDERS)
 STAGES = {"maria", "maria_storage", "maria_extract", "maria_train_head"}
 ALLOWED = {  # what each package may import from this project (itself aside)
@@ -51,10 +59,15 @@ def test_imports_only_go_down_and_none_is_deferred(package):
 
 # `import maria` imports transformers (it registers the model type, as HF-integrated libraries do); the
 # trainer still loads no backbone weights and no Ray, and the store needs neither torch nor maria.
-@pytest.mark.parametrize("module,banned", [("maria_storage", ("torch", "transformers", "ray", "maria")),
-                                           ("maria_train_head.train", ("ray",)),
-                                           ("maria_train_head.evaluate", ("ray",)),
-                                           ("maria", ("ray",))])
+@pytest.mark.parametrize(
+    "module,banned",
+    [
+        ("maria_storage", ("torch", "transformers", "ray", "maria")),
+        ("maria_train_head.train", ("ray",)),
+        ("maria_train_head.evaluate", ("ray",)),
+        ("maria", ("ray",)),
+    ],
+)
 def test_lower_floors_do_not_load_heavy_libraries(module, banned):
     code = f"import {module}, sys; print(','.join(m for m in {banned!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

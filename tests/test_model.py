@@ -1,17 +1,17 @@
 """The model module: parity with the reference Hugging Face models, alignment, decoding, export."""
+
 import json
 
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from maria.backbones import BackboneError, check_logit_parity, load_backbones, output_projection
-from maria.decode import Sampling, infill
-from maria.features import aligned_features, ar_states, mlm_states
-from maria.head import FusionHead
-from maria.head import save_head
-from maria.identity import IdentityMismatchError
+from maria.backbones import BackboneError, check_logit_parity, load_backbones
 from maria.checkpoint import CheckpointError
+from maria.decode import Sampling, infill
+from maria.features import aligned_features, mlm_states
+from maria.head import FusionHead, save_head
+from maria.identity import IdentityMismatchError
 from maria.modeling_maria import MariaModel, export
 from maria.text import parse_masked_text
 
@@ -50,8 +50,16 @@ def test_logit_parity_both_backbones(backbones, kind):
 
 
 def test_logit_softcapping_is_refused():
-    cfg = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.1)
+    cfg = Gemma2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=0.1,
+    )
     model = Gemma2ForCausalLM(cfg).eval()
     with pytest.raises(BackboneError, match="changes its logits after the output projection"):
         check_logit_parity(model, torch.arange(10)[None], "AR")
@@ -127,8 +135,9 @@ def test_head_of_other_offset_is_refused(mntp, backbones, tmp_path):
     head_dir = tmp_path / "head"
     save_head(head_dir, FusionHead.random(bb.d_mlm, bb.d_ar, bb.vocab_size), {**bb.describe(), "complete": True})
     with pytest.raises(IdentityMismatchError, match="mlm_offset: 0 vs -1"):
-        MariaModel.from_backbones(mntp["bert-gpt2"].mlm, mntp["bert-gpt2"].ar, head_dir=str(head_dir), mlm_offset=-1,
-                                  mlm_tokenizer=bb.mlm_tokenizer, ar_tokenizer=bb.ar_tokenizer)
+        MariaModel.from_backbones(
+            mntp["bert-gpt2"].mlm, mntp["bert-gpt2"].ar, head_dir=str(head_dir), mlm_offset=-1, mlm_tokenizer=bb.mlm_tokenizer, ar_tokenizer=bb.ar_tokenizer
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -248,9 +257,8 @@ def test_clear_errors(pairs, tmp_path):
 
 def test_one_window_limit_for_extraction_and_decoding(backbones):
     """The longest window extraction accepts is the longest the decoder and the text interface accept."""
-    from maria_extract.stages import check_window_fits
-
     from maria.limits import check_fits
+    from maria_extract.stages import check_window_fits
 
     for bb in backbones.values():
         limit = bb.max_window()

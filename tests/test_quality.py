@@ -1,12 +1,13 @@
 """`maria bench --what quality` over two tiny pre-training runs (mntp and mlm, same seed and corpus):
 one curve per run over its snapshots, the equal-steps comparison, JSON + PNG."""
+
 import json
 
 import pytest
+from test_defaults import _tiny_ar
 
 from maria_app.cli import main
 from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
-from test_defaults import _tiny_ar
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -24,9 +25,23 @@ def runs(tmp_path_factory):
     out = {}
     for objective in ("mntp", "mlm"):
         out[objective] = root / objective
-        pretrain_mlm(PretrainMLMConfig(tokenizer_from=str(ar_dir), corpus=str(train), val_corpus=str(val), out=str(out[objective]),
-                                       hidden_size=32, num_layers=2, seq_len=32, batch_size=4, steps=4, snapshots=[2], skip_docs=4,
-                                       eval_windows=8, objective=objective))
+        pretrain_mlm(
+            PretrainMLMConfig(
+                tokenizer_from=str(ar_dir),
+                corpus=str(train),
+                val_corpus=str(val),
+                out=str(out[objective]),
+                hidden_size=32,
+                num_layers=2,
+                seq_len=32,
+                batch_size=4,
+                steps=4,
+                snapshots=[2],
+                skip_docs=4,
+                eval_windows=8,
+                objective=objective,
+            )
+        )
     return ar_dir, out, root
 
 
@@ -34,8 +49,7 @@ def test_quality_curves_per_objective(runs, tmp_path, monkeypatch):
     ar_dir, out, _ = runs
     monkeypatch.setenv("MARIA_CACHE", str(tmp_path / "cache"))  # the AR-state cache lands here
     js = tmp_path / "q.json"
-    assert main(["bench", "quality", "--runs", str(out["mntp"]), str(out["mlm"]), "--ar", str(ar_dir), "--windows", "4",
-                 "--json", str(js)]) == 0
+    assert main(["bench", "quality", "--runs", str(out["mntp"]), str(out["mlm"]), "--ar", str(ar_dir), "--windows", "4", "--json", str(js)]) == 0
     result = json.loads(js.read_text())
     rows = result["results"]
     assert len(rows) == 2 * 2 * 2 * 2  # runs x points (snapshot 2, final 4) x text sets x rates

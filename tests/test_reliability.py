@@ -1,4 +1,5 @@
 """Faults: a killed actor, a killed driver, a full disk, object storage; nothing lost or doubled."""
+
 import errno
 import os
 import re
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from faults import Faults, fault_command, kill_marker
-from maria_extract.job import run_extract
 from extract_fixtures import ARRAYS, block, config, maria_command, read_all
+from faults import Faults, fault_command, kill_marker
+
+from maria_extract.job import run_extract
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
@@ -36,9 +37,27 @@ def test_actor_killed_mid_block_job_finishes_identical(store_a, pairs, corpus, t
 def test_driver_killed_then_rerun_resumes_identical(store_a, pairs, corpus, tmp_path):
     out = tmp_path / "driver"
     mlm, ar = pairs["modernbert-olmo"]
-    args = ("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out, "--window-length", 24, "--docs-per-block", 3,
-            "--batch-size", 4, "--masks-per-window", 2,
-            "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay under 107 bytes
+    args = (
+        "extract",
+        "--mlm",
+        mlm,
+        "--ar",
+        ar,
+        "--corpus",
+        corpus,
+        "--store",
+        out,
+        "--window-length",
+        24,
+        "--docs-per-block",
+        3,
+        "--batch-size",
+        4,
+        "--masks-per-window",
+        2,
+        "--ray-temp-dir",
+        tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    )  # Ray's socket paths must stay under 107 bytes
     cmd = fault_command(Faults(sleep_s=3), *args)
     log = open(tmp_path / "driver.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -113,8 +132,23 @@ def test_flipped_byte_verify_names_block_training_refuses_unless_skipped(store_a
 def start_extract(pairs, corpus, out, log_path):
     """`maria extract` as a command (its Ray driver supervised in a child), in its own process group."""
     mlm, ar = pairs["modernbert-olmo"]
-    cmd = maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out, "--window-length", 24,
-                        "--docs-per-block", 1, "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    cmd = maria_command(
+        "extract",
+        "--mlm",
+        mlm,
+        "--ar",
+        ar,
+        "--corpus",
+        corpus,
+        "--store",
+        out,
+        "--window-length",
+        24,
+        "--docs-per-block",
+        1,
+        "--ray-temp-dir",
+        tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(log_path, "w")
     return subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
@@ -153,18 +187,37 @@ def test_sigterm_is_an_interruption_and_a_lost_raylet_one_line(store_a, pairs, c
     raylet.kill()
     assert proc.wait(timeout=120) == 75
     err = proc.stderr.read()
-    assert last_line(err).startswith("maria extract: error: the job's Ray driver ended abruptly") and \
-        last_line(err).endswith("re-run the same command to resume (committed blocks are kept)"), err[-2000:]
+    assert last_line(err).startswith("maria extract: error: the job's Ray driver ended abruptly") and last_line(err).endswith(
+        "re-run the same command to resume (committed blocks are kept)"
+    ), err[-2000:]
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # what the dead driver left behind (its GCS and workers)
     except ProcessLookupError:
         pass
     mlm, ar = pairs["modernbert-olmo"]
-    rerun = subprocess.run(maria_command("extract", "--mlm", mlm, "--ar", ar, "--corpus", corpus, "--store", out,
-                                         "--window-length", 24, "--docs-per-block", 1,
-                                         "--ray-temp-dir", tempfile.mkdtemp(prefix="ray", dir="/tmp")),
-                           capture_output=True, text=True, timeout=300,
-                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    rerun = subprocess.run(
+        maria_command(
+            "extract",
+            "--mlm",
+            mlm,
+            "--ar",
+            ar,
+            "--corpus",
+            corpus,
+            "--store",
+            out,
+            "--window-length",
+            24,
+            "--docs-per-block",
+            1,
+            "--ray-temp-dir",
+            tempfile.mkdtemp(prefix="ray", dir="/tmp"),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     from maria_storage import verify_store
 

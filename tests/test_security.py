@@ -1,4 +1,5 @@
 """Security: safetensors only, no remote code unless asked, Ray's dashboard never public."""
+
 import shutil
 
 import pytest
@@ -77,8 +78,8 @@ def test_loading_a_checkpoint_never_unpickles_nor_runs_remote_code(pairs, tmp_pa
 
 
 def test_extract_config_defaults_are_safe():
-    from maria_extract.job import ExtractConfig
     from maria_app.commands import ExportConfig
+    from maria_extract.job import ExtractConfig
 
     assert ExtractConfig(mlm="m", ar="a", corpus="c", store="o").trust_remote_code is False
     assert ExportConfig(mlm="m", ar="a", head="h", out="o").trust_remote_code is False

@@ -4,6 +4,7 @@ requests batched and answered to the right caller, a 400 with the CLI's own line
 503 under a flood (the queue is bounded), a client that hangs up does not stall the server, and
 SIGTERM drains and stops it. Plus `maria bench serve` on the tiny checkpoint (a smoke run: it starts
 its own server; timings from this shared machine mean nothing, errors and outputs do)."""
+
 import json
 import os
 import shutil
@@ -15,21 +16,25 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-import pytest
 from pathlib import Path
 
+import pytest
 import requests
 import torch
 
-from maria_app.cli import main
-from maria.head import save_head
 from maria import MariaModel, export
+from maria.head import save_head
+from maria_app.cli import main
 from maria_bench.serve import wait_healthy
 
 pytestmark = pytest.mark.timeout(900)
-TEXTS = ["Paris is the {{2}} of France.", "A {{2}} sat on the {{}} by the door.", "The quick brown {{3}} over the lazy dog.",
-         "Masked language models read {{4}} sides; autoregressive models read only the {{2}}.", "It was {{8}}, and 3.14159 is pi!"]
+TEXTS = [
+    "Paris is the {{2}} of France.",
+    "A {{2}} sat on the {{}} by the door.",
+    "The quick brown {{3}} over the lazy dog.",
+    "Masked language models read {{4}} sides; autoregressive models read only the {{2}}.",
+    "It was {{8}}, and 3.14159 is pi!",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +66,25 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(os.path.join(self.work, "serve.log"), "wb")
-        cmd = [sys.executable, "-m", "maria_app.cli", "serve", "--model", ckpt, "--port", str(self.port), "--replica-cpus", "0.5",
-               "--num-cpus", "2", "--threads", "1", "--ray-temp-dir", os.path.join(self.work, "ray"), *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "maria_app.cli",
+            "serve",
+            "--model",
+            ckpt,
+            "--port",
+            str(self.port),
+            "--replica-cpus",
+            "0.5",
+            "--num-cpus",
+            "2",
+            "--threads",
+            "1",
+            "--ray-temp-dir",
+            os.path.join(self.work, "ray"),
+            *flags,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_healthy(self.proc, self.url, Path(self.work) / "serve.log", timeout_s=600)
@@ -133,9 +155,17 @@ def cli_error(capsys, ckpt: str, *flags: str) -> str:
     return capsys.readouterr().err.strip().split("maria infill: error: ", 1)[1]
 
 
-@pytest.mark.parametrize("text,flags", [("Paris is the capital of France.", []), ("Paris is the {{two}} of France.", []),
-                                        ("{{999999}}", []), ("word " * 3000 + "{{1}}", []),
-                                        (TEXTS[0], ["--temperature", "-1"]), (TEXTS[0], ["--top-p", "0"])])
+@pytest.mark.parametrize(
+    "text,flags",
+    [
+        ("Paris is the capital of France.", []),
+        ("Paris is the {{two}} of France.", []),
+        ("{{999999}}", []),
+        ("word " * 3000 + "{{1}}", []),
+        (TEXTS[0], ["--temperature", "-1"]),
+        (TEXTS[0], ["--top-p", "0"]),
+    ],
+)
 def test_bad_requests_get_400_with_the_cli_line(server, ckpt, capsys, text, flags):
     body = {"text": text, **({flags[0][2:].replace("-", "_"): float(flags[1])} if flags else {})}
     r = post(server.url, body)
@@ -144,10 +174,17 @@ def test_bad_requests_get_400_with_the_cli_line(server, ckpt, capsys, text, flag
 
 
 def test_malformed_requests_get_one_line_4xx(server):
-    cases = {"{not json": "not valid JSON", "[1, 2]": '"text" field', '{"txt": "a {{2}}"}': '"text" field',
-             '{"text": 3}': '"text" field', '{"text": []}': '"text" field', '{"text": "a {{2}}", "top_k": "x"}': '"top_k" must be an integer',
-             '{"text": "a {{2}}", "temperature": NaN}': "sampling needs", '{"text": "a {{2}}", "temprature": 1}': "unknown field 'temprature'",
-             json.dumps({"text": ["a {{1}}"] * 65}): "--max-texts-per-request"}
+    cases = {
+        "{not json": "not valid JSON",
+        "[1, 2]": '"text" field',
+        '{"txt": "a {{2}}"}': '"text" field',
+        '{"text": 3}': '"text" field',
+        '{"text": []}': '"text" field',
+        '{"text": "a {{2}}", "top_k": "x"}': '"top_k" must be an integer',
+        '{"text": "a {{2}}", "temperature": NaN}': "sampling needs",
+        '{"text": "a {{2}}", "temprature": 1}': "unknown field 'temprature'",
+        json.dumps({"text": ["a {{1}}"] * 65}): "--max-texts-per-request",
+    }
     for body, words in cases.items():
         r = post(server.url, body)
         assert r.status_code == 400 and words in r.json()["error"] and "\n" not in r.json()["error"], (body, r.text)
@@ -164,6 +201,7 @@ def test_a_flood_is_refused_with_503_and_the_server_recovers(server):
             return post(server.url, {"text": "{{60}}"}).status_code
         except requests.RequestException as e:
             return type(e).__name__
+
     with ThreadPoolExecutor(40) as pool:
         codes = list(pool.map(one, range(40)))
     assert set(codes) <= {200, 503}, codes  # never a 5xx other than "overloaded", never a dropped connection
@@ -175,8 +213,7 @@ def test_clients_that_hang_up_do_not_stall_the_server(server, model):
     body = json.dumps({"text": ["{{60}}"] * 4}).encode()
     for _ in range(6):  # send a whole request, then close without reading the answer
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-            s.sendall(b"POST /infill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            s.sendall(b"POST /infill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     end, codes = time.monotonic() + 60, []
     while time.monotonic() < end:  # 503 ("busy") is a fair answer while they are cancelled; a hang is not
         r = post(server.url, {"text": TEXTS[0]}, timeout=60)
@@ -214,6 +251,7 @@ def test_sigterm_drains_requests_in_flight_and_stops(server):
             answers[name] = post(server.url, body, timeout=120).status_code
         except requests.ConnectionError:
             answers[name] = "closed"
+
     inflight = threading.Thread(target=send, args=("inflight", {"text": ["{{60}}"] * 8}))
     inflight.start()
     end = time.monotonic() + 30
@@ -236,8 +274,29 @@ def test_bench_serve_smoke(ckpt, model, tmp_path):
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--model", ckpt, "--texts", str(texts), "--requests", "8", "--clients", "4",
-                 "--repeats", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "serve",
+                "--model",
+                ckpt,
+                "--texts",
+                str(texts),
+                "--requests",
+                "8",
+                "--clients",
+                "4",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["targets"]["errors"] == 0 and result["targets"]["outputs_differing_from_maria_infill"] == 0
     assert result["targets"]["server_exit_code"] == 0
@@ -251,12 +310,13 @@ def test_a_batch_groups_texts_by_sampling_and_halves_until_it_fits(ckpt, monkeyp
 
     replica = app_serve.Infiller(MariaModel.from_pretrained(ckpt), 8, 64)
     calls = []
-    monkeypatch.setattr(app_serve, "infill_records", lambda m, texts, s: calls.append((list(texts), s["seed"])) or
-                        [{"output": t} for t in texts])
+    monkeypatch.setattr(app_serve, "infill_records", lambda m, texts, s: calls.append((list(texts), s["seed"])) or [{"output": t} for t in texts])
     greedy, hot = dict(temperature=0.0, top_k=0, top_p=1.0, seed=None), dict(temperature=0.7, top_k=0, top_p=1.0, seed=None)
     seeded = dict(hot, seed=3)
-    items = [app_serve.Item(t, 8, k, s, app_serve.sampling_group(s)) for t, k, s in
-             [("g1", 1, greedy), ("h1", 2, hot), ("s1", 1, seeded), ("g2", 3, dict(greedy, seed=9)), ("s2", 1, seeded), ("h2", 1, hot)]]
+    items = [
+        app_serve.Item(t, 8, k, s, app_serve.sampling_group(s))
+        for t, k, s in [("g1", 1, greedy), ("h1", 2, hot), ("s1", 1, seeded), ("g2", 3, dict(greedy, seed=9)), ("s2", 1, seeded), ("h2", 1, hot)]
+    ]
     assert [r["output"] for r in replica.decode_batch(items)] == ["g1", "h1", "s1", "g2", "s2", "h2"]
     assert sorted(calls) == sorted([(["g1", "g2"], None), (["h2", "h1"], None), (["s1"], 3), (["s2"], 3)])
     monkeypatch.setattr(app_serve, "check_fits", lambda bb, n, length: (_ for _ in ()).throw(ValueError("too big")) if n > 2 else None)
@@ -266,8 +326,8 @@ def test_a_batch_groups_texts_by_sampling_and_halves_until_it_fits(ckpt, monkeyp
 def test_bench_texts_mask_word_spans_with_their_token_counts(model):
     from tiny import CORPUS
 
-    from maria_bench.serve import masked_passages, wait_healthy
     from maria.text import MASK_SPAN
+    from maria_bench.serve import masked_passages
 
     article = " ".join(CORPUS)
     texts = masked_passages(model.bb.ar_tokenizer, [article, "too short"], 12, seed=0)

@@ -1,4 +1,5 @@
 """Feature store: format round trips, idempotent commits, verification, the shuffled reader, S3 (moto)."""
+
 from __future__ import annotations
 
 import glob
@@ -9,26 +10,55 @@ import os
 import numpy as np
 import pytest
 
-from maria_storage import (CorruptBlockError, ShuffledReader, StoreError, StoreMismatchError, StoreNotFoundError, as_float32,
-                     create_store, load_all, open_store, verify_store)
+from maria_storage import (
+    CorruptBlockError,
+    ShuffledReader,
+    StoreError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    as_float32,
+    create_store,
+    load_all,
+    open_store,
+    verify_store,
+)
 
 D_MLM, D_AR, V = 8, 12, 5000
-MANIFEST = {"mlm": "tiny-mlm", "ar": "tiny-ar", "tokenizer_fingerprint": "abc", "d_mlm": D_MLM, "d_ar": D_AR,
-            "vocab_size": V, "masking": {"mode": "tokens", "rate": "uniform"}, "seed": 0, "window_length": 64}
+MANIFEST = {
+    "mlm": "tiny-mlm",
+    "ar": "tiny-ar",
+    "tokenizer_fingerprint": "abc",
+    "d_mlm": D_MLM,
+    "d_ar": D_AR,
+    "vocab_size": V,
+    "masking": {"mode": "tokens", "rate": "uniform"},
+    "seed": 0,
+    "window_length": 64,
+}
 
 
 def init_weights(rng):
-    return {"W1": rng.standard_normal((V, D_MLM)), "b1": rng.standard_normal(V), "W2": rng.standard_normal((V, D_AR)),
-            "b2": np.zeros(V), "vocab_map": np.arange(V + 4) % V}
+    return {
+        "W1": rng.standard_normal((V, D_MLM)),
+        "b1": rng.standard_normal(V),
+        "W2": rng.standard_normal((V, D_AR)),
+        "b2": np.zeros(V),
+        "vocab_map": np.arange(V + 4) % V,
+    }
 
 
 def block(n: int, first_row: int = 0, seed: int = 0) -> dict[str, np.ndarray]:
     """A block whose targets are global row ids, so a reader's output can be traced back to rows."""
     rng = np.random.default_rng(seed)
     ids = np.arange(first_row, first_row + n)
-    return {"features": rng.standard_normal((n, D_MLM + D_AR)).astype(np.float32), "targets": ids,
-            "doc_ids": ids // 10, "window_ids": ids // 5, "positions": ids % 64,
-            "mask_rates": rng.random(n).astype(np.float32)}
+    return {
+        "features": rng.standard_normal((n, D_MLM + D_AR)).astype(np.float32),
+        "targets": ids,
+        "doc_ids": ids // 10,
+        "window_ids": ids // 5,
+        "positions": ids % 64,
+        "mask_rates": rng.random(n).astype(np.float32),
+    }
 
 
 def make_store(url, sizes=(300, 0, 517, 64, 1000), **manifest_overrides):
@@ -72,14 +102,14 @@ def test_roundtrip_float16(tmp_path):
 def test_bfloat16(tmp_path):
     store = create_store(str(tmp_path / "s"), {**MANIFEST, "feature_dtype": "bfloat16"}, None)
     arrays = block(100)
-    arrays["features"][0, :4] = [1.0, -2.5, 3.0e38, 1.0 + 2 ** -9]  # exact, exact, large, rounds to 1.0
+    arrays["features"][0, :4] = [1.0, -2.5, 3.0e38, 1.0 + 2**-9]  # exact, exact, large, rounds to 1.0
     store.write_block("b0", arrays)
     got = store.read_block("b0", verify=True)["features"]
     assert got.dtype == np.uint16
     f32 = as_float32(got, store.manifest)
     assert f32.dtype == np.float32
     assert f32[0, 0] == 1.0 and f32[0, 1] == -2.5 and f32[0, 3] == 1.0 and np.isfinite(f32[0, 2])
-    np.testing.assert_allclose(f32, arrays["features"], rtol=2 ** -8)
+    np.testing.assert_allclose(f32, arrays["features"], rtol=2**-8)
     assert verify_store(store.url) == []
     with pytest.raises(StoreError, match="init weights"):
         store.init_weights()
@@ -294,8 +324,12 @@ def test_s3_store_with_moto(tmp_path, monkeypatch):
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "MARIA_S3_ENDPOINT_URL": endpoint}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "MARIA_S3_ENDPOINT_URL": endpoint,
+        }.items():
             monkeypatch.setenv(key, value)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="feats")
         url = "s3://feats/run1/store"

@@ -1,5 +1,6 @@
-""""Complete" is a checked state, and damage is told apart from unfinished work: the plan, verify's classes,
+""" "Complete" is a checked state, and damage is told apart from unfinished work: the plan, verify's classes,
 init checksums, undecodable chunks, block groups repaired from the markers."""
+
 from __future__ import annotations
 
 import glob
@@ -9,11 +10,23 @@ import os
 import numpy as np
 import pytest
 import zarr
-
-from maria_storage import (CORRUPT, INCOMPLETE, UNREADABLE, CorruptBlockError, CorruptStoreError, IncompleteStoreError,
-                     ShuffledReader, StoreError, StoreMismatchError, StoreNotFoundError, create_store, open_store,
-                     verify_store)
 from test_storage import MANIFEST, block, init_weights, make_store
+
+from maria_storage import (
+    CORRUPT,
+    INCOMPLETE,
+    UNREADABLE,
+    CorruptBlockError,
+    CorruptStoreError,
+    IncompleteStoreError,
+    ShuffledReader,
+    StoreError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    create_store,
+    open_store,
+    verify_store,
+)
 
 CMD = "maria extract --mlm m --ar a --corpus c.jsonl --store STORE"
 
@@ -23,7 +36,7 @@ def planned(url, sizes=(30, 40, 50), commit=None):
     store = create_store(url, MANIFEST, init_weights(np.random.default_rng(0)))
     ids = [f"b{i:06d}" for i in range(len(sizes))]
     store.write_plan(ids, CMD)
-    for i, n in list(enumerate(sizes))[:len(sizes) if commit is None else commit]:
+    for i, n in list(enumerate(sizes))[: len(sizes) if commit is None else commit]:
         store.write_block(ids[i], block(n, seed=i))
     return store, ids
 
@@ -57,8 +70,7 @@ def test_incomplete_store_is_not_ok_and_names_the_command(tmp_path):
     cmd = CMD.replace("STORE", url)  # the store as its reader names it, whatever path created it
     assert len(report) == 1 and report.missing_blocks == ids[1:] and report.command == cmd
     (problem,) = report.problems
-    assert problem.kind == INCOMPLETE and str(problem) == (
-        f"plan: 2 of 3 planned blocks are missing (first: b000001, b000002); finish the job with `{cmd}`")
+    assert problem.kind == INCOMPLETE and str(problem) == (f"plan: 2 of 3 planned blocks are missing (first: b000001, b000002); finish the job with `{cmd}`")
     error = report.error()
     assert isinstance(error, IncompleteStoreError) and not isinstance(error, CorruptStoreError)
     assert "\n" not in str(error) and cmd in str(error)
@@ -80,8 +92,7 @@ def test_corrupt_beats_incomplete_and_unplanned_blocks_are_corrupt(tmp_path):
     store.write_block("x9", block(3))
     flip(chunks(url, store, "b000000", "targets")[0])
     report = verify_store(url)
-    assert [(p.where, p.kind) for p in report.problems] == [("block b000000", CORRUPT), ("plan", INCOMPLETE),
-                                                             ("plan", CORRUPT)]
+    assert [(p.where, p.kind) for p in report.problems] == [("block b000000", CORRUPT), ("plan", INCOMPLETE), ("plan", CORRUPT)]
     assert any("not in the plan (first: x9)" in p for p in report)
     assert isinstance(report.error(), CorruptStoreError) and "(and 1 more); delete the damaged" in str(report.error())
     assert f"re-run `{CMD.replace('STORE', url)}`" in str(report.error())
@@ -94,8 +105,7 @@ def test_missing_store_is_unreadable_not_corrupt(tmp_path):
 
 def chunks(url, store, block_id, name):
     attempt = store.commit_info(block_id)["attempt"]
-    return sorted(p for p in glob.glob(f"{url}/blocks/{block_id}/{attempt}/{name}/c/**", recursive=True)
-                  if os.path.isfile(p))
+    return sorted(p for p in glob.glob(f"{url}/blocks/{block_id}/{attempt}/{name}/c/**", recursive=True) if os.path.isfile(p))
 
 
 def flip(path, at=None):
@@ -123,8 +133,9 @@ def test_undecodable_zstd_chunk_is_a_corrupt_block_everywhere(tmp_path):
     report = verify_store(url)
     (problem,) = report.problems
     assert problem.kind == CORRUPT and problem.where == "block b000002"
-    assert str(report.error()) == (f"{url}: {problem}; delete the damaged blocks' commits/<block_id>.json in the store "
-                                   f"and re-run the extraction (same command) to rewrite them")
+    assert str(report.error()) == (
+        f"{url}: {problem}; delete the damaged blocks' commits/<block_id>.json in the store and re-run the extraction (same command) to rewrite them"
+    )
 
 
 def test_format1_zstd_chunk_without_crc_is_still_a_corrupt_block(tmp_path):
@@ -196,8 +207,10 @@ def test_format1_store_is_read_but_not_resumed(tmp_path):
 
 
 def test_fixture_stores_can_be_complete_or_incomplete(pairs, tmp_path):
+    from store_fixtures import FINISH_COMMAND
+    from store_fixtures import make_store as make_fixture_store
+
     from maria.backbones import load_backbones
-    from store_fixtures import FINISH_COMMAND, make_store as make_fixture_store
 
     bb = load_backbones(*pairs["modernbert-olmo"])
     done = make_fixture_store(tmp_path / "done", bb, 32, seed=0, plan=True)

@@ -1,5 +1,6 @@
 """The store read without this project's code: plain zarr, xarray, tensorstore, the README snippet.
 Also: `import maria_storage` pulls in no torch, transformers, ray or maria."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_storage import D_AR, D_MLM, MANIFEST, block, make_store
 
 from maria_storage import create_store, open_store, verify_store
-from test_storage import D_AR, D_MLM, MANIFEST, block, make_store
 
 SNIPPET = Path(__file__).parent / "data" / "read_store_snippet.py"
 
@@ -31,12 +32,13 @@ def finished(tmp_path_factory):
 
 
 def test_storage_imports_no_torch_ray_or_maria():
-    code = ("import sys, maria_storage, maria_storage.verify_cli, maria_storage.zarr_compat, maria_bench.layout; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'ray', 'maria')); "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, maria_storage, maria_storage.verify_cli, maria_storage.zarr_compat, maria_bench.layout; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'ray', 'maria')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     root = str(Path(__file__).parents[1])
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": root})
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -129,9 +131,20 @@ def test_readme_snippet_runs_verbatim_without_this_project(finished):
     assert "```python\n" + SNIPPET.read_text().rstrip() + "\n```" in readme, "the README's snippet drifted from " + str(SNIPPET)
     url, store, blocks = finished
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-W", "error", "-c", SNIPPET.read_text() + "\nimport sys\n"
-                           "assert not [m for m in sys.modules if m.split('.')[0] in ('storage', 'maria')]"],
-                          cwd=os.path.dirname(url), env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error",
+            "-c",
+            SNIPPET.read_text() + "\nimport sys\nassert not [m for m in sys.modules if m.split('.')[0] in ('storage', 'maria')]",
+        ],
+        cwd=os.path.dirname(url),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines] == sorted(blocks)
@@ -146,11 +159,17 @@ def test_bfloat16_cannot_pass_for_integers(tmp_path):
     features = zarr.open_group(url, mode="r")[f"blocks/b0/{store.commit_info('b0')['attempt']}/features"]
     assert features.dtype == np.uint16 and features.attrs["dtype"] == "bfloat16"
     assert "NOT integers" in features.attrs["encoding"]
-    done = subprocess.run([sys.executable, "-c", SNIPPET.read_text()], cwd=str(tmp_path), capture_output=True,
-                          text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", SNIPPET.read_text()],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     decoded = (features[...].astype(np.uint32) << 16).view(np.float32)
-    np.testing.assert_allclose(decoded, arrays["features"], rtol=2 ** -8)
+    np.testing.assert_allclose(decoded, arrays["features"], rtol=2**-8)
 
 
 def test_s3_store_walks_with_plain_zarr(s3_store):
@@ -173,8 +192,7 @@ def s3_store(tmp_path, monkeypatch):
     try:
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(key, value)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="walk")
         url, options = "s3://walk/store", {"endpoint_url": endpoint}

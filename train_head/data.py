@@ -5,11 +5,11 @@ training device), are a pure function of (store, blocks, batch size, seed), and 
 from their `state_dict()`. In RAM, features stay in their stored form (float16, bfloat16, or float8
 codes with per-row scales) and are decoded to float32 one batch at a time, on the training device.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
-import os
 import queue
 import threading
 import warnings
@@ -44,8 +44,10 @@ def split_blocks(blocks: list[str], val_fraction: float) -> tuple[list[str], lis
         return blocks, []
     n_val = max(1, round(len(blocks) * val_fraction))
     if n_val >= len(blocks):
-        raise DataError(f"the store has only {len(blocks)} block(s), too few to hold out {val_fraction:.0%} for validation; "
-                        "pass --val-store, or extract with a smaller --docs-per-block")
+        raise DataError(
+            f"the store has only {len(blocks)} block(s), too few to hold out {val_fraction:.0%} for validation; "
+            "pass --val-store, or extract with a smaller --docs-per-block"
+        )
     ranked = sorted(blocks, key=lambda b: hashlib.sha256(b.encode()).hexdigest())
     val = set(ranked[:n_val])
     return [b for b in blocks if b not in val], sorted(val)
@@ -67,7 +69,7 @@ def skip_or_raise(e: CorruptBlockError, skip_corrupt: bool, fix: str | None) -> 
     """A damaged block is corrupt data (exit code 3) unless the caller skips it (--skip-corrupt): then a warning."""
     if not skip_corrupt:
         raise CorruptBlockError(e.block_id, e.reason, e.url, fix=fix) from None
-    warnings.warn(f"skipping corrupt block {e.block_id} of {e.url}: {e.reason}")
+    warnings.warn(f"skipping corrupt block {e.block_id} of {e.url}: {e.reason}", stacklevel=2)
 
 
 def usable_blocks(store, blocks: list[str], skip_corrupt: bool, fix: str | None = None) -> list[str]:
@@ -92,8 +94,11 @@ def read_rows(store, blocks: list[str], skip_corrupt: bool = False, fix: str | N
     except CorruptBlockError as e:
         skip_or_raise(e, False, fix)
     f = torch.from_numpy(np.ascontiguousarray(a["features"]))
-    rows = {"features": f.view(torch.bfloat16) if f.dtype == torch.uint16 else f,  # bf16 is stored as its bits
-            "targets": torch.from_numpy(a["targets"]), "mask_rates": torch.from_numpy(a["mask_rates"].astype(np.float32))}
+    rows = {
+        "features": f.view(torch.bfloat16) if f.dtype == torch.uint16 else f,  # bf16 is stored as its bits
+        "targets": torch.from_numpy(a["targets"]),
+        "mask_rates": torch.from_numpy(a["mask_rates"].astype(np.float32)),
+    }
     return {**rows, "scales": torch.from_numpy(a[SCALES])} if SCALES in a else rows
 
 

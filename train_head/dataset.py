@@ -14,6 +14,7 @@ back in order). Resumable: after consuming k batches, `ds.state_dict(k)` -> late
 continues at batch k + 1. Each worker opens the store itself (spawn-safe: only the URL is pickled) and
 reads the whole stream, yielding its share, so extra workers add decode parallelism, not I/O savings.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,7 @@ from maria_storage import ShuffledReader
 
 
 class FeatureDataset(IterableDataset):
-    def __init__(self, store: str, batch_size: int, seed: int = 0, epochs: int = 1, buffer_rows: int = 65536,
-                 verify: bool = True):
+    def __init__(self, store: str, batch_size: int, seed: int = 0, epochs: int = 1, buffer_rows: int = 65536, verify: bool = True):
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
         self.store, self.batch_size, self.seed, self.epochs = str(store), batch_size, seed, epochs
@@ -32,8 +32,7 @@ class FeatureDataset(IterableDataset):
         self.batches_per_epoch = len(self._reader(prefetch=False))  # metadata only: no block is read here
 
     def _reader(self, prefetch: bool = True) -> ShuffledReader:
-        return ShuffledReader(self.store, self.batch_size, seed=self.seed, buffer_rows=self.buffer_rows, verify=self.verify,
-                              prefetch=prefetch)
+        return ShuffledReader(self.store, self.batch_size, seed=self.seed, buffer_rows=self.buffer_rows, verify=self.verify, prefetch=prefetch)
 
     def __len__(self) -> int:
         return self.epochs * self.batches_per_epoch - self.start

@@ -8,25 +8,25 @@
 overall and per mask-rate bucket, as a Markdown table (printed, and written with --markdown)
 and JSON. All in fp32, so numbers do not depend on the device.
 """
+
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-
 from tqdm import tqdm
 
 from maria.device import Device, resolve_device
 from maria.head import FusionHead, expert_logits, init_head, load_head
 from maria.identity import check_same_backbones
+from maria.io import atomic_write, guard_output_file
 from maria.plots import line_plot
 from maria_storage import open_store
 from maria_train_head.checkpoint import read_metrics
-from maria.io import atomic_write, guard_output_file
 from maria_train_head.data import DataError, check_complete, eval_batches, read_rows
 from maria_train_head.init import expert_tensors
 
@@ -84,8 +84,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     heads = {"poe_init": init_head("poe", experts).to(device)}
     if cfg.head:
         trained, meta = load_head(cfg.head)
-        check_same_backbones(store.manifest, meta, f"store {cfg.store}", f"head {cfg.head}",
-                             "evaluate it on a store extracted with its backbones, or train a head on this store")
+        check_same_backbones(
+            store.manifest, meta, f"store {cfg.store}", f"head {cfg.head}", "evaluate it on a store extracted with its backbones, or train a head on this store"
+        )
         heads = {"trained": trained.to(device), **heads}
     nll = {k: [] for k in (*heads, "ar_only", "mlm_only")}
     rates = []
@@ -123,8 +124,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 def markdown_table(result: dict) -> str:
     buckets = result["models"]["poe_init"]["by_mask_rate"]
     head = ["model", "NLL", "ppl"] + [f"ppl @ rate {b['lo']:g}-{b['hi']:g} (n={b['rows']})" for b in buckets]
-    lines = [f"{TABLE_TITLE} on {result['store']} ({result['rows']} masked tokens)", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"{TABLE_TITLE} on {result['store']} ({result['rows']} masked tokens)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result["models"].values():
         cells = [row["label"], f"{row['nll']:.4f}", f"{row['ppl']:.2f}"]
         cells += ["-" if b["ppl"] is None else f"{b['ppl']:.2f}" for b in row["by_mask_rate"]]

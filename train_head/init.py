@@ -5,6 +5,7 @@ training rows. The NLL of this 2-parameter model is convex in (a, b) (log-sum-ex
 linear in (a, b), minus a linear term), so L-BFGS from AR-only (0, 1) reaches its optimum on the
 sample in a few iterations: better than any grid, and never worse than PoE or AR-only there.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ def _expert_logits(features: torch.Tensor, e: dict, d_mlm: int, device: str, chu
     return torch.cat(l1), torch.cat(l2)
 
 
-def fit_mix_scales(store, features: torch.Tensor, targets: torch.Tensor, device: str, seed: int,
-                   max_rows: int = 8192, iters: int = 50, scales: torch.Tensor | None = None) -> tuple[float, float]:
+def fit_mix_scales(
+    store, features: torch.Tensor, targets: torch.Tensor, device: str, seed: int, max_rows: int = 8192, iters: int = 50, scales: torch.Tensor | None = None
+) -> tuple[float, float]:
     """(a, b) minimising the mean NLL of a*l_mlm + b*l_ar on up to max_rows training rows (features as
     stored; a float8 store's rows come with their `scales`)."""
     cap = max(256, MIX_LOGIT_BYTES // (8 * store.vocab_size))  # keep both cached logit matrices under 2 GiB

@@ -4,6 +4,7 @@ benchmarks and the device check time.
 Imports no store (no zarr) so it runs where only torch is installed. `cfg` is anything with the
 TrainConfig fields a step reads: lr, weight_decay (AdamW), grad_clip, reg_to_init (the pull toward init).
 """
+
 from __future__ import annotations
 
 import torch

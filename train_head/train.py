@@ -6,19 +6,20 @@ weights, fp32 master weights (bf16 autocast on CUDA). Validation at step 0 and e
 never ends worse than its start (METHOD.md: a big head on few tokens overfits from epoch one).
 --resume continues exactly: on CPU, interrupted-then-resumed equals uninterrupted bitwise.
 """
+
 from __future__ import annotations
 
-from typing import Literal
 import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from maria.device import Device, resolve_device
 from maria.head import INITS, FusionHead, init_head, save_head
@@ -27,8 +28,18 @@ from maria.io import check_outside_inputs, guard_output, output_lock
 from maria.limits import free_bytes
 from maria_storage import open_store
 from maria_train_head import checkpoint as ck
-from maria_train_head.data import (DataError, MemoryBatches, StreamBatches, check_complete, eval_batches, read_rows, rows_bytes,
-                                   skip_fix, split_blocks, usable_blocks)
+from maria_train_head.data import (
+    DataError,
+    MemoryBatches,
+    StreamBatches,
+    check_complete,
+    eval_batches,
+    read_rows,
+    rows_bytes,
+    skip_fix,
+    split_blocks,
+    usable_blocks,
+)
 from maria_train_head.evaluate import mean_nll
 from maria_train_head.init import expert_tensors, fit_mix_scales
 from maria_train_head.step import make_optimizer, train_step
@@ -46,7 +57,9 @@ class TrainConfig:
     overwrite: bool = False  # start over in an --out that already holds a head (default: refuse; --resume continues it)
     val_store: str | None = None  # validation store made by the same backbones (default: hold out --val-fraction of --store's blocks)
     val_fraction: float = 0.1  # share of --store's blocks held out for validation when there is no --val-store (chosen by block-id hash)
-    init: Literal["poe", "mix", "random", "ar-only"] = "poe"  # poe (the paper's [W1/2, W2/2]) | mix (per-expert scales fitted on the training rows) | random (ablation) | ar-only
+    init: Literal["poe", "mix", "random", "ar-only"] = (
+        "poe"  # poe (the paper's [W1/2, W2/2]) | mix (per-expert scales fitted on the training rows) | random (ablation) | ar-only
+    )
     lr: float = 3e-4  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr x this
     weight_decay: float = 0.0  # AdamW decay toward ZERO (undoes a pretrained init; prefer --reg-to-init)
@@ -96,9 +109,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float):
     return get_cosine_with_min_lr_schedule_with_warmup(anchor, warmup_steps, total_steps, min_lr_rate=min_lr_ratio).lr_lambdas[0]
 
 
-
-
-
 def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     """(store, train batches, validation batch factory, train/val block lists, resolved data mode, the stores'
     fingerprints)."""
@@ -110,8 +120,13 @@ def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     if cfg.val_store:
         vstore = open_store(cfg.val_store)
         check_complete(vstore, cfg.allow_incomplete)
-        check_same_backbones(store.manifest, vstore.manifest, f"store {cfg.store}", f"val store {cfg.val_store}",
-                             "extract the validation store with the same --mlm and --ar as the training store")
+        check_same_backbones(
+            store.manifest,
+            vstore.manifest,
+            f"store {cfg.store}",
+            f"val store {cfg.val_store}",
+            "extract the validation store with the same --mlm and --ar as the training store",
+        )
         val_blocks = usable_blocks(vstore, vstore.committed_blocks(), cfg.skip_corrupt, skip_fix(cfg.val_store))
         stores["val_store"] = vstore.fingerprint(val_blocks)
     else:
@@ -126,8 +141,9 @@ def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
     if device.startswith("cuda"):  # keep room for the head, its gradient, AdamW moments, best and init copies
         gpu_budget = 0.5 * torch.cuda.mem_get_info()[0] - 6 * 4 * store.vocab_size * (store.feature_dim + 1)
     if mode == "ram":
-        train = MemoryBatches(read_rows(store, train_blocks, cfg.skip_corrupt, fix), cfg.batch_size, cfg.seed, device,
-                              on_device=train_bytes + val_bytes < gpu_budget)
+        train = MemoryBatches(
+            read_rows(store, train_blocks, cfg.skip_corrupt, fix), cfg.batch_size, cfg.seed, device, on_device=train_bytes + val_bytes < gpu_budget
+        )
     else:
         train = StreamBatches(store, train_blocks, cfg.batch_size, cfg.seed, device, cfg.skip_corrupt)
     if val_bytes < budget:
@@ -136,8 +152,15 @@ def prepare_data(cfg: TrainConfig, device: str, mode: str | None = None):
             val_rows = {k: v.to(device) for k, v in val_rows.items()}
         val = lambda: eval_batches(val_rows, cfg.batch_size, device)  # noqa: E731
     else:  # too big for RAM: read it block by block at each validation
-        val = lambda: (b for blk in val_blocks for b in eval_batches(read_rows(vstore, [blk], cfg.skip_corrupt, skip_fix(vstore.url)),  # noqa: E731
-                                                                     cfg.batch_size, device))
+        val = lambda: (
+            b
+            for blk in val_blocks
+            for b in eval_batches(
+                read_rows(vstore, [blk], cfg.skip_corrupt, skip_fix(vstore.url)),  # noqa: E731
+                cfg.batch_size,
+                device,
+            )
+        )
     return store, train, val, train_blocks, val_blocks, mode, stores
 
 
@@ -183,33 +206,59 @@ class TrainState:
 
 def head_meta(cfg: TrainConfig, store, s: TrainState) -> dict:
     m = store.manifest
-    return {"mlm": m.get("mlm"), "ar": m.get("ar"), "tokenizer_fingerprint": m.get("tokenizer_fingerprint"),
-            "start_token_id": m.get("start_token_id"), "mlm_offset": m.get("mlm_offset", 0), "store": cfg.store, "val_store": cfg.val_store,
-            "val_blocks": s.val_blocks if not cfg.val_store else None, "init": cfg.init, "init_scales": s.init_scales,
-            "best_step": s.best_step, "best_val_loss": s.best_val_loss, "best_val_ppl": math.exp(s.best_val_loss),
-            "init_val_loss": s.init_val_loss, "steps": s.step, "total_steps": s.config["total_steps"],
-            "stopped_early": s.stopped_early, "complete": s.complete,
-            "masking": m.get("masking"), "window_length": m.get("window_length"), "config": asdict(cfg)}
+    return {
+        "mlm": m.get("mlm"),
+        "ar": m.get("ar"),
+        "tokenizer_fingerprint": m.get("tokenizer_fingerprint"),
+        "start_token_id": m.get("start_token_id"),
+        "mlm_offset": m.get("mlm_offset", 0),
+        "store": cfg.store,
+        "val_store": cfg.val_store,
+        "val_blocks": s.val_blocks if not cfg.val_store else None,
+        "init": cfg.init,
+        "init_scales": s.init_scales,
+        "best_step": s.best_step,
+        "best_val_loss": s.best_val_loss,
+        "best_val_ppl": math.exp(s.best_val_loss),
+        "init_val_loss": s.init_val_loss,
+        "steps": s.step,
+        "total_steps": s.config["total_steps"],
+        "stopped_early": s.stopped_early,
+        "complete": s.complete,
+        "masking": m.get("masking"),
+        "window_length": m.get("window_length"),
+        "config": asdict(cfg),
+    }
 
 
 def check_resume(saved: TrainState, now: dict, cfg: TrainConfig, store, out: Path, stores: dict) -> None:
     """A resumed run must read the same data: the same stores (by content, whatever path names them) and settings."""
-    check_same_backbones(saved.identity, store.manifest, f"the checkpoint in {out}/ckpt", f"store {cfg.store}",
-                         "pass the --store it was trained on, or a new --out (or --overwrite to start over)")
+    check_same_backbones(
+        saved.identity,
+        store.manifest,
+        f"the checkpoint in {out}/ckpt",
+        f"store {cfg.store}",
+        "pass the --store it was trained on, or a new --out (or --overwrite to start over)",
+    )
     # a run saved before stores were fingerprinted is held to the paths it was given, as it was then
     keys = RESUME_KEYS + (("store", "val_store") if saved.stores is None else ())
     for key in ("store", "val_store") if saved.stores is not None else ():
         if saved.stores.get(key) != stores.get(key):
             flag = "--" + key.replace("_", "-")
             given = getattr(cfg, key)
-            what = (f"{flag} {given} holds other data than the store the checkpoint in {out}/ckpt was trained on "
-                    f"(another extraction, or blocks added or removed since)" if given and saved.stores.get(key)
-                    else f"the checkpoint in {out}/ckpt was trained {'with' if saved.stores.get(key) else 'without'} a {flag}")
+            what = (
+                f"{flag} {given} holds other data than the store the checkpoint in {out}/ckpt was trained on "
+                f"(another extraction, or blocks added or removed since)"
+                if given and saved.stores.get(key)
+                else f"the checkpoint in {out}/ckpt was trained {'with' if saved.stores.get(key) else 'without'} a {flag}"
+            )
             raise DataError(f"{what}; resume with the {flag} it was trained on, or pass a new --out (or --overwrite to start over)")
     for key in keys:
         if saved.config.get(key) != now.get(key):
-            raise DataError(f"the checkpoint in {out}/ckpt was made with {key}={saved.config.get(key)!r}, now {now.get(key)!r}; "
-                            f"resume with the same {key}, or pass a new --out (or --overwrite to start over)")
+            raise DataError(
+                f"the checkpoint in {out}/ckpt was made with {key}={saved.config.get(key)!r}, now {now.get(key)!r}; "
+                f"resume with the same {key}, or pass a new --out (or --overwrite to start over)"
+            )
 
 
 def start_run(cfg: TrainConfig, device: str, out: Path):
@@ -228,9 +277,12 @@ def start_run(cfg: TrainConfig, device: str, out: Path):
         features, targets, scales = mix_sample(cfg, store, train, train_blocks)
         state.init_scales = list(fit_mix_scales(store, features, targets, device, cfg.seed, cfg.mix_rows, scales=scales))
         log.info(f"mix init: fitted scales mlm {state.init_scales[0]:.4f}, ar {state.init_scales[1]:.4f}")
-    head = init_head(cfg.init, expert_tensors(store) if cfg.init != "random" else
-                     {"W1": torch.empty(0, store.d_mlm), "W2": torch.empty(store.vocab_size, store.d_ar)},
-                     state.init_scales, cfg.seed).to(device)
+    head = init_head(
+        cfg.init,
+        expert_tensors(store) if cfg.init != "random" else {"W1": torch.empty(0, store.d_mlm), "W2": torch.empty(store.vocab_size, store.d_ar)},
+        state.init_scales,
+        cfg.seed,
+    ).to(device)
     init_params = [p.detach().clone() for p in head.parameters()] if cfg.reg_to_init > 0 else []  # the pull's anchor
     opt = make_optimizer(head, cfg)
     if old:
@@ -243,8 +295,9 @@ def start_run(cfg: TrainConfig, device: str, out: Path):
         ck.clear_run(out)  # a fresh start: no stale checkpoint a later --resume could pick up
         state.best_val_loss = state.init_val_loss = mean_nll(head, val())
         best = {"weight": head.proj.weight.detach().clone(), "bias": head.proj.bias.detach().clone()}
-        ck.append_metrics(out, {"step": 0, "train_loss": None, "val_loss": state.best_val_loss,
-                                "val_ppl": math.exp(state.best_val_loss), "lr": 0.0, "rows_per_s": None})
+        ck.append_metrics(
+            out, {"step": 0, "train_loss": None, "val_loss": state.best_val_loss, "val_ppl": math.exp(state.best_val_loss), "lr": 0.0, "rows_per_s": None}
+        )
     return store, train, val, head, init_params, opt, best, state, mode
 
 
@@ -252,8 +305,17 @@ def validate(head, val, state: TrainState, best: dict, out: Path, lr: float, pat
     """Log a validation; keep the head if it is the best so far; decide early stopping."""
     v = mean_nll(head, val())
     n = state.step - state.last_eval
-    ck.append_metrics(out, {"step": state.step, "train_loss": state.loss_sum / max(n, 1), "val_loss": v, "val_ppl": math.exp(v),
-                            "lr": lr, "rows_per_s": state.rows / max(state.seconds, 1e-9)})
+    ck.append_metrics(
+        out,
+        {
+            "step": state.step,
+            "train_loss": state.loss_sum / max(n, 1),
+            "val_loss": v,
+            "val_ppl": math.exp(v),
+            "lr": lr,
+            "rows_per_s": state.rows / max(state.seconds, 1e-9),
+        },
+    )
     if v < state.best_val_loss:
         with torch.no_grad():  # in place: a fresh clone would hold two best heads at once for a moment
             best["weight"].copy_(head.proj.weight), best["bias"].copy_(head.proj.bias)
@@ -322,10 +384,20 @@ def train_loop(cfg: TrainConfig, device: str, out: Path, stop_after: int | None 
         train.close()
     if not (out / "head.json").exists() or not (out / "ckpt").exists():
         save(out, cfg, store, train, head, opt, best, s)  # nothing trained in this call (e.g. a finished run resumed)
-    summary = {"out": str(out), "steps": s.step, "total_steps": total, "data_mode": mode, "device": device, "init": cfg.init,
-               "init_scales": s.init_scales, "init_val_loss": s.init_val_loss, "best_step": s.best_step,
-               "best_val_loss": s.best_val_loss, "best_val_ppl": math.exp(s.best_val_loss),
-               "stopped_early": s.stopped_early, "interrupted": not s.complete}
-    log.info(f"best val loss {s.best_val_loss:.4f} (ppl {math.exp(s.best_val_loss):.2f}) at step {s.best_step}; "
-             f"init {s.init_val_loss:.4f}; head in {out}")
+    summary = {
+        "out": str(out),
+        "steps": s.step,
+        "total_steps": total,
+        "data_mode": mode,
+        "device": device,
+        "init": cfg.init,
+        "init_scales": s.init_scales,
+        "init_val_loss": s.init_val_loss,
+        "best_step": s.best_step,
+        "best_val_loss": s.best_val_loss,
+        "best_val_ppl": math.exp(s.best_val_loss),
+        "stopped_early": s.stopped_early,
+        "interrupted": not s.complete,
+    }
+    log.info(f"best val loss {s.best_val_loss:.4f} (ppl {math.exp(s.best_val_loss):.2f}) at step {s.best_step}; init {s.init_val_loss:.4f}; head in {out}")
     return summary
