@@ -37,7 +37,8 @@ from maria.features import ar_states, mlm_states
 from maria.io import atomic_file
 from maria.plots import line_plot
 from maria_defaults.defaults import SMOLLM2_DIRNAME, default_cache_dir
-from maria_defaults.pretrain_mlm import PretrainMLMConfig, demo_mlm_dir, load_corpora, make_windows
+from maria_defaults.mlm_data import load_corpora, pack_windows
+from maria_defaults.pretrain_mlm import PretrainMLMConfig, demo_mlm_dir
 from maria_extract.corpus import iter_documents
 from maria_train_head.init import fit_mix_scales
 
@@ -76,7 +77,7 @@ def text_sets(tok, key: dict, n: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, docs, count in (("wiki", val, n), ("python-docs", python_docs(), n), ("fit", fit_source[: max(skip, 1)], FIT_WINDOWS)):
-        w = make_windows(docs, tok, 128, tok.eos_token_id)
+        w = pack_windows(docs, tok, 128, tok.eos_token_id)
         out[name] = w[torch.randperm(len(w), generator=g)[:count]]
     return out
 

@@ -189,7 +189,7 @@ def test_pretrain_mlm_tiny(tmp_path, kind, monkeypatch):
 def test_wrap_batch_puts_each_label_where_the_objective_predicts_it():
     """mlm: x[i]'s label at the window's position i; mntp: at i - 1, with the start token read first (and
     predicting x[0]), so the input is exactly what MARIA's aligned-feature function feeds the MLM."""
-    from maria_defaults.pretrain_mlm import MLMData, wrap_batch
+    from maria_defaults.mlm_data import MLMData, wrap_batch
 
     x = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])  # pad id 0: the second window has 2 tokens
     attn = (x != 0).long()
