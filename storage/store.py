@@ -295,6 +295,9 @@ class FeatureStore:
         marker, block_group = commit.write_attempt(self, block_id, data, commit.jsonable_stats(block_id, stats))
         self._write_marker(block_id, json.dumps(marker, indent=1).encode())
         self._loc.write_atomic(block_group, "blocks", block_id, "zarr.json")  # publish it for plain Zarr readers
+        current = self.commit_info(block_id)  # a concurrent attempt's marker may have landed after ours: publish the winner
+        if current["attempt"] != marker["attempt"]:  # every group write is followed by this check, so the last one names the final marker
+            self._loc.write_atomic(commit.block_group_from_marker(self, current), "blocks", block_id, "zarr.json")
         return True
 
     def _write_marker(self, block_id: str, data: bytes) -> None:  # separate so tests can simulate a crash here
