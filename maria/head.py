@@ -45,7 +45,7 @@ class FusionHead(nn.Module):
 
     @classmethod
     def around(cls, proj: nn.Linear, d_mlm: int) -> "FusionHead":
-        """A head over an existing Linear (shared, not copied): the HF model (maria/hf.py) owns the
+        """A head over an existing Linear (shared, not copied): the HF model (maria/modeling_maria.py) owns the
         Linear as its own `proj`, so its state_dict names equal head.safetensors' keys."""
         head = cls.__new__(cls)
         nn.Module.__init__(head)
