@@ -98,6 +98,23 @@ def backbone_refs(bb: Backbones, reference: bool, dtype: torch.dtype) -> dict:
     return refs
 
 
+def backbones_config(bb: Backbones, mlm_ref: dict, ar_ref: dict, architecture: str, **extra) -> MariaConfig:
+    """The config.json of a model over these backbones, with the given backbone references."""
+    return MariaConfig(
+        d_mlm=bb.d_mlm,
+        d_ar=bb.d_ar,
+        vocab_size=bb.vocab_size,
+        start_token_id=bb.start_id,
+        mlm_mask_id=bb.mlm_mask_id,
+        mlm_offset=bb.mlm_offset,
+        mlm=mlm_ref,
+        ar=ar_ref,
+        tokenizer_fingerprint=bb.identity.get("tokenizer_fingerprint"),
+        architectures=[architecture],
+        **extra,
+    )
+
+
 def write_checkpoint(
     out: str | Path,
     bb: Backbones,
@@ -155,19 +172,7 @@ def _write_checkpoint(
         if old_type != "maria":
             raise CheckpointError(f"{out} holds a config.json that is not a MARIA checkpoint's; pick a new --out folder")
     refs = backbone_refs(bb, reference, dtype)
-    config = MariaConfig(
-        d_mlm=bb.d_mlm,
-        d_ar=bb.d_ar,
-        vocab_size=bb.vocab_size,
-        start_token_id=bb.start_id,
-        mlm_mask_id=bb.mlm_mask_id,
-        mlm_offset=bb.mlm_offset,
-        mlm=refs["mlm"],
-        ar=refs["ar"],
-        dtype=dtype,
-        tokenizer_fingerprint=bb.identity["tokenizer_fingerprint"],
-        architectures=[architecture],
-    )
+    config = backbones_config(bb, refs["mlm"], refs["ar"], architecture, dtype=dtype)
     with atomic_dir(out) as tmp:
         for kind, model, tok in (("mlm", bb.mlm, bb.mlm_tokenizer), ("ar", bb.ar, bb.ar_tokenizer)):
             if refs[kind].get("path"):

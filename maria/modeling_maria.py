@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokeni
 from transformers.utils import ModelOutput
 
 from maria.backbones import Backbones, assemble_backbones, load_backbones
-from maria.checkpoint import CheckpointError, check_config, load_checkpoint, locate, read_config, read_eval, write_checkpoint
+from maria.checkpoint import CheckpointError, backbones_config, check_config, load_checkpoint, locate, read_config, read_eval, write_checkpoint
 from maria.configuration_maria import MariaConfig
 from maria.decode import Sampling, infill
 from maria.features import aligned_features
@@ -85,18 +85,7 @@ class MariaModel(PreTrainedModel):
     @classmethod
     def from_parts(cls, backbones: Backbones, head: FusionHead, head_meta: dict | None = None) -> "MariaModel":
         bb = backbones
-        config = MariaConfig(
-            d_mlm=bb.d_mlm,
-            d_ar=bb.d_ar,
-            vocab_size=bb.vocab_size,
-            start_token_id=bb.start_id,
-            mlm_mask_id=bb.mlm_mask_id,
-            mlm_offset=bb.mlm_offset,
-            mlm=dict(bb.identity["mlm"]),
-            ar=dict(bb.identity["ar"]),
-            tokenizer_fingerprint=bb.identity.get("tokenizer_fingerprint"),
-            architectures=[cls.__name__],
-        )
+        config = backbones_config(bb, dict(bb.identity["mlm"]), dict(bb.identity["ar"]), cls.__name__)
         return cls(config, bb, head, head_meta or {**bb.describe()})
 
     @classmethod

@@ -129,10 +129,10 @@ def test_flipped_byte_verify_names_block_training_refuses_unless_skipped(store_a
     assert (tmp_path / "head" / "head.safetensors").exists(), result
 
 
-def start_extract(pairs, corpus, out, log_path):
-    """`maria extract` as a command (its Ray driver supervised in a child), in its own process group."""
+def extract_command(pairs, corpus, out) -> list[str]:
+    """`maria extract` of the tiny pair over `corpus` into `out`, as a subprocess command (a fresh short Ray temp dir)."""
     mlm, ar = pairs["modernbert-olmo"]
-    cmd = maria_command(
+    return maria_command(
         "extract",
         "--mlm",
         mlm,
@@ -149,6 +149,12 @@ def start_extract(pairs, corpus, out, log_path):
         "--ray-temp-dir",
         tempfile.mkdtemp(prefix="ray", dir="/tmp"),
     )
+
+
+def start_extract(pairs, corpus, out, log_path):
+    """`maria extract` as a command (its Ray driver supervised in a child), in its own process group."""
+    mlm, ar = pairs["modernbert-olmo"]
+    cmd = extract_command(pairs, corpus, out)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(log_path, "w")
     return subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.PIPE, text=True, env=env)
@@ -196,27 +202,7 @@ def test_sigterm_is_an_interruption_and_a_lost_raylet_one_line(store_a, pairs, c
         pass
     mlm, ar = pairs["modernbert-olmo"]
     rerun = subprocess.run(
-        maria_command(
-            "extract",
-            "--mlm",
-            mlm,
-            "--ar",
-            ar,
-            "--corpus",
-            corpus,
-            "--store",
-            out,
-            "--window-length",
-            24,
-            "--docs-per-block",
-            1,
-            "--ray-temp-dir",
-            tempfile.mkdtemp(prefix="ray", dir="/tmp"),
-        ),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        extract_command(pairs, corpus, out), capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     from maria_storage import verify_store
